@@ -1,0 +1,168 @@
+"""Default assets: each task's tokenizer, π_SFT and reward model, built by project code from a fixed seed.
+
+One command builds them (``python -m rlhf_env.assets build --task sentiment``); the default task's assets ship
+inside the package so that ``gym.make("RLHF-v0")`` starts at once, and ``python -m rlhf_env.assets check`` rebuilds
+them and compares hashes. Layout of an asset directory::
+
+    tokenizer/         PreTrainedTokenizerFast (save_pretrained)
+    policy/            π_SFT = π_ref, a GPT-2 causal LM (safetensors)
+    reward_model/      RM trunk (safetensors) + reward_head.safetensors + reward_config.json (normalising offset)
+    preferences/       pairs_{train,eval}.jsonl and groups_{train,eval}.jsonl (see rlhf_env.build.preferences)
+    manifest.json      seed, configs, reports (perplexity, grammar, RM accuracy, seconds), sha256 of every file
+
+A build writes into a temporary directory and renames it into place, so a failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from rlhf_env.build.preferences import PreferenceConfig, label_groups, sample_groups, write_jsonl
+from rlhf_env.build.reward_model import (
+    RewardConfig,
+    RewardModel,
+    evaluate_reward_model,
+    normalize_reward_model,
+    train_reward_model,
+)
+from rlhf_env.build.sft import SFTConfig, train_sft
+from rlhf_env.models import build_policy, load_causal_lm
+from rlhf_env.tasks import Task, get_task
+from rlhf_env.tokenizer import train_tokenizer
+
+PACKAGE_ASSETS = Path(__file__).parent
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that determines a task's assets."""
+
+    seed: int = 0
+    """One seed for the whole build; each stage derives its own from it."""
+    preset: str = "tiny"
+    """Model size preset for π_SFT and the RM trunk (see `rlhf_env.models.PRESETS`)."""
+    n_positions: int = 64
+    """Context length of the models (prompt + response)."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning."""
+    preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """Preference data for training the RM (train prompts)."""
+    eval_prompts: int = 400
+    """Held-out prompts for the RM's evaluation pairs."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward-model training."""
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> BuildConfig:
+        """A seconds-long build for tests: the same code paths with tiny budgets."""
+        return cls(seed=seed, sft=SFTConfig(steps=20, n_demonstrations=500, n_eval=64),
+                   preferences=PreferenceConfig(n_prompts=48, k=3), eval_prompts=16,
+                   reward=RewardConfig(steps=10, batch_size=16))
+
+
+def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = BuildConfig(),
+                 progress: bool = True) -> dict:
+    """Build tokenizer, π_SFT, preference data and reward model for `task` into `out_dir`; returns the manifest."""
+    task = get_task(task)
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    seed = config.seed
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        timings = {}
+        tokenizer = train_tokenizer(task.tokenizer_corpus(np.random.default_rng(seed)))
+        tokenizer.save_pretrained(tmp / "tokenizer")
+
+        t = time.perf_counter()
+        policy = build_policy(tokenizer, config.preset, config.n_positions, seed=seed)
+        sft_report = train_sft(policy, tokenizer, task, replace(config.sft, seed=seed), progress=progress)
+        policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        timings["sft"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        prefs = replace(config.preferences, seed=seed + 1)
+        groups = sample_groups(policy, tokenizer, task, prefs, split="train", progress=progress)
+        eval_groups = sample_groups(policy, tokenizer, task, replace(prefs, n_prompts=config.eval_prompts,
+                                                                     seed=seed + 2), split="eval", progress=progress)
+        annotator = prefs.annotator or task.annotator
+        pairs = label_groups(groups, annotator, prefs.mode, seed=seed + 3)
+        eval_pairs = label_groups(eval_groups, annotator, prefs.mode, seed=seed + 4)
+        for name, records in [("pairs_train", pairs), ("pairs_eval", eval_pairs),
+                              ("groups_train", groups), ("groups_eval", eval_groups)]:
+            write_jsonl(tmp / "preferences" / f"{name}.jsonl", records)
+        timings["preferences"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        trunk = build_policy(tokenizer, config.preset, config.n_positions, seed=seed + 5).transformer
+        reward_model = RewardModel(trunk)
+        rm_report = train_reward_model(reward_model, tokenizer, pairs, groups, replace(config.reward, seed=seed + 6),
+                                       progress=progress)
+        rm_report["offset"] = normalize_reward_model(reward_model, tokenizer, groups)
+        rm_report.update(evaluate_reward_model(reward_model, tokenizer, eval_pairs))
+        rm_report["n_train_pairs"] = len(pairs)
+        reward_model.save_pretrained(tmp / "reward_model")
+        timings["reward_model"] = time.perf_counter() - t
+
+        manifest = {
+            "task": task.name,
+            "config": asdict(config),
+            "sft": sft_report,
+            "reward_model": rm_report,
+            "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - start, 1)},
+            "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "threads": torch.get_num_threads(), "machine": platform.machine()},
+            "sha256": file_hashes(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp/mkstemp create private files; assets are for everyone
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def file_hashes(directory: str | Path) -> dict[str, str]:
+    """sha256 of every file below `directory` (the manifest excluded), keyed by relative path."""
+    directory = Path(directory)
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def asset_dir(task: str | Task) -> Path:
+    """Where the package keeps a built-in task's shipped assets."""
+    return PACKAGE_ASSETS / get_task(task).name
+
+
+def load_assets(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load ``(tokenizer, policy, reward_model)`` from an asset directory (safetensors only)."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        raise ValueError(f"{directory} is not an asset directory (no {MANIFEST}); build one with "
+                         "`python -m rlhf_env.assets build --task TASK --out DIR`")
+    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+    policy = load_causal_lm(directory / "policy", device=device, dtype=dtype)
+    reward_model = RewardModel.from_pretrained(directory / "reward_model", device=device, dtype=dtype)
+    return tokenizer, policy, reward_model

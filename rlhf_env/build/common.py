@@ -1,0 +1,98 @@
+"""What the build stages share: text → padded tensors with input checks, and the learning-rate schedule.
+
+Legend: ``N`` examples, ``P`` query tokens (left-padded), ``T`` response tokens (right-padded, EOS included).
+"""
+
+from __future__ import annotations
+
+import math
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rlhf_env.lm import pad_left, pad_right
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int) -> list[list[int]]:
+    """Tokenize prompts as queries, refusing any that are empty or do not fit `max_length` tokens."""
+    queries = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt)["input_ids"]
+        content = [t for t in ids if t not in tokenizer.all_special_ids]
+        if not prompt.strip() or not content:
+            raise ValueError(f"prompt {i} ({prompt!r}) tokenizes to no tokens besides special tokens")
+        if len(ids) > max_length:
+            raise ValueError(
+                f"prompt {i} is {len(ids)} tokens long, more than the {max_length} the model allows here "
+                f"({prompt[:60]!r}...)"
+            )
+        queries.append(ids)
+    return queries
+
+
+def encode_responses(tokenizer: PreTrainedTokenizerBase, responses: list[str]) -> list[list[int]]:
+    """Tokenize responses without special tokens and append EOS (the model must learn to stop)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; responses need one to end")
+    return [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, responses: list[list[int]]) -> list[str]:
+    """Decode response token lists, dropping EOS and padding."""
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+
+
+@dataclass
+class PairedText:
+    """Queries and responses as padded tensors, row i of each belonging together."""
+
+    query_ids: torch.Tensor  # (N, P)
+    query_mask: torch.Tensor  # (N, P)
+    response_ids: torch.Tensor  # (N, T)
+    response_mask: torch.Tensor  # (N, T)
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def rows(self, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows `index` as ``(query_ids, query_mask, response_ids, response_mask)``, with the columns that are
+        padding in every selected row cut off (a batch costs its own longest example, not the dataset's)."""
+        query_mask, response_mask = self.query_mask[index], self.response_mask[index]
+        p = int(query_mask.sum(1).max())
+        t = int(response_mask.sum(1).max())
+        return self.query_ids[index][:, -p:], query_mask[:, -p:], self.response_ids[index][:, :t], response_mask[:, :t]
+
+    def to(self, device) -> PairedText:
+        return PairedText(self.query_ids.to(device), self.query_mask.to(device), self.response_ids.to(device),
+                          self.response_mask.to(device))
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+) -> PairedText:
+    """Encode aligned prompts and responses; raise `ValueError` if a query plus response exceeds `max_length`."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    queries = encode_prompts(tokenizer, prompts, max_length)
+    answers = encode_responses(tokenizer, responses)
+    for i, (q, a) in enumerate(zip(queries, answers)):
+        if len(q) + len(a) > max_length:
+            raise ValueError(f"example {i}: query + response is {len(q) + len(a)} tokens, over {max_length}")
+    query_ids, query_mask = pad_left(queries, tokenizer.pad_token_id)
+    response_ids, response_mask = pad_right(answers, tokenizer.pad_token_id)
+    return PairedText(query_ids, query_mask, response_ids, response_mask)
+
+
+def model_max_length(model) -> int:
+    """The longest sequence the model's position embeddings allow."""
+    return int(model.config.max_position_embeddings)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR factor: linear warm-up to 1, then cosine decay to 0.1 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))

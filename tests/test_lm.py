@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from rlhf_env.lm import pad_left, position_ids, response_logprobs, sample
+
+
+def _queries(tokenizer, task, n=24):
+    return [tokenizer(p)["input_ids"] for p in task.eval_prompts()[:n]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_padded_recomputation(policy, tokenizer, task, temperature):
+    queries = _queries(tokenizer, task)
+    assert len({len(q) for q in queries}) > 1  # mixed query lengths: left padding is exercised
+    samples = sample(policy, queries, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, temperature=temperature,
+                     generator=torch.Generator().manual_seed(0))
+    recomputed = response_logprobs(policy, samples.query_ids, samples.query_mask, samples.responses,
+                                   samples.response_mask, temperature=temperature)
+    assert samples.response_mask.sum() > 0
+    assert torch.allclose(recomputed, samples.logprobs, atol=1e-5, rtol=0)
+
+
+def test_recorded_logprobs_are_the_unfiltered_distribution(policy, tokenizer, task):
+    """With top-k filtering (transformers' default top_k=50) log-probs of rare tokens would be -inf or shifted."""
+    queries = _queries(tokenizer, task, 4)
+    samples = sample(policy, queries, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+    logits = policy(input_ids=samples.query_ids, attention_mask=samples.query_mask,
+                    position_ids=position_ids(samples.query_mask)).logits[:, -1]
+    expected = torch.log_softmax(logits, -1).gather(-1, samples.responses[:, :1])[:, 0]
+    assert torch.allclose(samples.logprobs[:, 0], expected, atol=1e-5)
+
+
+def test_eos_ends_a_response_and_padding_follows(policy, tokenizer, task):
+    queries = _queries(tokenizer, task, 16)
+    # Make EOS likely so that sequences end at different steps.
+    with torch.no_grad():
+        policy.lm_head.weight[tokenizer.eos_token_id] += 0.5 * policy.lm_head.weight.mean(0)
+        policy.transformer.wte.weight[tokenizer.eos_token_id].mul_(1.0)
+    policy.lm_head.bias = None
+    samples = sample(policy, queries, max_new_tokens=10, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(1))
+    for row, mask, logp, done in zip(samples.responses, samples.response_mask, samples.logprobs, samples.finished):
+        eos = (row == tokenizer.eos_token_id).nonzero()
+        if done:
+            end = int(eos[0]) + 1
+            assert mask[:end].all() and not mask[end:].any()
+            assert (row[end:] == tokenizer.pad_token_id).all() and (logp[end:] == 0).all()
+        else:
+            assert len(eos) == 0 and mask.all()
+
+
+def test_same_generator_seed_same_samples(policy, tokenizer, task):
+    queries = _queries(tokenizer, task, 8)
+    kwargs = dict(max_new_tokens=8, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    a = sample(policy, queries, generator=torch.Generator().manual_seed(5), **kwargs)
+    b = sample(policy, queries, generator=torch.Generator().manual_seed(5), **kwargs)
+    c = sample(policy, queries, generator=torch.Generator().manual_seed(6), **kwargs)
+    assert torch.equal(a.responses, b.responses) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.responses, c.responses)
+
+
+def test_left_padding_positions_start_at_zero():
+    ids, mask = pad_left([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_bad_input(policy, tokenizer):
+    with pytest.raises(ValueError, match="temperature"):
+        sample(policy, [[1, 4]], max_new_tokens=2, eos_token_id=2, pad_token_id=0, temperature=0.0)
+    with pytest.raises(ValueError, match="at least one token"):
+        pad_left([[1], []], pad_id=0)
