@@ -66,3 +66,22 @@ def test_cli_builds_into_a_directory(tmp_path, capsys):
 def test_loading_a_non_asset_directory_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not an asset directory"):
         load_assets(tmp_path)
+
+
+def test_unshipped_pairs_are_rederived_bit_for_bit(tmp_path):
+    from rlhf_env.assets import load_preference_pairs
+    from rlhf_env.build.preferences import load_pairs
+
+    build_assets("sentiment", tmp_path / "a", BuildConfig.quick(), progress=False)
+    pairs_file = tmp_path / "a/preferences/pairs_train.jsonl"
+    original = load_pairs(pairs_file)
+    pairs_file.unlink()
+    assert load_preference_pairs(tmp_path / "a") == original
+    assert load_pairs(pairs_file) == original  # written back next to the groups
+
+    pairs_file.unlink()
+    groups_file = tmp_path / "a/preferences/groups_train.jsonl"
+    groups_file.write_text(groups_file.read_text().replace('"gold": [', '"gold": [0.99, ', 1)
+                           .replace('"responses": [', '"responses": ["the plot", ', 1))
+    with pytest.raises(ValueError, match="does not match the manifest"):
+        load_preference_pairs(tmp_path / "a")

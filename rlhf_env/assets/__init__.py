@@ -29,7 +29,15 @@ import numpy as np
 import torch
 import transformers
 
-from rlhf_env.build.preferences import PreferenceConfig, label_groups, sample_groups, write_jsonl
+from rlhf_env.build.preferences import (
+    PreferenceConfig,
+    dumps_jsonl,
+    label_groups,
+    load_groups,
+    load_pairs,
+    sample_groups,
+    write_jsonl,
+)
 from rlhf_env.build.reward_model import (
     RewardConfig,
     RewardModel,
@@ -39,7 +47,7 @@ from rlhf_env.build.reward_model import (
 )
 from rlhf_env.build.sft import SFTConfig, train_sft
 from rlhf_env.models import build_policy, load_causal_lm
-from rlhf_env.tasks import Task, get_task
+from rlhf_env.tasks import AnnotatorConfig, Task, get_task
 from rlhf_env.tokenizer import train_tokenizer
 
 PACKAGE_ASSETS = Path(__file__).parent
@@ -99,8 +107,9 @@ def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = Bu
         eval_groups = sample_groups(policy, tokenizer, task, replace(prefs, n_prompts=config.eval_prompts,
                                                                      seed=seed + 2), split="eval", progress=progress)
         annotator = prefs.annotator or task.annotator
-        pairs = label_groups(groups, annotator, prefs.mode, seed=seed + 3)
-        eval_pairs = label_groups(eval_groups, annotator, prefs.mode, seed=seed + 4)
+        labelling = {"annotator": asdict(annotator), "mode": prefs.mode, "seeds": {"train": seed + 3, "eval": seed + 4}}
+        pairs = label_groups(groups, annotator, prefs.mode, seed=labelling["seeds"]["train"])
+        eval_pairs = label_groups(eval_groups, annotator, prefs.mode, seed=labelling["seeds"]["eval"])
         for name, records in [("pairs_train", pairs), ("pairs_eval", eval_pairs),
                               ("groups_train", groups), ("groups_eval", eval_groups)]:
             write_jsonl(tmp / "preferences" / f"{name}.jsonl", records)
@@ -120,6 +129,7 @@ def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = Bu
         manifest = {
             "task": task.name,
             "config": asdict(config),
+            "labelling": labelling,
             "sft": sft_report,
             "reward_model": rm_report,
             "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - start, 1)},
@@ -166,3 +176,30 @@ def load_assets(directory: str | Path, device: str | torch.device = "cpu", dtype
     policy = load_causal_lm(directory / "policy", device=device, dtype=dtype)
     reward_model = RewardModel.from_pretrained(directory / "reward_model", device=device, dtype=dtype)
     return tokenizer, policy, reward_model
+
+
+def load_preference_pairs(directory: str | Path, split: str = "train") -> list[dict]:
+    """The preference pairs of an asset directory.
+
+    The package does not ship the sentiment task's 7 MB ``pairs_train.jsonl``: the labels are a pure function of
+    the shipped ``groups_train.jsonl`` and the manifest's labelling seed, so they are re-derived here, checked
+    against the manifest's sha256, and written next to the groups when the directory is writable.
+    """
+    directory = Path(directory)
+    path = directory / "preferences" / f"pairs_{split}.jsonl"
+    if path.is_file():
+        return load_pairs(path)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    labelling = manifest["labelling"]
+    groups = load_groups(directory / "preferences" / f"groups_{split}.jsonl")
+    pairs = label_groups(groups, AnnotatorConfig(**labelling["annotator"]), labelling["mode"],
+                         seed=labelling["seeds"][split])
+    digest = hashlib.sha256(dumps_jsonl(pairs).encode("utf-8")).hexdigest()
+    if digest != manifest["sha256"][f"preferences/pairs_{split}.jsonl"]:
+        raise ValueError(f"re-derived {path.name} does not match the manifest of {directory}: the groups file "
+                         "or the manifest has been changed")
+    try:
+        write_jsonl(path, pairs)
+    except OSError:  # an installed, read-only package: the pairs are still returned
+        pass
+    return pairs

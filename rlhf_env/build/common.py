@@ -6,7 +6,6 @@ Legend: ``N`` examples, ``P`` query tokens (left-padded), ``T`` response tokens 
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

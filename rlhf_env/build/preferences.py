@@ -42,7 +42,7 @@ GROUP_FIELDS = {"prompt": str, "responses": list, "gold": list}
 class PreferenceConfig:
     """How much preference data to sample and how to label it."""
 
-    n_prompts: int = 2000
+    n_prompts: int = 6000
     """Distinct prompts to sample responses for (drawn from the split without replacement while possible)."""
     k: int = 4
     """Responses sampled per prompt."""
@@ -144,12 +144,16 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write(dumps_jsonl(records))
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def dumps_jsonl(records: list[dict]) -> str:
+    """The exact text `write_jsonl` writes (one compact JSON object per line)."""
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
 def read_jsonl(path: str | Path, fields: dict[str, type]) -> list[dict]:

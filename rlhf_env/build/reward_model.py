@@ -5,7 +5,8 @@ Losses (pure functions, tested against hand-computed values):
 * Bradley–Terry pairwise: ``−log σ(r_w − r_l)`` (Christiano et al. 2017; Ouyang et al. 2022, eq. 1).
 * Listwise best-vs-rest: softmax cross-entropy over a group of K ranked responses with the best one as the
   target (the K-wise comparison loss of Zhu et al. 2023, "best answer vs the rest").
-* Optional centring: ``coef · mean((r_w + r_l)²)`` (for groups, the squared group sum) keeps rewards near 0 (as in TRL's `center_rewards_coefficient`).
+* Optional centring: ``coef · mean((r_w + r_l)²)`` (for groups, the squared group sum) keeps rewards near 0
+  (as TRL's `center_rewards_coefficient` does).
 
 After training the RM is normalised so its mean score on π_SFT samples is 0; the offset is stored with it.
 
@@ -123,7 +124,7 @@ class RewardConfig:
 
     loss: str = "bradley_terry"
     """``"bradley_terry"`` on pairs, or ``"listwise"`` (best vs rest) on ranked groups."""
-    steps: int = 2000
+    steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 64
     """Pairs (or groups) per step."""
@@ -169,11 +170,12 @@ def train_reward_model(model: RewardModel, tokenizer, pairs: list[dict], groups:
         best = torch.tensor([g["ranking"][0] for g in groups], device=device)
         n = len(groups)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, config.warmup_steps, config.steps))
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     losses = []
-    for step in tqdm(range(config.steps), desc=f"RM ({config.loss})", disable=not progress, mininterval=2.0):
+    for _ in tqdm(range(config.steps), desc=f"RM ({config.loss})", disable=not progress, mininterval=2.0):
         index = torch.randint(n, (config.batch_size,), generator=generator).to(device)
         if config.loss == "bradley_terry":
             r = model.score(*both.rows(torch.cat([index, index + n])))  # (2B,)

@@ -61,7 +61,8 @@ def train_sft(model, tokenizer, task: Task, config: SFTConfig = SFTConfig(), pro
     device = next(model.parameters()).device
     data = data.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, config.warmup_steps, config.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, config.warmup_steps, config.steps))
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     losses = []
@@ -94,7 +95,19 @@ def evaluate_policy(model, tokenizer, task: Task, n: int = 1000, seed: int = 1, 
     """
     model.eval()
     rng = np.random.default_rng(seed)
-    demos = task.demonstrations(n, rng, split="eval")
+    try:
+        demos = task.demonstrations(n, rng, split="eval")
+    except ValueError:  # a user's task may have no held-out demonstrations: then there is no perplexity to report
+        demos = []
+    report = {}
+    if demos:
+        report.update(_perplexity(model, tokenizer, task, demos, batch_size))
+    prompts = [task.eval_prompts()[i] for i in rng.integers(len(task.eval_prompts()), size=n)]
+    report.update(sample_quality(model, tokenizer, task, prompts, seed=seed))
+    return report
+
+
+def _perplexity(model, tokenizer, task: Task, demos: list[tuple[str, str]], batch_size: int) -> dict:
     data = encode_pairs(tokenizer, [p for p, _ in demos], [r for _, r in demos], model_max_length(model))
     device = next(model.parameters()).device
     nll, tokens = 0.0, 0
@@ -107,8 +120,6 @@ def evaluate_policy(model, tokenizer, task: Task, n: int = 1000, seed: int = 1, 
     if all(lp is not None for lp in floor):
         report["perplexity_floor"] = math.exp(-sum(floor) / tokens)
         report["perplexity_ratio"] = report["perplexity"] / report["perplexity_floor"]
-    prompts = [task.eval_prompts()[i] for i in rng.integers(len(task.eval_prompts()), size=n)]
-    report.update(sample_quality(model, tokenizer, task, prompts, seed=seed))
     return report
 
 
