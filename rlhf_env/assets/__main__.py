@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import transformers
 
 from rlhf_env.assets import MANIFEST, BuildConfig, asset_dir, build_assets
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     shipped = json.loads((asset_dir(args.task) / MANIFEST).read_text())
+    # CPU kernels split work by thread count and so round differently: rebuild with the threads of the original.
+    torch.set_num_threads(shipped["environment"]["threads"])
     with tempfile.TemporaryDirectory() as tmp:
         manifest = build_assets(args.task, Path(tmp) / args.task, BuildConfig(seed=shipped["config"]["seed"]),
                                 progress=progress)

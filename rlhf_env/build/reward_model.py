@@ -124,12 +124,13 @@ class RewardConfig:
 
     loss: str = "bradley_terry"
     """``"bradley_terry"`` on pairs, or ``"listwise"`` (best vs rest) on ranked groups."""
-    steps: int = 1000
+    steps: int = 1500
     """Optimizer steps."""
     batch_size: int = 64
     """Pairs (or groups) per step."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    lr: float = 5e-4
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%). At 1e-3 and 2e-3 the tiny RM ended anywhere
+    between 0.58 and 0.89 held-out gold accuracy depending on the schedule; 5e-4 for 1,500 steps reached 0.89."""
     warmup_steps: int = 50
     """Linear warm-up steps."""
     weight_decay: float = 0.01

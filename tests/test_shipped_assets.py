@@ -1,0 +1,52 @@
+"""The default task's assets ship inside the package: they must load, match their manifest, and meet the targets.
+
+The targets are the foundation issue's acceptance numbers; the manifest records what the build measured.
+`test_rebuild_reproduces_shipped_assets` (slow) rebuilds from seed 0 and compares every file bit for bit.
+"""
+
+import json
+
+import pytest
+import torch
+
+from rlhf_env.assets import MANIFEST, asset_dir, file_hashes, load_assets, load_preference_pairs
+from rlhf_env.assets.__main__ import main as assets_main
+from rlhf_env.build.reward_model import evaluate_reward_model
+
+SHIPPED = asset_dir("sentiment")
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return json.loads((SHIPPED / MANIFEST).read_text())
+
+
+def test_shipped_files_match_their_manifest(manifest):
+    shipped = file_hashes(SHIPPED)
+    unshipped = {"preferences/pairs_train.jsonl"}  # re-derived on demand, see load_preference_pairs
+    assert set(manifest["sha256"]) - set(shipped) <= unshipped
+    for name, digest in shipped.items():
+        assert manifest["sha256"][name] == digest, name
+
+
+def test_shipped_build_met_the_targets(manifest):
+    sft, rm = manifest["sft"], manifest["reward_model"]
+    assert sft["perplexity_ratio"] <= 1.05
+    assert sft["grammar_pass"] >= 0.90
+    assert sft["eos_rate"] >= 0.98
+    assert rm["accuracy_gold"] >= 0.85
+    assert manifest["seconds"]["total"] < 300
+
+
+def test_shipped_reward_model_reproduces_its_reported_accuracy(manifest):
+    tokenizer, policy, reward_model = load_assets(SHIPPED)
+    eval_pairs = load_preference_pairs(SHIPPED, "eval")
+    report = evaluate_reward_model(reward_model, tokenizer, eval_pairs)
+    assert report["accuracy_gold"] == pytest.approx(manifest["reward_model"]["accuracy_gold"], abs=1e-9)
+    assert not policy.training and not reward_model.training
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+
+
+@pytest.mark.slow
+def test_rebuild_reproduces_shipped_assets():
+    assert assets_main(["check", "--no-progress"]) == 0
