@@ -106,3 +106,26 @@ def test_gold_accuracy_orders_by_gold_not_by_label(reward_model, tokenizer):
         good, bad = reward_model.score(*_encode(tokenizer, ["the plot was"] * 2, ["good", "bad"]))
     assert report["accuracy_gold"] == float(good > bad)  # both pairs agree once ordered by gold
     assert evaluate_reward_model(reward_model, tokenizer, pairs)["n_gold_pairs"] == 2  # the gold tie is left out
+
+
+def test_listwise_training_learns_the_ranking(policy, tokenizer):
+    from rlhf_env.build.reward_model import RewardConfig, train_reward_model
+
+    groups = [{"prompt": "the plot was", "responses": ["bad", "good", "dull", "superb"], "gold": [-0.5, 0.5, -0.5, 0.5],
+               "ranking": [3, 1, 0, 2]}] * 8
+    model = RewardModel(policy.transformer)
+    report = train_reward_model(model, tokenizer, pairs=[], groups=groups,
+                                config=RewardConfig(loss="listwise", steps=30, batch_size=4, lr=3e-3))
+    assert report["final_train_loss"] < 0.5 * math.log(4)  # from chance (ln 4) towards picking the best
+    from rlhf_env.build.reward_model import score_texts
+
+    scores = score_texts(model, tokenizer, ["the plot was"] * 4, groups[0]["responses"])
+    assert int(scores.argmax()) == 3
+
+
+def test_listwise_training_needs_rankings(policy, tokenizer):
+    from rlhf_env.build.reward_model import RewardConfig, train_reward_model
+
+    groups = [{"prompt": "it", "responses": ["is bad", "is good"], "gold": [-0.5, 0.5], "ranking": None}]
+    with pytest.raises(ValueError, match="needs groups with a 'ranking'"):
+        train_reward_model(RewardModel(policy.transformer), tokenizer, [], groups, RewardConfig(loss="listwise"))

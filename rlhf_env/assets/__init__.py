@@ -82,8 +82,11 @@ class BuildConfig:
 
 
 def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = BuildConfig(),
-                 progress: bool = True) -> dict:
-    """Build tokenizer, π_SFT, preference data and reward model for `task` into `out_dir`; returns the manifest."""
+                 progress: bool = True, device: str | torch.device = "cpu") -> dict:
+    """Build tokenizer, π_SFT, preference data and reward model for `task` into `out_dir`; returns the manifest.
+
+    Models train in fp32 on `device`; they are saved from the CPU. Bitwise reproducibility holds on CPU.
+    """
     task = get_task(task)
     out_dir = Path(out_dir)
     start = time.perf_counter()
@@ -96,9 +99,10 @@ def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = Bu
         tokenizer.save_pretrained(tmp / "tokenizer")
 
         t = time.perf_counter()
-        policy = build_policy(tokenizer, config.preset, config.n_positions, seed=seed)
+        policy = build_policy(tokenizer, config.preset, config.n_positions, seed=seed).to(device)
         sft_report = train_sft(policy, tokenizer, task, replace(config.sft, seed=seed), progress=progress)
-        policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        policy.to("cpu").save_pretrained(tmp / "policy", safe_serialization=True)
+        policy.to(device)
         timings["sft"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -117,13 +121,13 @@ def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = Bu
 
         t = time.perf_counter()
         trunk = build_policy(tokenizer, config.preset, config.n_positions, seed=seed + 5).transformer
-        reward_model = RewardModel(trunk)
+        reward_model = RewardModel(trunk).to(device)
         rm_report = train_reward_model(reward_model, tokenizer, pairs, groups, replace(config.reward, seed=seed + 6),
                                        progress=progress)
         rm_report["offset"] = normalize_reward_model(reward_model, tokenizer, groups)
         rm_report.update(evaluate_reward_model(reward_model, tokenizer, eval_pairs))
         rm_report["n_train_pairs"] = len(pairs)
-        reward_model.save_pretrained(tmp / "reward_model")
+        reward_model.to("cpu").save_pretrained(tmp / "reward_model")
         timings["reward_model"] = time.perf_counter() - t
 
         manifest = {
@@ -134,7 +138,8 @@ def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = Bu
             "reward_model": rm_report,
             "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - start, 1)},
             "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                            "threads": torch.get_num_threads(), "machine": platform.machine()},
+                            "threads": torch.get_num_threads(), "machine": platform.machine(),
+                            "device": str(device)},
             "sha256": file_hashes(tmp),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -1,6 +1,8 @@
 """Build or check a task's default assets.
 
-    python -m rlhf_env.assets build [--task sentiment] [--out DIR] [--seed 0] [--quick]
+    python -m rlhf_env.assets build [--task sentiment] [--out DIR] [--seed 0] [--preset tiny|small]
+                                    [--annotation pairwise|ranking] [--rm-loss bradley_terry|listwise]
+                                    [--device cpu|cuda|auto] [--quick]
     python -m rlhf_env.assets check [--task sentiment]     # rebuild in a temp dir, compare with the shipped hashes
 
 Without ``--out``, ``build`` writes into the package (``rlhf_env/assets/<task>/``), which is what ships.
@@ -12,12 +14,14 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import transformers
 
 from rlhf_env.assets import MANIFEST, BuildConfig, asset_dir, build_assets
+from rlhf_env.models import PRESETS, resolve_device
 from rlhf_env.tasks import DEFAULT_TASK, TASKS
 
 
@@ -27,20 +31,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS))
     parser.add_argument("--out", type=Path, default=None, help="asset directory (default: inside the package)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
+    parser.add_argument("--annotation", default="pairwise", choices=["pairwise", "ranking"],
+                        help="Bradley-Terry pair judgements, or one Plackett-Luce ranking per prompt")
+    parser.add_argument("--rm-loss", default="bradley_terry", choices=["bradley_terry", "listwise"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets, for smoke tests")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()  # per-file save/load bars drown the build's own
     config = BuildConfig.quick(args.seed) if args.quick else BuildConfig(seed=args.seed)
+    config = replace(config, preset=args.preset, preferences=replace(config.preferences, mode=args.annotation),
+                     reward=replace(config.reward, loss=args.rm_loss))
+    device = resolve_device(args.device)
     progress = not args.no_progress
 
     if args.command == "build":
         out = args.out or asset_dir(args.task)
-        manifest = build_assets(args.task, out, config, progress=progress)
+        manifest = build_assets(args.task, out, config, progress=progress, device=device)
         print(json.dumps(summary(manifest), indent=2))
         print(f"assets written to {out}")
         return 0
 
+    if not (asset_dir(args.task) / MANIFEST).is_file():
+        parser.error(f"the package ships no assets for task {args.task!r} to check against")
     shipped = json.loads((asset_dir(args.task) / MANIFEST).read_text())
     # CPU kernels split work by thread count and so round differently: rebuild with the threads of the original.
     torch.set_num_threads(shipped["environment"]["threads"])
