@@ -129,3 +129,10 @@ def test_listwise_training_needs_rankings(policy, tokenizer):
     groups = [{"prompt": "it", "responses": ["is bad", "is good"], "gold": [-0.5, 0.5], "ranking": None}]
     with pytest.raises(ValueError, match="needs groups with a 'ranking'"):
         train_reward_model(RewardModel(policy.transformer), tokenizer, [], groups, RewardConfig(loss="listwise"))
+
+
+def test_training_without_pairs_is_a_clear_error(policy, tokenizer):
+    from rlhf_env.build.reward_model import train_reward_model
+
+    with pytest.raises(ValueError, match="no preference pairs"):
+        train_reward_model(RewardModel(policy.transformer), tokenizer, pairs=[])

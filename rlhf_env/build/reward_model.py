@@ -155,6 +155,9 @@ def train_reward_model(model: RewardModel, tokenizer, pairs: list[dict], groups:
     device = next(model.parameters()).device
     max_length = model_max_length(model)
     if config.loss == "bradley_terry":
+        if not pairs:
+            raise ValueError("no preference pairs to train on (at annotator temperature 0, responses that tie on "
+                             "gold carry no preference: did every sampled response get the same gold reward?)")
         # Rows [0, n) are the chosen responses and rows [n, 2n) the rejected ones, padded to one width.
         n = len(pairs)
         prompts = [p["prompt"] for p in pairs] * 2

@@ -215,6 +215,8 @@ class SentimentTask(Task):
         return list(self._eval)
 
     def demonstrations(self, n: int, rng: np.random.Generator, split: str = "train") -> list[tuple[str, str]]:
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         prompts = self._train if split == "train" else self._eval
         out = []
         for i in rng.integers(len(prompts), size=n):
