@@ -11,8 +11,8 @@ from rlhf_env.build.preferences import (
     load_groups,
     load_pairs,
     plackett_luce_ranking,
-    write_jsonl,
 )
+from rlhf_env.jsonl import write_jsonl
 from rlhf_env.tasks.base import AnnotatorConfig
 
 
@@ -109,9 +109,9 @@ def test_jsonl_round_trip_and_atomic_write(tmp_path):
     "lines, message",
     [
         ([], "holds no records"),
-        (['{"prompt": "p", "chosen": "a"}'], "line 1: missing field 'rejected'"),
+        (['{"prompt": "p", "chosen": "a"}'], "line 1: missing the 'rejected' field"),
         (['{"prompt": "p", "chosen": "a", "rejected": "b"}', "{not json"], "line 2: not valid JSON"),
-        (['{"prompt": "p", "chosen": "a", "rejected": 3}'], "line 1: field 'rejected' should be a str"),
+        (['{"prompt": "p", "chosen": "a", "rejected": 3}'], "line 1: the 'rejected' field must be a string"),
         (['["p", "a", "b"]'], "line 1: expected a JSON object"),
     ],
 )

@@ -29,15 +29,7 @@ import numpy as np
 import torch
 import transformers
 
-from rlhf_env.build.preferences import (
-    PreferenceConfig,
-    dumps_jsonl,
-    label_groups,
-    load_groups,
-    load_pairs,
-    sample_groups,
-    write_jsonl,
-)
+from rlhf_env.build.preferences import PreferenceConfig, label_groups, load_groups, load_pairs, sample_groups
 from rlhf_env.build.reward_model import (
     RewardConfig,
     RewardModel,
@@ -46,6 +38,7 @@ from rlhf_env.build.reward_model import (
     train_reward_model,
 )
 from rlhf_env.build.sft import SFTConfig, train_sft
+from rlhf_env.jsonl import dumps_jsonl, write_jsonl
 from rlhf_env.models import build_policy, load_causal_lm
 from rlhf_env.tasks import AnnotatorConfig, Task, get_task
 from rlhf_env.tokenizer import train_tokenizer

@@ -20,9 +20,6 @@ Files (one JSON object per line; users can bring their own in the same format):
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_env.build.common import decode_responses, encode_prompts, model_max_length
+from rlhf_env.jsonl import read_jsonl
 from rlhf_env.lm import sample
 from rlhf_env.tasks.base import AnnotatorConfig, Task
 
@@ -135,56 +133,6 @@ def plackett_luce_ranking(utility: np.ndarray, temperature: float, rng: np.rando
     else:
         keys = list(zip(utility / temperature + noise, noise))
     return sorted(range(len(utility)), key=lambda i: keys[i], reverse=True)
-
-
-def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    """Write records atomically: a crash leaves either the old file or the whole new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dumps_jsonl(records))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def dumps_jsonl(records: list[dict]) -> str:
-    """The exact text `write_jsonl` writes (one compact JSON object per line)."""
-    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-
-
-def read_jsonl(path: str | Path, fields: dict[str, type]) -> list[dict]:
-    """Read a JSONL file, checking that every record has `fields` of the right types.
-
-    Raises:
-        ValueError: naming the file, the line and the field, for an empty file, a line that is not a JSON
-            object, or a missing or mistyped field.
-    """
-    path = Path(path)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-            for field, kind in fields.items():
-                if field not in record:
-                    raise ValueError(f"{path}, line {number}: missing field {field!r}")
-                if not isinstance(record[field], kind):
-                    raise ValueError(f"{path}, line {number}: field {field!r} should be a {kind.__name__}, "
-                                     f"got {type(record[field]).__name__}")
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path} holds no records")
-    return records
 
 
 def load_pairs(path: str | Path) -> list[dict]:

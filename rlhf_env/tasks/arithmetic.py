@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from rlhf_env.tasks.base import AnnotatorConfig, Task, split_prompts
+from rlhf_env.tasks.base import AnnotatorConfig, GeneratedTask
 
 MAX_OPERAND = 99
 OPERATORS = ("+", "-")
@@ -129,7 +129,7 @@ def teacher_distribution(a: int, op: str, b: int) -> dict[int, float]:
     return dist
 
 
-class ArithmeticTask(Task):
+class ArithmeticTask(GeneratedTask):
     """Answer ``a + b =`` / ``a - b =`` (operands 0..99) digit by digit. Gold ∈ {0, 1}; best reachable gold 1.0.
 
     Prompts: all 10,000 sums and 5,050 differences with a non-negative result (15,050), 10% held out for
@@ -160,23 +160,10 @@ class ArithmeticTask(Task):
             for op in OPERATORS
             if op == "+" or a >= b
         ]
-        self._train, self._eval = split_prompts(prompts, eval_fraction, seed)
+        super().__init__(prompts, eval_fraction, seed)
 
-    def train_prompts(self) -> list[str]:
-        return list(self._train)
-
-    def eval_prompts(self) -> list[str]:
-        return list(self._eval)
-
-    def demonstrations(self, n: int, rng: np.random.Generator, split: str = "train") -> list[tuple[str, str]]:
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        prompts = self._train if split == "train" else self._eval
-        out = []
-        for i in rng.integers(len(prompts), size=n):
-            prompt = prompts[i]
-            out.append((prompt, digits(sample_teacher(*parse_prompt(prompt), rng))))
-        return out
+    def demonstrate(self, prompt: str, rng: np.random.Generator) -> str:
+        return digits(sample_teacher(*parse_prompt(prompt), rng))
 
     def gold(self, prompt: str, response: str) -> float:
         return 1.0 if parse_number(response) == correct_answer(*parse_prompt(prompt)) else 0.0

@@ -98,6 +98,33 @@ class Task(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+class GeneratedTask(Task):
+    """A task whose prompts are enumerated once, split into train and eval, and answered by a demonstrator.
+
+    Subclasses pass their prompt list to `__init__` and implement `demonstrate`.
+    """
+
+    def __init__(self, prompts: list[str], eval_fraction: float = 0.1, seed: int = 0):
+        self._train, self._eval = split_prompts(prompts, eval_fraction, seed)
+
+    def train_prompts(self) -> list[str]:
+        return list(self._train)
+
+    def eval_prompts(self) -> list[str]:
+        return list(self._eval)
+
+    def demonstrations(self, n: int, rng: np.random.Generator, split: str = "train") -> list[tuple[str, str]]:
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        prompts = self._train if split == "train" else self._eval
+        # All prompt indices are drawn before any response: the stream of `rng` draws is part of the seed contract.
+        return [(prompts[i], self.demonstrate(prompts[i], rng)) for i in rng.integers(len(prompts), size=n)]
+
+    @abc.abstractmethod
+    def demonstrate(self, prompt: str, rng: np.random.Generator) -> str:
+        """One demonstration response to `prompt`, drawn with `rng`."""
+
+
 def split_prompts(prompts: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split distinct prompts into (train, eval) with a fixed seed; eval gets at least one prompt."""
     if not 0.0 < eval_fraction < 1.0:

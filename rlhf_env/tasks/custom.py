@@ -27,13 +27,13 @@ into supervised training.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from rlhf_env.jsonl import iter_jsonl
 from rlhf_env.tasks.base import AnnotatorConfig, Task, split_prompts
 
 GoldFn = Callable[[str, str], float]
@@ -92,23 +92,10 @@ def _lines(path: Path) -> list[str]:
 def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     """``(line number, record)`` for every non-blank line, each a JSON object with non-blank string `fields`."""
     records = []
-    for number, line in enumerate(_lines(path), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for number, record in iter_jsonl(path, {field: str for field in fields}):
         for field in fields:
-            if field not in record:
-                raise ValueError(f"{where}: missing the {field!r} field")
-            if not isinstance(record[field], str):
-                raise ValueError(f"{where}: the {field!r} field must be a string, got {type(record[field]).__name__}")
             if not record[field].strip():
-                raise ValueError(f"{where}: the {field!r} field is blank")
+                raise ValueError(f"{path}, line {number}: the {field!r} field is blank")
             record[field] = record[field].strip()
         records.append((number, record))
     return records

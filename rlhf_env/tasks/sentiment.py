@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rlhf_env.tasks.base import AnnotatorConfig, Task, split_prompts
+from rlhf_env.tasks.base import AnnotatorConfig, GeneratedTask
 
 OPENERS = ("honestly ,", "i think", "overall ,", "in short ,", "to be fair ,")
 NOUNS = (
@@ -178,7 +178,7 @@ def parse(prompt: str, response: str) -> Review | None:
         return None
 
 
-class SentimentTask(Task):
+class SentimentTask(GeneratedTask):
     """Continue a review so that it is positive and fluent. Gold ∈ [-1, 6/7]; best reachable gold 6/7.
 
     Prompts: every opening ``[OPENER] SUBJECT [VERB ["not"]]`` (3,774 of them), 10% held out for evaluation.
@@ -206,23 +206,10 @@ class SentimentTask(Task):
                 for verb in VERBS:
                     prompts.append(f"{opener} {subject} {verb}".strip())
                     prompts.append(f"{opener} {subject} {verb} not".strip())
-        self._train, self._eval = split_prompts(prompts, eval_fraction, seed)
+        super().__init__(prompts, eval_fraction, seed)
 
-    def train_prompts(self) -> list[str]:
-        return list(self._train)
-
-    def eval_prompts(self) -> list[str]:
-        return list(self._eval)
-
-    def demonstrations(self, n: int, rng: np.random.Generator, split: str = "train") -> list[tuple[str, str]]:
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        prompts = self._train if split == "train" else self._eval
-        out = []
-        for i in rng.integers(len(prompts), size=n):
-            prompt = prompts[i]
-            out.append((prompt, sample_continuation(prompt, rng)))
-        return out
+    def demonstrate(self, prompt: str, rng: np.random.Generator) -> str:
+        return sample_continuation(prompt, rng)
 
     def gold(self, prompt: str, response: str) -> float:
         review = parse(prompt, response)

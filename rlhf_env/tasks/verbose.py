@@ -35,7 +35,7 @@ import itertools
 
 import numpy as np
 
-from rlhf_env.tasks.base import AnnotatorConfig, Task, split_prompts
+from rlhf_env.tasks.base import AnnotatorConfig, GeneratedTask
 
 ITEMS = (
     "apple", "cat", "red", "dog", "sun", "tree", "book", "fish", "milk", "car", "bird", "rain", "star", "hat", "cup",
@@ -95,7 +95,7 @@ def sample_response(items: list[str], rng: np.random.Generator) -> str:
     return " ".join(out)
 
 
-class VerboseTask(Task):
+class VerboseTask(GeneratedTask):
     """Name the listed items once each. Gold ∈ [-1, 1]; best reachable gold 1.0; annotators like long answers.
 
     Prompts: every set of 2 to 4 items (31,900), the items of each in a fixed shuffled order, 10% held out for
@@ -123,21 +123,10 @@ class VerboseTask(Task):
         for k in range(MIN_ITEMS, MAX_ITEMS + 1):
             for combo in itertools.combinations(ITEMS, k):
                 prompts.append(format_prompt([combo[i] for i in order_rng.permutation(k)]))
-        self._train, self._eval = split_prompts(prompts, eval_fraction, seed)
+        super().__init__(prompts, eval_fraction, seed)
 
-    def train_prompts(self) -> list[str]:
-        return list(self._train)
-
-    def eval_prompts(self) -> list[str]:
-        return list(self._eval)
-
-    def demonstrations(self, n: int, rng: np.random.Generator, split: str = "train") -> list[tuple[str, str]]:
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        prompts = self._train if split == "train" else self._eval
-        return [
-            (prompts[i], sample_response(parse_prompt(prompts[i]), rng)) for i in rng.integers(len(prompts), size=n)
-        ]
+    def demonstrate(self, prompt: str, rng: np.random.Generator) -> str:
+        return sample_response(parse_prompt(prompt), rng)
 
     def gold(self, prompt: str, response: str) -> float:
         return gold_reward(parse_prompt(prompt), response)
