@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel
 
-from rlhf_env.build.common import encode_pairs, model_max_length, warmup_cosine
+from rlhf_env.build.common import adamw_with_schedule, encode_pairs, gradient_step, model_max_length
 from rlhf_env.lm import position_ids
 from rlhf_env.models import check_safe_weights
 
@@ -173,9 +173,7 @@ def train_reward_model(model: RewardModel, tokenizer, pairs: list[dict], groups:
                             [r for g in groups for r in g["responses"]], max_length).to(device)
         best = torch.tensor([g["ranking"][0] for g in groups], device=device)
         n = len(groups)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, config.warmup_steps, config.steps))
+    optimizer, schedule = adamw_with_schedule(model, config.lr, config.weight_decay, config.warmup_steps, config.steps)
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     losses = []
@@ -193,11 +191,7 @@ def train_reward_model(model: RewardModel, tokenizer, pairs: list[dict], groups:
             loss = listwise_loss(r, best[index])
             if config.center_coef:
                 loss = loss + config.center_coef * centering_loss(r)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        gradient_step(model, optimizer, schedule, loss)
         losses.append(loss.item())
     model.eval()
     return {"train_seconds": round(time.perf_counter() - start, 1),

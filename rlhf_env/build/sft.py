@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_env.build.common import decode_responses, encode_pairs, encode_prompts, model_max_length, warmup_cosine
+from rlhf_env.build.common import (
+    adamw_with_schedule,
+    decode_responses,
+    encode_pairs,
+    encode_prompts,
+    gradient_step,
+    model_max_length,
+)
 from rlhf_env.lm import response_logprobs, sample
 from rlhf_env.tasks.base import Task
 
@@ -60,9 +67,7 @@ def train_sft(model, tokenizer, task: Task, config: SFTConfig = SFTConfig(), pro
     data = encode_pairs(tokenizer, [p for p, _ in demos], [r for _, r in demos], max_length)
     device = next(model.parameters()).device
     data = data.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, config.warmup_steps, config.steps))
+    optimizer, schedule = adamw_with_schedule(model, config.lr, config.weight_decay, config.warmup_steps, config.steps)
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     losses = []
@@ -70,11 +75,7 @@ def train_sft(model, tokenizer, task: Task, config: SFTConfig = SFTConfig(), pro
     for step in bar:
         index = torch.randint(len(data), (config.batch_size,), generator=generator)
         loss = sft_loss(model, data.rows(index.to(device)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        gradient_step(model, optimizer, schedule, loss)
         losses.append(loss.item())
         if step % 100 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.3f}")
