@@ -1,7 +1,9 @@
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from rlhf_env.lm import pad_left, position_ids, response_logprobs, sample
+from rlhf_env.lm import pad_left, pad_right, position_ids, response_logprobs, sample
 
 
 def _queries(tokenizer, task, n=24):
@@ -34,11 +36,10 @@ def test_recorded_logprobs_are_the_unfiltered_distribution(policy, tokenizer, ta
 
 def test_eos_ends_a_response_and_padding_follows(policy, tokenizer, task):
     queries = _queries(tokenizer, task, 16)
-    # Make EOS likely so that sequences end at different steps.
-    with torch.no_grad():
-        policy.lm_head.weight[tokenizer.eos_token_id] += 0.5 * policy.lm_head.weight.mean(0)
-        policy.transformer.wte.weight[tokenizer.eos_token_id].mul_(1.0)
-    policy.lm_head.bias = None
+    # Raise the EOS logit by 3 (P(EOS) ≈ 13% a step) so that sequences end at different steps, or not at all.
+    eos_bias = torch.zeros(len(tokenizer))
+    eos_bias[tokenizer.eos_token_id] = 3.0
+    policy.lm_head.register_forward_hook(lambda module, inputs, logits: logits + eos_bias)
     samples = sample(policy, queries, max_new_tokens=10, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(1))
     for row, mask, logp, done in zip(samples.responses, samples.response_mask, samples.logprobs, samples.finished):
@@ -49,6 +50,7 @@ def test_eos_ends_a_response_and_padding_follows(policy, tokenizer, task):
             assert (row[end:] == tokenizer.pad_token_id).all() and (logp[end:] == 0).all()
         else:
             assert len(eos) == 0 and mask.all()
+    assert 0 < int(samples.finished.sum()) < len(queries)  # both kinds of ending were exercised
 
 
 def test_same_generator_seed_same_samples(policy, tokenizer, task):
@@ -72,3 +74,17 @@ def test_bad_input(policy, tokenizer):
         sample(policy, [[1, 4]], max_new_tokens=2, eos_token_id=2, pad_token_id=0, temperature=0.0)
     with pytest.raises(ValueError, match="at least one token"):
         pad_left([[1], []], pad_id=0)
+
+
+token_lists = st.lists(st.lists(st.integers(1, 50), min_size=1, max_size=9), min_size=1, max_size=6)
+
+
+@given(token_lists)
+def test_padding_round_trips_and_positions_count_real_tokens(sequences):
+    ids, mask = pad_left(sequences, pad_id=0)
+    positions = position_ids(mask)
+    for row, m, pos, original in zip(ids, mask, positions, sequences):
+        assert row[m.bool()].tolist() == original
+        assert pos[m.bool()].tolist() == list(range(len(original)))
+    ids, mask = pad_right(sequences, pad_id=0)
+    assert [row[m.bool()].tolist() for row, m in zip(ids, mask)] == sequences
