@@ -1,0 +1,12 @@
+"""rlhf-gym's environment package: tasks, the RLHF world they build, and the token-level Gymnasium env.
+
+Importing it registers the environments:
+
+* ``RLHF-v0``: the default task (sentiment) with its shipped π_SFT, π_ref and reward model.
+"""
+
+from gymnasium.envs.registration import register
+
+__version__ = "0.1.0"
+
+register(id="RLHF-v0", entry_point="rlhf_env.env:RLHFEnv", kwargs={"task": "sentiment"})

@@ -66,6 +66,45 @@ class Samples:
         return [row[m.bool()].tolist() for row, m in zip(self.responses, self.response_mask)]
 
 
+class IncrementalDecoder:
+    """A causal LM over a batch of sequences with a KV cache: one forward per appended token.
+
+    `prefill` consumes left-padded queries, `advance` appends one token per row; both return the next-token
+    log-probs ``(B, V)`` in fp32 at the given temperature. The sampler and the environments step models through
+    this one class, so their numbers agree exactly.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.model, self.temperature = model, temperature
+        self.attention_mask: torch.Tensor | None = None  # (B, L) over everything consumed so far
+        self.next_positions: torch.Tensor | None = None  # (B,)
+        self.past_key_values = None
+
+    @torch.no_grad()
+    def prefill(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """Consume queries ``(B, P)`` (left-padded) and return log-probs ``(B, V)`` of the first response token."""
+        positions = position_ids(query_mask)
+        out = self.model(input_ids=query_ids, attention_mask=query_mask, position_ids=positions, use_cache=True)
+        self.attention_mask, self.next_positions = query_mask, positions[:, -1] + 1
+        self.past_key_values = out.past_key_values
+        return self._logprobs(out.logits)
+
+    @torch.no_grad()
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row ``(B,)``; return the next-token log-probs ``(B, V)``."""
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                         position_ids=self.next_positions[:, None], past_key_values=self.past_key_values,
+                         use_cache=True)
+        self.past_key_values, self.next_positions = out.past_key_values, self.next_positions + 1
+        return self._logprobs(out.logits)
+
+    def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits[:, -1].float() / self.temperature, dim=-1)  # (B, V)
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -82,19 +121,13 @@ def sample(
     Tokens are drawn by Gumbel-max on the temperature-scaled log-softmax (the same distribution as softmax +
     multinomial, and cheaper). A sequence stops at its EOS; later columns hold `pad_token_id` and log-prob 0.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    decoder = IncrementalDecoder(model, temperature)
     device = next(model.parameters()).device
     query_ids, query_mask = pad_left(queries, pad_token_id, device)  # (B, P)
-    batch = len(queries)
-    attention_mask = query_mask
-    positions = position_ids(query_mask)
-    out = model(input_ids=query_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
-    next_positions = positions[:, -1] + 1  # (B,)
+    logp = decoder.prefill(query_ids, query_mask)  # (B, V)
     tokens, logprobs = [], []
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (B, V)
+    finished = torch.zeros(len(queries), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
         uniform = torch.rand(logp.shape, generator=generator, device=device).clamp_(min=1e-20)
         token = (logp - torch.log(-torch.log(uniform))).argmax(-1)  # (B,) Gumbel-max
         token_logp = logp.gather(-1, token[:, None])[:, 0]  # (B,)
@@ -102,17 +135,9 @@ def sample(
         tokens.append(token)
         logprobs.append(torch.where(finished, torch.zeros_like(token_logp), token_logp))
         finished = finished | (token == eos_token_id)
-        if bool(finished.all()):
+        if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=attention_mask,
-            position_ids=next_positions[:, None],
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-        next_positions = next_positions + 1
+        logp = decoder.advance(token)
     responses = torch.stack(tokens, dim=1)  # (B, T)
     # A token is real if no EOS came strictly before it: EOS itself belongs to the response.
     is_eos = responses == eos_token_id

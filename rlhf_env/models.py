@@ -11,9 +11,11 @@ holds only pickle weights (``pytorch_model.bin``) is refused, because unpickling
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 PRESETS = {
@@ -64,10 +66,23 @@ def load_causal_lm(
 ):
     """Load a local causal LM (any architecture transformers knows) from safetensors, in eval mode."""
     check_safe_weights(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
-    )
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
+        )
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence transformers' per-file progress bars while loading tiny models (they would flood every reset)."""
+    enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def count_parameters(model: torch.nn.Module) -> int:

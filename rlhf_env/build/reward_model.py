@@ -31,7 +31,7 @@ from transformers import AutoModel
 
 from rlhf_env.build.common import adamw_with_schedule, encode_pairs, gradient_step, model_max_length
 from rlhf_env.lm import position_ids
-from rlhf_env.models import check_safe_weights
+from rlhf_env.models import check_safe_weights, quiet_loading
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -84,8 +84,9 @@ class RewardModel(nn.Module):
         check_safe_weights(directory)
         if not (directory / HEAD_FILE).is_file():
             raise ValueError(f"{directory} has no {HEAD_FILE}: not a reward model saved by rlhf-gym")
-        trunk = AutoModel.from_pretrained(directory, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                          dtype=dtype)
+        with quiet_loading():
+            trunk = AutoModel.from_pretrained(directory, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                              dtype=dtype)
         config = json.loads((directory / CONFIG_FILE).read_text())
         model = cls(trunk, offset=config["offset"])
         model.head.load_state_dict(load_file(directory / HEAD_FILE))

@@ -1,0 +1,74 @@
+"""KL estimators and the KL coefficient controllers.
+
+With ``d = log π(a|s) − log π_ref(a|s)`` for the sampled token:
+
+* ``k1 = d``: unbiased for KL(π‖π_ref) per token, can be negative on a single sample. Summed over an episode it is
+  exactly ``log π(y|x) − log π_ref(y|x)``, so Σ_t r_t = R − β·log(π(y|x)/π_ref(y|x)) (DESIGN.md §1).
+* ``k3 = exp(−d) − 1 + d``: unbiased too, never negative, lower variance when π ≈ π_ref (Schulman, "Approximating
+  KL divergence", 2020).
+
+The adaptive controller is Ziegler et al. (2019), §2.2: β ← β·(1 + K·clip((KL − target)/target, −0.2, 0.2)), with
+``K = n_steps / horizon`` for ``n_steps`` episodes since the last update. Its state belongs in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def kl_estimate(logprob: float | np.ndarray, ref_logprob: float | np.ndarray, estimator: str = "k1"):
+    """Per-token KL estimate from the sampled token's log-probs under π and π_ref."""
+    d = np.asarray(logprob, dtype=np.float64) - np.asarray(ref_logprob, dtype=np.float64)
+    if estimator == "k1":
+        out = d
+    elif estimator == "k3":
+        out = np.expm1(-d) + d
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    return float(out) if out.ndim == 0 else out
+
+
+class FixedKLController:
+    """A constant KL coefficient β."""
+
+    def __init__(self, beta: float):
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+        self.beta = float(beta)
+
+    def update(self, kl: float, n_steps: int) -> None:
+        """A fixed β ignores the observed KL."""
+
+    def state_dict(self) -> dict:
+        return {"kind": "fixed", "beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+
+
+class AdaptiveKLController:
+    """Ziegler et al.'s proportional controller that steers the episode KL towards `target`."""
+
+    def __init__(self, beta: float, target: float, horizon: int = 10000):
+        if not (beta > 0 and math.isfinite(beta)):
+            raise ValueError(f"the initial beta must be a finite number > 0, got {beta}")
+        if not target > 0:
+            raise ValueError(f"the KL target must be > 0, got {target}")
+        if horizon <= 0:
+            raise ValueError(f"the horizon must be > 0, got {horizon}")
+        self.beta, self.target, self.horizon = float(beta), float(target), int(horizon)
+
+    def update(self, kl: float, n_steps: int) -> None:
+        """Move β after observing mean episode KL `kl` over `n_steps` episodes."""
+        error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
+        self.beta *= 1 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"kind": "adaptive", "beta": self.beta, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.target, self.horizon = float(state["beta"]), float(state["target"]), int(state["horizon"])
