@@ -17,8 +17,9 @@ from gymnasium.error import InvalidAction, ResetNeeded
 from rlhf_env.build.common import encode_prompts
 from rlhf_env.build.reward_model import RewardModel
 from rlhf_env.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
-from rlhf_env.lm import IncrementalDecoder
+from rlhf_env.lm import pad_left, pad_right
 from rlhf_env.models import load_causal_lm, resolve_device
+from rlhf_env.rollout import RolloutBatch
 from rlhf_env.tasks import DEFAULT_TASK, Task, get_task
 
 RESET_OPTIONS = frozenset({"prompt", "split"})
@@ -26,6 +27,174 @@ RESET_OPTIONS = frozenset({"prompt", "split"})
 
 class NonFiniteReward(ValueError):
     """The reward model or reward function returned NaN or ±inf."""
+
+
+class RLHFWorld:
+    """Everything an RLHF episode needs, shared by the single and the vector env: the task, tokenizer, acting
+    policy π, frozen reference π_ref, reward model or function, the KL coefficient and the reward arithmetic.
+
+    Arguments are those of `RLHFEnv` (see its docstring).
+    """
+
+    def __init__(
+        self,
+        task: str | Task = DEFAULT_TASK,
+        policy=None,
+        reference=None,
+        reward_model=None,
+        reward_fn=None,
+        tokenizer=None,
+        beta: float = 0.1,
+        kl_target: float | None = None,
+        kl_horizon: int = 10000,
+        kl_estimator: str = "k1",
+        max_new_tokens: int | None = None,
+        temperature: float = 1.0,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        missing_eos_penalty: float = 0.0,
+        nonfinite_reward: str = "raise",
+        compact_at: int = 256,
+    ):
+        self.task = get_task(task)
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
+        if nonfinite_reward not in ("raise", "mask"):
+            raise ValueError(f"nonfinite_reward must be 'raise' or 'mask', got {nonfinite_reward!r}")
+        if reward_model is not None and reward_fn is not None:
+            raise ValueError("pass a reward_model or a reward_fn, not both")
+        if reward_fn is not None and not callable(reward_fn):
+            raise ValueError("reward_fn must be callable as reward_fn(prompt, response) -> float")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.device = resolve_device(device)
+        self.kl_estimator, self.temperature = kl_estimator, float(temperature)
+        self.missing_eos_penalty, self.nonfinite_reward = float(missing_eos_penalty), nonfinite_reward
+        self.compact_at = int(compact_at)
+        self.kl_controller = (FixedKLController(beta) if kl_target is None
+                              else AdaptiveKLController(beta, kl_target, kl_horizon))
+        self.tokenizer, self.policy, self.reference, self.reward_model = self._load(
+            policy, reference, reward_model if reward_fn is None else False, tokenizer, dtype)
+        self.reward_fn = reward_fn
+        self.max_new_tokens = int(max_new_tokens or self.task.max_new_tokens)
+        self.vocab_size = self.policy.get_output_embeddings().weight.shape[0]
+        if self.reference.get_output_embeddings().weight.shape[0] != self.vocab_size:
+            raise ValueError("policy and reference have different vocabularies")
+        if len(self.tokenizer) > self.vocab_size:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the policy only "
+                             f"{self.vocab_size} logits")
+        context = int(self.policy.config.max_position_embeddings)
+        prompts = self.task.train_prompts() + self.task.eval_prompts()
+        self.max_prompt_tokens = max(len(q) for q in encode_prompts(self.tokenizer, prompts,
+                                                                     context - self.max_new_tokens))
+        width = self.max_prompt_tokens + self.max_new_tokens
+        self.action_space = spaces.Discrete(self.vocab_size)
+        self.observation_space = spaces.Dict({
+            "input_ids": spaces.Box(0, self.vocab_size - 1, shape=(width,), dtype=np.int64),
+            "attention_mask": spaces.Box(0, 1, shape=(width,), dtype=np.int64),
+        })
+
+    def _load(self, policy, reference, reward_model, tokenizer, dtype):
+        """Resolve models given as objects, paths or None (the task's shipped assets)."""
+        from rlhf_env.assets import asset_dir
+
+        assets = asset_dir(self.task)
+        need_assets = policy is None or reference is None or reward_model is None or tokenizer is None
+        if need_assets and not (assets / "manifest.json").is_file():
+            raise ValueError(f"task {self.task.name!r} has no shipped assets: build them with `python -m "
+                             f"rlhf_env.assets build --task {self.task.name}` or pass every model explicitly")
+
+        def causal_lm(given, default_dir):
+            if given is None:
+                given = default_dir
+            if isinstance(given, (str, Path)):
+                return load_causal_lm(given, device=self.device, dtype=dtype)
+            return given.to(self.device).eval()
+
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer or assets / "tokenizer")
+        policy = causal_lm(policy, assets / "policy")
+        reference = causal_lm(reference, assets / "policy")
+        if reference is policy:
+            raise ValueError("policy and reference must be different objects (the reference stays frozen)")
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        if reward_model is False:  # a reward function replaces the RM
+            reward_model = None
+        elif reward_model is None or isinstance(reward_model, (str, Path)):
+            reward_model = RewardModel.from_pretrained(reward_model or assets / "reward_model", device=self.device,
+                                                       dtype=dtype)
+        else:
+            reward_model = reward_model.to(self.device).eval()
+        return tokenizer, policy, reference, reward_model
+
+    @property
+    def beta(self) -> float:
+        return self.kl_controller.beta
+
+    def kl(self, logprob: float, ref_logprob: float) -> float:
+        """The per-token KL estimate of the chosen token."""
+        return kl_estimate(logprob, ref_logprob, self.kl_estimator)
+
+    def draw_prompt(self, options: dict | None, rng: np.random.Generator) -> tuple[str, list[int]]:
+        """The prompt (text, query ids) for a reset with `options`, drawn with `rng` unless pinned."""
+        options = dict(options or {})
+        unknown = set(options) - RESET_OPTIONS
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; expected some of {sorted(RESET_OPTIONS)}")
+        split = options.get("split", "train")
+        if split not in ("train", "eval"):
+            raise ValueError(f"reset option 'split' must be 'train' or 'eval', got {split!r}")
+        if "prompt" in options:
+            prompt = options["prompt"]
+            if not isinstance(prompt, str):
+                raise ValueError(f"reset option 'prompt' must be a string, got {type(prompt).__name__}")
+        else:
+            pool = self.task.train_prompts() if split == "train" else self.task.eval_prompts()
+            prompt = pool[int(rng.integers(len(pool)))]
+        return prompt, encode_prompts(self.tokenizer, [prompt], self.max_prompt_tokens)[0]
+
+    def check_action(self, action) -> int:
+        """The action as a token id, or `InvalidAction` saying what is wrong (before anything changes)."""
+        if isinstance(action, (bool, np.bool_)) or isinstance(action, torch.Tensor):
+            raise InvalidAction(f"action must be an integer token id, got {type(action).__name__} {action!r}")
+        if isinstance(action, np.ndarray):
+            if action.shape != () or not np.issubdtype(action.dtype, np.integer):
+                raise InvalidAction(f"action must be an integer token id (a scalar), got an array of shape "
+                                    f"{action.shape} and dtype {action.dtype}")
+            action = action.item()
+        if not isinstance(action, (int, np.integer)):
+            raise InvalidAction(f"action must be an integer token id, got {type(action).__name__} {action!r}")
+        if not 0 <= int(action) < self.vocab_size:
+            raise InvalidAction(f"action {action} is not a token id in [0, {self.vocab_size})")
+        return int(action)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], queries: list[list[int]], responses: list[list[int]],
+              texts: list[str]) -> list[float]:
+        """Scores of finished responses: one batched RM forward, or one reward_fn call per response."""
+        if self.reward_fn is not None:
+            return [float(self.reward_fn(p, t)) for p, t in zip(prompts, texts)]
+        pad = self.tokenizer.pad_token_id
+        query_ids, query_mask = pad_left(queries, pad, self.device)
+        response_ids, response_mask = pad_right(responses, pad, device=self.device)
+        return self.reward_model.score(query_ids, query_mask, response_ids, response_mask).tolist()
+
+    def end_of_episode(self, prompt: str, text: str, score: float, finished: bool, logprobs: list[float],
+                       ref_logprobs: list[float]) -> dict:
+        """The end-of-episode info: score (checked finite), gold score, text, length and the episode's KL."""
+        info = {"score_nonfinite": not math.isfinite(score)}
+        if info["score_nonfinite"]:
+            if self.nonfinite_reward == "raise":
+                raise NonFiniteReward(f"the reward {'function' if self.reward_fn else 'model'} returned {score} "
+                                      f"for prompt {prompt!r} and response {text!r}")
+            score = 0.0
+        kl_sum = float(np.sum(kl_estimate(np.array(logprobs), np.array(ref_logprobs), self.kl_estimator)))
+        info.update(score=float(score), gold_score=float(self.task.gold(prompt, text)), response_text=text,
+                    length=len(logprobs), finished=finished, kl_sum=kl_sum)
+        return info
 
 
 class RLHFEnv(gym.Env):
@@ -89,178 +258,56 @@ class RLHFEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
-    def __init__(
-        self,
-        task: str | Task = DEFAULT_TASK,
-        policy=None,
-        reference=None,
-        reward_model=None,
-        reward_fn=None,
-        tokenizer=None,
-        beta: float = 0.1,
-        kl_target: float | None = None,
-        kl_horizon: int = 10000,
-        kl_estimator: str = "k1",
-        max_new_tokens: int | None = None,
-        temperature: float = 1.0,
-        device: str = "cpu",
-        dtype: torch.dtype | None = None,
-        missing_eos_penalty: float = 0.0,
-        nonfinite_reward: str = "raise",
-        render_mode: str | None = None,
-    ):
-        self.task = get_task(task)
-        if kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
-        if nonfinite_reward not in ("raise", "mask"):
-            raise ValueError(f"nonfinite_reward must be 'raise' or 'mask', got {nonfinite_reward!r}")
+    def __init__(self, render_mode: str | None = None, **world_kwargs):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
-        if reward_model is not None and reward_fn is not None:
-            raise ValueError("pass a reward_model or a reward_fn, not both")
-        if reward_fn is not None and not callable(reward_fn):
-            raise ValueError("reward_fn must be callable as reward_fn(prompt, response) -> float")
-        self.device = resolve_device(device)
-        self.kl_estimator, self.temperature = kl_estimator, float(temperature)
-        self.missing_eos_penalty, self.nonfinite_reward = float(missing_eos_penalty), nonfinite_reward
         self.render_mode = render_mode
-        self.kl_controller = (FixedKLController(beta) if kl_target is None
-                              else AdaptiveKLController(beta, kl_target, kl_horizon))
+        self.world = RLHFWorld(**world_kwargs)
+        self.action_space, self.observation_space = self.world.action_space, self.world.observation_space
+        self._batch = RolloutBatch(self.world, 1)
+        self._last_info: dict = {}
 
-        self.tokenizer, self.policy, self.reference, self.reward_model = self._load_world(
-            policy, reference, reward_model if reward_fn is None else False, tokenizer, dtype)
-        self.reward_fn = reward_fn
-        self.max_new_tokens = int(max_new_tokens or self.task.max_new_tokens)
-        vocab = self.policy.get_output_embeddings().weight.shape[0]
-        if self.reference.get_output_embeddings().weight.shape[0] != vocab:
-            raise ValueError("policy and reference have different vocabularies")
-        if len(self.tokenizer) > vocab:
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the policy only {vocab} logits")
-        context = int(self.policy.config.max_position_embeddings)
-        prompts = self.task.train_prompts() + self.task.eval_prompts()
-        lengths = [len(q) for q in encode_prompts(self.tokenizer, prompts, context - self.max_new_tokens)]
-        self.max_prompt_tokens = max(lengths)
-        width = self.max_prompt_tokens + self.max_new_tokens
-        self.action_space = spaces.Discrete(vocab)
-        self.observation_space = spaces.Dict({
-            "input_ids": spaces.Box(0, vocab - 1, shape=(width,), dtype=np.int64),
-            "attention_mask": spaces.Box(0, 1, shape=(width,), dtype=np.int64),
-        })
-        self._episode_active = False
-        self._prompt: str | None = None
-
-    # --- world --------------------------------------------------------------------------------------------------
-
-    def _load_world(self, policy, reference, reward_model, tokenizer, dtype):
-        """Resolve models given as objects, paths or None (the task's shipped assets)."""
-        from rlhf_env.assets import asset_dir
-
-        assets = asset_dir(self.task)
-        need_assets = policy is None or reference is None or reward_model is None or tokenizer is None
-        if need_assets and not (assets / "manifest.json").is_file():
-            raise ValueError(f"task {self.task.name!r} has no shipped assets: build them with `python -m "
-                             f"rlhf_env.assets build --task {self.task.name}` or pass every model explicitly")
-
-        def causal_lm(given, default_dir):
-            if given is None:
-                given = default_dir
-            if isinstance(given, (str, Path)):
-                return load_causal_lm(given, device=self.device, dtype=dtype)
-            return given.to(self.device).eval()
-
-        if tokenizer is None or isinstance(tokenizer, (str, Path)):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer or assets / "tokenizer")
-        policy = causal_lm(policy, assets / "policy")
-        reference = causal_lm(reference, assets / "policy")
-        if reference is policy:
-            raise ValueError("policy and reference must be different objects (the reference stays frozen)")
-        for p in reference.parameters():
-            p.requires_grad_(False)
-        if reward_model is False:  # a reward function replaces the RM
-            reward_model = None
-        elif reward_model is None or isinstance(reward_model, (str, Path)):
-            reward_model = RewardModel.from_pretrained(reward_model or assets / "reward_model", device=self.device,
-                                                       dtype=dtype)
-        else:
-            reward_model = reward_model.to(self.device).eval()
-        return tokenizer, policy, reference, reward_model
-
-    @property
-    def beta(self) -> float:
-        return self.kl_controller.beta
+    # The world's parts, for agents and users: env.unwrapped.policy is the acting policy an LM agent trains.
+    task = property(lambda self: self.world.task)
+    tokenizer = property(lambda self: self.world.tokenizer)
+    policy = property(lambda self: self.world.policy)
+    reference = property(lambda self: self.world.reference)
+    reward_model = property(lambda self: self.world.reward_model)
+    beta = property(lambda self: self.world.beta)
 
     @property
     def next_token_logprobs(self) -> np.ndarray:
         """log π(· | state) at the env's temperature, ``(V,)``: what an LM agent samples its action from."""
-        if not self._episode_active:
+        if not self._batch.active[0]:
             raise ResetNeeded("no active episode: call reset() first")
-        return self._policy_logp.cpu().numpy().copy()
-
-    # --- Gymnasium API ------------------------------------------------------------------------------------------
+        return self._batch.policy.logprobs[0].cpu().numpy().copy()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        options = dict(options or {})
-        unknown = set(options) - RESET_OPTIONS
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; expected some of {sorted(RESET_OPTIONS)}")
-        split = options.get("split", "train")
-        if split not in ("train", "eval"):
-            raise ValueError(f"reset option 'split' must be 'train' or 'eval', got {split!r}")
-        if "prompt" in options:
-            prompt = options["prompt"]
-            if not isinstance(prompt, str):
-                raise ValueError(f"reset option 'prompt' must be a string, got {type(prompt).__name__}")
-        else:
-            pool = self.task.train_prompts() if split == "train" else self.task.eval_prompts()
-            prompt = pool[int(self.np_random.integers(len(pool)))]
-        query = encode_prompts(self.tokenizer, [prompt], self.max_prompt_tokens)[0]
-
-        self._prompt, self._query, self._response = prompt, query, []
-        self._logprobs, self._ref_logprobs = [], []
-        query_ids = torch.tensor([query], device=self.device)
-        query_mask = torch.ones_like(query_ids)
-        self._policy_decoder = IncrementalDecoder(self.policy, self.temperature)
-        self._reference_decoder = IncrementalDecoder(self.reference, self.temperature)
-        self._policy_logp = self._policy_decoder.prefill(query_ids, query_mask)[0]  # (V,)
-        self._ref_logp = self._reference_decoder.prefill(query_ids, query_mask)[0]  # (V,)
-        self._episode_active = True
-        self._last_info = {"prompt": prompt}
+        prompt, query = self.world.draw_prompt(options, self.np_random)
+        self._batch.start(0, prompt, query)
+        self._batch.feed([query], restart=[True])
+        self._last_info = {}
         return self._observation(), {"prompt": prompt, "prompt_tokens": len(query)}
 
     def step(self, action):
-        if not self._episode_active:
+        if not self._batch.active[0]:
             raise ResetNeeded("step() called before reset() or after the episode ended; call reset()")
-        token = self._check_action(action)
-        logprob = float(self._policy_logp[token])
-        ref_logprob = float(self._ref_logp[token])
-        kl = kl_estimate(logprob, ref_logprob, self.kl_estimator)
-        self._response.append(token)
-        self._logprobs.append(logprob)
-        self._ref_logprobs.append(ref_logprob)
-        reward = -self.beta * kl
-        info = {"logprob": logprob, "ref_logprob": ref_logprob, "kl": kl, "beta": self.beta,
-                "non_score_reward": reward}
-        eos = token == self.tokenizer.eos_token_id
-        terminated = eos or len(self._response) == self.max_new_tokens
-        if terminated:
-            self._episode_active = False
-            info.update(self._episode_end(eos))
-            reward += info["score"] - (0.0 if eos else self.missing_eos_penalty)
+        token = self.world.check_action(action)
+        info = self._batch.append(0, token)
+        if info["terminated"]:
+            self._batch.finish([0], {0: info})
         else:
-            step = torch.tensor([token], device=self.device)
-            self._policy_logp = self._policy_decoder.advance(step)[0]
-            self._ref_logp = self._reference_decoder.advance(step)[0]
-        self._last_info = dict(info, prompt=self._prompt, reward=reward)
+            self._batch.feed([[token]], restart=[False])
+        reward, terminated = info.pop("reward"), info.pop("terminated")
+        self._last_info = dict(info, reward=reward)
         return self._observation(), float(reward), terminated, False, info
 
     def render(self):
         if self.render_mode != "ansi":
             return None
         info = self._last_info
-        parts = [f"prompt:   {self._prompt}", f"response: {self._response_text()}"]
+        parts = [f"prompt:   {self._batch.prompts[0]}", f"response: {self._batch.response_text(0)}"]
         if "kl" in info:
             parts.append(f"last token: logprob {info['logprob']:.3f}, ref_logprob {info['ref_logprob']:.3f}, "
                          f"kl {info['kl']:.3f}, reward {info['reward']:.3f}")
@@ -269,57 +316,6 @@ class RLHFEnv(gym.Env):
                          f"kl_sum {info['kl_sum']:.3f}, length {info['length']}")
         return "\n".join(parts) + "\n"
 
-    # --- helpers ------------------------------------------------------------------------------------------------
-
-    def _check_action(self, action) -> int:
-        """The action as a token id, or `InvalidAction` saying what is wrong (before anything changes)."""
-        if isinstance(action, (bool, np.bool_)) or isinstance(action, torch.Tensor):
-            raise InvalidAction(f"action must be an integer token id, got {type(action).__name__} {action!r}")
-        if isinstance(action, np.ndarray):
-            if action.shape != () or not np.issubdtype(action.dtype, np.integer):
-                raise InvalidAction(f"action must be an integer token id (a scalar), got an array of shape "
-                                    f"{action.shape} and dtype {action.dtype}")
-            action = action.item()
-        if not isinstance(action, (int, np.integer)):
-            raise InvalidAction(f"action must be an integer token id, got {type(action).__name__} {action!r}")
-        if not 0 <= int(action) < self.action_space.n:
-            raise InvalidAction(f"action {action} is not a token id in [0, {self.action_space.n})")
-        return int(action)
-
-    def _response_text(self) -> str:
-        return self.tokenizer.decode(self._response, skip_special_tokens=True)
-
-    def _episode_end(self, eos: bool) -> dict:
-        """One RM forward (or one reward_fn call) and the gold reward for the finished response."""
-        text = self._response_text()
-        if self.reward_fn is not None:
-            score = float(self.reward_fn(self._prompt, text))
-        else:
-            query_ids = torch.tensor([self._query], device=self.device)
-            response_ids = torch.tensor([self._response], device=self.device)
-            with torch.no_grad():
-                score = float(self.reward_model.score(query_ids, torch.ones_like(query_ids), response_ids,
-                                                      torch.ones_like(response_ids))[0])
-        info = {"score_nonfinite": not math.isfinite(score)}
-        if info["score_nonfinite"]:
-            if self.nonfinite_reward == "raise":
-                raise NonFiniteReward(f"the reward {'function' if self.reward_fn else 'model'} returned {score} "
-                                      f"for prompt {self._prompt!r} and response {text!r}")
-            score = 0.0
-        kl_sum = float(np.sum(kl_estimate(np.array(self._logprobs), np.array(self._ref_logprobs),
-                                          self.kl_estimator)))
-        info.update(score=score, gold_score=float(self.task.gold(self._prompt, text)), response_text=text,
-                    length=len(self._response), finished=eos, kl_sum=kl_sum)
-        return info
-
     def _observation(self) -> dict:
-        width = self.max_prompt_tokens + self.max_new_tokens
-        ids = np.full(width, self.tokenizer.pad_token_id, dtype=np.int64)
-        mask = np.zeros(width, dtype=np.int64)
-        start = self.max_prompt_tokens - len(self._query)
-        ids[start : self.max_prompt_tokens] = self._query
-        mask[start : self.max_prompt_tokens] = 1
-        end = self.max_prompt_tokens + len(self._response)
-        ids[self.max_prompt_tokens : end] = self._response
-        mask[self.max_prompt_tokens : end] = 1
+        ids, mask = self._batch.observation(0, self.world.max_prompt_tokens, self.world.max_new_tokens)
         return {"input_ids": ids, "attention_mask": mask}

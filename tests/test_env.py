@@ -71,7 +71,7 @@ def test_kl_terms_sum_to_the_sequence_log_ratio():
         infos = [s[3] for s in steps[1:]]
         rewards = [s[1] for s in steps[1:]]
         query = env.tokenizer(steps[0][3]["prompt"])["input_ids"]
-        response = env.unwrapped._response
+        response = env.unwrapped._batch.responses[0]
         q, qm = pad_left([query], env.tokenizer.pad_token_id)
         r, rm = pad_right([response], env.tokenizer.pad_token_id)
         with torch.no_grad():
@@ -154,12 +154,12 @@ def test_reset_options(env):
 def test_invalid_actions_are_named_and_change_nothing(env, action):
     env.reset(seed=0)
     env.step(int(env.tokenizer.convert_tokens_to_ids("was")))
-    before = (env.unwrapped._observation(), env.next_token_logprobs, list(env._response))
+    before = (env.unwrapped._observation(), env.next_token_logprobs, list(env._batch.responses[0]))
     if action == "n":
         action = env.action_space.n
     with pytest.raises(InvalidAction):
         env.step(action)
-    after = (env.unwrapped._observation(), env.next_token_logprobs, list(env._response))
+    after = (env.unwrapped._observation(), env.next_token_logprobs, list(env._batch.responses[0]))
     assert np.array_equal(before[0]["input_ids"], after[0]["input_ids"])
     assert np.array_equal(before[1], after[1]) and before[2] == after[2]
 
@@ -168,7 +168,7 @@ def test_numpy_integer_actions_are_accepted(env):
     env.reset(seed=0)
     env.step(np.int64(5))
     env.step(np.array(6))
-    assert env._response == [5, 6]
+    assert env._batch.responses[0] == [5, 6]
 
 
 def test_step_before_reset_and_after_the_end_needs_reset():
@@ -242,5 +242,5 @@ def test_env_pickles_mid_episode(env):
     env.reset(seed=0)
     env.step(5)
     clone = pickle.loads(pickle.dumps(env))
-    assert clone._response == env._response
+    assert clone._batch.responses[0] == env._batch.responses[0]
     assert np.array_equal(clone.next_token_logprobs, env.next_token_logprobs)
