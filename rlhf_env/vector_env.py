@@ -1,0 +1,188 @@
+"""The native batched RLHF environment: N episodes, one KV cache per model, one forward per model per step."""
+
+from __future__ import annotations
+
+import numpy as np
+from gymnasium.error import InvalidAction, ResetNeeded
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from rlhf_env.env import RLHFWorld
+from rlhf_env.rollout import RolloutBatch
+
+
+class RLHFVectorEnv(VectorEnv):
+    """``num_envs`` RLHF-v0 episodes stepped together; what ``gym.make_vec("RLHF-v0", num_envs=N)`` returns.
+
+    ## Description
+    The same episodes, rewards and ``info`` keys as `rlhf_env.env.RLHFEnv`, computed for all rows at once: per
+    step, one forward of π and one of π_ref over the whole batch (each with its KV cache), and one reward-model
+    forward over the rows whose episodes end. Rows that restart feed their new query in the same forward as the
+    others' next tokens, so the step count never multiplies the forwards.
+
+    ## Action Space
+    ``MultiDiscrete([V] * num_envs)``: one token id per row.
+
+    ## Observation Space
+    The single env's ``Dict(input_ids, attention_mask)``, batched: arrays of shape ``(num_envs, P + T)``.
+
+    ## Rewards
+    Per row, as in `RLHFEnv`: ``−β·KL_t`` every step, plus the score (and any missing-EOS penalty) on the last.
+
+    ## Starting State
+    ``reset(seed=s)`` seeds row i with ``s + i``, the convention of Gymnasium's `SyncVectorEnv`, so that row i
+    draws the same prompts as a single env seeded ``s + i``; ``options`` apply to every row.
+
+    ## Episode End
+    As in `RLHFEnv` (``terminated`` at EOS or at the token cap; ``truncated`` is always False). Autoreset mode
+    ``NEXT_STEP``: the step after a row terminates resets it, ignores its action and returns reward 0.
+
+    ## Arguments
+    ``num_envs`` and every argument of `RLHFEnv`.
+
+    ## Version History
+    * v0: initial version.
+
+    >>> import gymnasium as gym
+    >>> import numpy as np
+    >>> import rlhf_env
+    >>> envs = gym.make_vec("RLHF-v0", num_envs=4)
+    >>> obs, infos = envs.reset(seed=0)
+    >>> obs["input_ids"].shape[0], envs.action_space.shape
+    (4, (4,))
+    >>> logp = envs.unwrapped.next_token_logprobs  # (4, V): what an LM agent samples its actions from
+    >>> obs, rewards, terminated, truncated, infos = envs.step(logp.argmax(axis=1))
+    >>> rewards.shape, bool(truncated.any())
+    ((4,), False)
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi"]}
+
+    def __init__(self, num_envs: int = 1, render_mode: str | None = None, **world_kwargs):
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
+        self.num_envs, self.render_mode = num_envs, render_mode
+        self.world = RLHFWorld(**world_kwargs)
+        self.single_action_space = self.world.action_space
+        self.single_observation_space = self.world.observation_space
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self._batch = RolloutBatch(self.world, num_envs)
+        self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
+        self._autoreset = np.zeros(num_envs, dtype=bool)
+        self._started = False
+
+    task = property(lambda self: self.world.task)
+    tokenizer = property(lambda self: self.world.tokenizer)
+    policy = property(lambda self: self.world.policy)
+    reference = property(lambda self: self.world.reference)
+    reward_model = property(lambda self: self.world.reward_model)
+    beta = property(lambda self: self.world.beta)
+
+    @property
+    def next_token_logprobs(self) -> np.ndarray:
+        """log π(· | state) of every row at the env's temperature, ``(num_envs, V)``."""
+        if not self._started:
+            raise ResetNeeded("call reset() first")
+        return self._batch.policy.logprobs.cpu().numpy().copy()
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        if seed is None:
+            seeds = [None] * self.num_envs
+        elif isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
+        rngs = [seeding.np_random(s)[0] for s in seeds]
+        drawn = [self.world.draw_prompt(options, rng) for rng in rngs]  # validates options before any change
+        self._rngs = rngs
+        for row, (prompt, query) in enumerate(drawn):
+            self._batch.start(row, prompt, query)
+        self._batch.feed([query for _, query in drawn], restart=[True] * self.num_envs)
+        self._autoreset[:] = False
+        self._started = True
+        infos = {"prompt": np.array([p for p, _ in drawn], dtype=object),
+                 "prompt_tokens": np.array([len(q) for _, q in drawn])}
+        return self._observations(), infos
+
+    def step(self, actions):
+        if not self._started:
+            raise ResetNeeded("step() called before reset(); call reset()")
+        tokens = self._check_actions(actions)
+        rewards = np.zeros(self.num_envs)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        row_infos: dict[int, dict] = {}
+        inputs: list[list[int] | None] = []
+        restart: list[bool] = []
+        ended = []
+        for row in range(self.num_envs):
+            if self._autoreset[row]:  # NEXT_STEP autoreset: this step starts the row's next episode
+                prompt, query = self.world.draw_prompt(None, self._rngs[row])
+                self._batch.start(row, prompt, query)
+                row_infos[row] = {"prompt": prompt}
+                inputs.append(query)
+                restart.append(True)
+                continue
+            info = self._batch.append(row, tokens[row])
+            row_infos[row] = info
+            terminated[row] = info.pop("terminated")
+            if terminated[row]:
+                ended.append(row)
+            inputs.append(None if terminated[row] else [tokens[row]])
+            restart.append(False)
+        if ended:
+            self._batch.finish(ended, row_infos)
+        for row, info in row_infos.items():
+            rewards[row] = info.pop("reward", 0.0)
+        self._batch.feed(inputs, restart)
+        self._autoreset = terminated.copy()
+        return self._observations(), rewards, terminated, np.zeros(self.num_envs, dtype=bool), _stack(row_infos,
+                                                                                                    self.num_envs)
+
+    def render(self):
+        if self.render_mode != "ansi":
+            return None
+        return "".join(f"[{row}] {self._batch.prompts[row]} | {self._batch.response_text(row)}\n"
+                       for row in range(self.num_envs))
+
+    def _check_actions(self, actions) -> list[int]:
+        """One integer token id per row, or `InvalidAction` (nothing has changed yet)."""
+        if isinstance(actions, (str, bytes)) or actions is None:
+            raise InvalidAction(f"actions must be an array of {self.num_envs} token ids, got {actions!r}")
+        array = np.asarray(actions)
+        if array.shape != (self.num_envs,):
+            raise InvalidAction(f"actions must have shape ({self.num_envs},), got {array.shape}")
+        if not np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+            raise InvalidAction(f"actions must be integer token ids, got dtype {array.dtype}")
+        if array.min() < 0 or array.max() >= self.world.vocab_size:
+            raise InvalidAction(f"actions must be token ids in [0, {self.world.vocab_size}), got {array.tolist()}")
+        return [int(a) for a in array]
+
+    def _observations(self) -> dict:
+        rows = [self._batch.observation(row, self.world.max_prompt_tokens, self.world.max_new_tokens)
+                for row in range(self.num_envs)]
+        return {"input_ids": np.stack([ids for ids, _ in rows]), "attention_mask": np.stack([m for _, m in rows])}
+
+
+def _stack(row_infos: dict[int, dict], num_envs: int) -> dict:
+    """Per-row info dicts → Gymnasium's vector form: ``infos[key]`` an array, ``infos["_" + key]`` its row mask."""
+    keys = sorted({key for info in row_infos.values() for key in info})
+    out = {}
+    for key in keys:
+        present = np.array([key in row_infos.get(row, {}) for row in range(num_envs)])
+        values = [row_infos.get(row, {}).get(key) for row in range(num_envs)]
+        sample = next(v for v in values if v is not None)
+        if isinstance(sample, bool):
+            array = np.array([bool(v) for v in values])
+        elif isinstance(sample, (int, float)):
+            array = np.array([0 if v is None else v for v in values], dtype=np.float64 if isinstance(sample, float)
+                             else np.int64)
+        else:
+            array = np.array(values, dtype=object)
+        out[key], out[f"_{key}"] = array, present
+    return out

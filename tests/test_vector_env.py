@@ -1,0 +1,126 @@
+"""The native vector env: same episodes as the single env, one forward per model per step, exact KL seam."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.error import InvalidAction, ResetNeeded
+from test_env import perturbed_policy
+
+import rlhf_env  # noqa: F401  (registers RLHF-v0)
+from rlhf_env.env import RLHFEnv
+from rlhf_env.lm import pad_left, pad_right, response_logprobs
+from rlhf_env.vector_env import RLHFVectorEnv
+
+
+def sample_actions(logp: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    p = np.exp(logp)
+    return np.array([rng.choice(p.shape[1], p=row / row.sum()) for row in p])
+
+
+def test_make_vec_uses_the_native_vector_env():
+    envs = gym.make_vec("RLHF-v0", num_envs=3)
+    assert isinstance(envs, RLHFVectorEnv)
+    obs, infos = envs.reset(seed=0)
+    assert envs.observation_space.contains(obs)
+    assert envs.action_space.shape == (3,) and len(infos["prompt"]) == 3
+
+
+def test_one_row_vector_env_matches_the_single_env_exactly():
+    env, envs = RLHFEnv(), RLHFVectorEnv(num_envs=1)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=7)
+    vobs, _ = envs.reset(seed=7)
+    episodes = 0
+    while episodes < 4:
+        assert np.array_equal(obs["input_ids"], vobs["input_ids"][0])
+        assert np.array_equal(env.next_token_logprobs, envs.next_token_logprobs[0])
+        action = sample_actions(envs.next_token_logprobs, rng)
+        obs, reward, terminated, _, info = env.step(int(action[0]))
+        vobs, vreward, vterminated, _, vinfo = envs.step(action)
+        assert reward == vreward[0] and terminated == vterminated[0] and info["kl"] == vinfo["kl"][0]
+        if terminated:
+            assert info["score"] == vinfo["score"][0] and info["response_text"] == vinfo["response_text"][0]
+            episodes += 1
+            obs, _ = env.reset()
+            vobs, vreward, _, _, vinfo = envs.step(action)  # NEXT_STEP autoreset: the action is ignored
+            assert vreward[0] == 0.0 and vinfo["prompt"][0] == env.unwrapped._batch.prompts[0]
+
+
+def test_rows_draw_the_prompts_of_single_envs_seeded_seed_plus_row():
+    envs = RLHFVectorEnv(num_envs=3)
+    _, infos = envs.reset(seed=10)
+    singles = [RLHFEnv().reset(seed=10 + i)[1]["prompt"] for i in range(3)]
+    assert list(infos["prompt"]) == singles
+
+
+def test_kl_seam_is_exact_per_row_across_restarts_and_cache_compaction():
+    envs = RLHFVectorEnv(num_envs=4, policy=perturbed_policy(scale=0.02), beta=0.2, compact_at=48)
+    rng = np.random.default_rng(1)
+    envs.reset(seed=0)
+    kl_sums = np.zeros(4)
+    checked, compactions_seen, largest = 0, False, 0.0
+    while checked < 12:
+        queries = [list(q) for q in envs._batch.queries]
+        width_before = envs._batch.policy.mask.shape[1]
+        obs, rewards, terminated, _, infos = envs.step(sample_actions(envs.next_token_logprobs, rng))
+        compactions_seen |= envs._batch.policy.mask.shape[1] < width_before
+        kl_sums += np.where(infos.get("_kl", np.zeros(4, bool)), infos.get("kl", np.zeros(4)), 0.0)
+        for row in np.flatnonzero(terminated):
+            response = envs._batch.responses[row]
+            q, qm = pad_left([queries[row]], 0)
+            r, rm = pad_right([response], 0)
+            with torch.no_grad():
+                exact = float((response_logprobs(envs.policy, q, qm, r, rm)
+                               - response_logprobs(envs.reference, q, qm, r, rm)).sum())
+            assert kl_sums[row] == pytest.approx(exact, abs=1e-5)
+            largest = max(largest, abs(exact))
+            assert rewards[row] == pytest.approx(infos["score"][row] - 0.2 * infos["kl"][row], abs=1e-9)
+            kl_sums[row] = 0.0
+            checked += 1
+    assert compactions_seen and largest > 0.1  # the cache was compacted, and the policies really differ
+
+
+def test_one_forward_per_model_per_step_and_one_rm_forward_per_ending_step():
+    envs = RLHFVectorEnv(num_envs=8)
+    calls = {"policy": 0, "reference": 0, "reward": 0}
+    for name, module in [("policy", envs.policy), ("reference", envs.reference), ("reward", envs.reward_model)]:
+        module.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    rng = np.random.default_rng(0)
+    envs.reset(seed=0)
+    steps, ending_steps, episodes = 0, 0, 0
+    for _ in range(40):
+        _, _, terminated, _, _ = envs.step(sample_actions(envs.next_token_logprobs, rng))
+        steps += 1
+        ending_steps += bool(terminated.any())
+        episodes += int(terminated.sum())
+    assert calls["policy"] == calls["reference"] == steps + 1  # + the reset's prefill
+    assert calls["reward"] == ending_steps <= episodes
+
+
+@pytest.mark.parametrize(
+    "actions",
+    [np.array([1, 2]), np.array([1.0, 2.0, 3.0]), np.array([-1, 2, 3]), np.array([1, 2, 10**6]), None, "123",
+     [[1], [2], [3]], np.array([True, False, True])],
+    ids=["short", "float", "negative", "too-large", "None", "str", "nested", "bool"],
+)
+def test_invalid_actions_are_named_and_change_nothing(actions):
+    envs = RLHFVectorEnv(num_envs=3)
+    obs, _ = envs.reset(seed=0)
+    before = envs.next_token_logprobs
+    with pytest.raises(InvalidAction):
+        envs.step(actions)
+    assert np.array_equal(envs._observations()["input_ids"], obs["input_ids"])
+    assert np.array_equal(envs.next_token_logprobs, before)
+
+
+def test_step_before_reset_and_bad_reset_options():
+    envs = RLHFVectorEnv(num_envs=2)
+    with pytest.raises(ResetNeeded):
+        envs.step(np.array([1, 2]))
+    with pytest.raises(ValueError, match="unknown reset options"):
+        envs.reset(options={"temperature": 2})
+    with pytest.raises(ValueError, match="expected 2 seeds"):
+        envs.reset(seed=[1, 2, 3])
+    with pytest.raises(ValueError, match="num_envs"):
+        RLHFVectorEnv(num_envs=0)
