@@ -54,7 +54,7 @@ class RLHFWorld:
         dtype: torch.dtype | None = None,
         missing_eos_penalty: float = 0.0,
         nonfinite_reward: str = "raise",
-        compact_at: int = 256,
+        compact_at: int | None = None,
     ):
         self.task = get_task(task)
         if kl_estimator not in KL_ESTIMATORS:
@@ -70,7 +70,6 @@ class RLHFWorld:
         self.device = resolve_device(device)
         self.kl_estimator, self.temperature = kl_estimator, float(temperature)
         self.missing_eos_penalty, self.nonfinite_reward = float(missing_eos_penalty), nonfinite_reward
-        self.compact_at = int(compact_at)
         self.kl_controller = (FixedKLController(beta) if kl_target is None
                               else AdaptiveKLController(beta, kl_target, kl_horizon))
         self.tokenizer, self.policy, self.reference, self.reward_model = self._load(
@@ -85,9 +84,14 @@ class RLHFWorld:
                              f"{self.vocab_size} logits")
         context = int(self.policy.config.max_position_embeddings)
         prompts = self.task.train_prompts() + self.task.eval_prompts()
-        self.max_prompt_tokens = max(len(q) for q in encode_prompts(self.tokenizer, prompts,
-                                                                     context - self.max_new_tokens))
+        # The task's queries, tokenized once: resets then cost a dictionary lookup, not a tokenizer call.
+        self._queries = dict(zip(prompts, encode_prompts(self.tokenizer, prompts, context - self.max_new_tokens)))
+        self.max_prompt_tokens = max(len(q) for q in self._queries.values())
+        self._train_prompts, self._eval_prompts = self.task.train_prompts(), self.task.eval_prompts()
         width = self.max_prompt_tokens + self.max_new_tokens
+        # The vector env's cache is compacted once it is twice as wide as the widest live episode can be.
+        self.compact_at = int(compact_at or 2 * width)
+        self.eos_token_id, self.pad_token_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         self.action_space = spaces.Discrete(self.vocab_size)
         self.observation_space = spaces.Dict({
             "input_ids": spaces.Box(0, self.vocab_size - 1, shape=(width,), dtype=np.int64),
@@ -152,8 +156,10 @@ class RLHFWorld:
             if not isinstance(prompt, str):
                 raise ValueError(f"reset option 'prompt' must be a string, got {type(prompt).__name__}")
         else:
-            pool = self.task.train_prompts() if split == "train" else self.task.eval_prompts()
+            pool = self._train_prompts if split == "train" else self._eval_prompts
             prompt = pool[int(rng.integers(len(pool)))]
+        if prompt in self._queries:
+            return prompt, self._queries[prompt]
         return prompt, encode_prompts(self.tokenizer, [prompt], self.max_prompt_tokens)[0]
 
     def check_action(self, action) -> int:
@@ -177,7 +183,7 @@ class RLHFWorld:
         """Scores of finished responses: one batched RM forward, or one reward_fn call per response."""
         if self.reward_fn is not None:
             return [float(self.reward_fn(p, t)) for p, t in zip(prompts, texts)]
-        pad = self.tokenizer.pad_token_id
+        pad = self.pad_token_id
         query_ids, query_mask = pad_left(queries, pad, self.device)
         response_ids, response_mask = pad_right(responses, pad, device=self.device)
         return self.reward_model.score(query_ids, query_mask, response_ids, response_mask).tolist()
@@ -294,7 +300,8 @@ class RLHFEnv(gym.Env):
         if not self._batch.active[0]:
             raise ResetNeeded("step() called before reset() or after the episode ended; call reset()")
         token = self.world.check_action(action)
-        info = self._batch.append(0, token)
+        logprobs, ref_logprobs = self._batch.token_logprobs([token])
+        info = self._batch.append(0, token, logprobs[0], ref_logprobs[0])
         if info["terminated"]:
             self._batch.finish([0], {0: info})
         else:
@@ -317,5 +324,4 @@ class RLHFEnv(gym.Env):
         return "\n".join(parts) + "\n"
 
     def _observation(self) -> dict:
-        ids, mask = self._batch.observation(0, self.world.max_prompt_tokens, self.world.max_new_tokens)
-        return {"input_ids": ids, "attention_mask": mask}
+        return self._batch.observation(0)

@@ -4,18 +4,20 @@ Legend: ``B`` rows (episodes running side by side), ``L`` cached columns, ``W`` 
 ``V`` vocabulary.
 
 Rows start and end at different times. Every call feeds each row either its action token (the row goes on), its
-new query (the row restarts: its old columns are masked out), or nothing (the row just ended and waits). Inputs are
-left-padded to the widest row, so one forward per model serves all rows whatever they are doing. The cache only
-grows; when it holds more than ``compact_at`` columns, each row's live columns are gathered to the right of a
-narrower cache (no forward pass: keys and values already carry their positions).
+new query (the row restarts: its old columns are masked out), or nothing (the row just ended and waits). The
+going-on rows are decoded in one forward (one new column); restarting rows are prefilled together in a second
+forward and written over their own dead columns, so each token passes through the model once. The cache grows by
+a column a step; when it holds more than ``compact_at`` columns, each row's live columns are gathered to the right
+of a narrower cache (no forward pass: keys and values already carry their positions).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from rlhf_env.lm import position_ids
+from rlhf_env.lm import pad_left, position_ids
 
 
 class BatchedDecoder:
@@ -38,41 +40,84 @@ class BatchedDecoder:
     def feed(self, inputs: list[list[int] | None], restart: list[bool]) -> torch.Tensor:
         """Feed each row its tokens (`None`: nothing) and return the next-token log-probs ``(B, V)``.
 
-        A restarting row's tokens are a new query whose positions start at 0; its earlier columns are masked.
-        Rows fed nothing keep their previous log-probs. If every row restarts, the cache starts afresh, which makes a
-        batch of one compute exactly what a fresh prefill computes.
+        A restarting row's tokens are a new query whose positions start at 0. Going-on rows are decoded together
+        (one forward, one new column); restarting rows are prefilled together in a second forward and spliced into
+        the cache over their dead columns, so every token goes through the model exactly once. If every row
+        restarts, the cache starts afresh: a batch of one then computes exactly what a fresh prefill computes.
+        Rows fed nothing keep their previous log-probs.
         """
-        if all(tokens is None for tokens in inputs):
-            return self.logprobs
-        if all(restart):
-            self.cache = None
-            self.mask = self.mask[:, :0]
-        width = max(len(tokens) for tokens in inputs if tokens is not None)
-        ids = torch.full((self.batch, width), self.pad_token_id, dtype=torch.long)
-        new_mask = torch.zeros((self.batch, width), dtype=torch.long)
-        for row, tokens in enumerate(inputs):
-            if tokens:
-                ids[row, width - len(tokens) :] = torch.tensor(tokens)
-                new_mask[row, width - len(tokens) :] = 1
-        ids, new_mask = ids.to(self.device), new_mask.to(self.device)
-        restart_rows = torch.tensor(restart, device=self.device)
-        old_mask = self.mask * (~restart_rows[:, None]).long()  # (B, L) a restart forgets the old episode
-        start = torch.where(restart_rows, torch.zeros_like(self.next_positions), self.next_positions)  # (B,)
-        positions = (start[:, None] + position_ids(new_mask)) * new_mask  # (B, W)
-        attention_mask = torch.cat([old_mask, new_mask], dim=1)  # (B, L + W)
-        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True)
-        self.forward_calls += 1
-        self.cache, self.mask = out.past_key_values, attention_mask
-        fed = new_mask.sum(1)  # (B,)
-        self.next_positions = torch.where(fed > 0, start + fed, self.next_positions)
-        logprobs = torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1)  # (B, V)
-        if self.logprobs is not None:
-            logprobs = torch.where((fed > 0)[:, None], logprobs, self.logprobs)
+        restart_rows = [row for row, flag in enumerate(restart) if flag]
+        decode_rows = [row for row, tokens in enumerate(inputs) if tokens is not None and not restart[row]]
+        if any(len(inputs[row]) != 1 for row in decode_rows):
+            raise ValueError("going-on rows take exactly one token per step")
+        logprobs = self.logprobs
+        if len(restart_rows) == self.batch:
+            self.cache, self.mask = None, self.mask[:, :0]
+            logprobs = self._prefill_all([inputs[row] for row in restart_rows])
+        else:
+            if decode_rows:
+                logprobs = self._decode(inputs, decode_rows, logprobs)
+            if restart_rows:
+                logprobs = self._prefill_rows(restart_rows, [inputs[row] for row in restart_rows], logprobs)
         self.logprobs = logprobs
         if self.mask.shape[1] > self.compact_at:
             self._compact()
         return self.logprobs
+
+    def _forward(self, ids, attention_mask, positions, cache):
+        self.forward_calls += 1
+        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True)
+        return out.past_key_values, torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1)
+
+    def _prefill_all(self, queries: list[list[int]]) -> torch.Tensor:
+        ids, mask = pad_left(queries, self.pad_token_id, self.device)  # (B, P)
+        positions = position_ids(mask)
+        self.cache, logprobs = self._forward(ids, mask, positions, None)
+        self.mask, self.next_positions = mask, positions[:, -1] + 1
+        return logprobs
+
+    def _decode(self, inputs, rows: list[int], logprobs):
+        """One new column for every row; only `rows` hold a real token in it."""
+        ids = torch.full((self.batch, 1), self.pad_token_id, dtype=torch.long, device=self.device)
+        new_mask = torch.zeros((self.batch, 1), dtype=torch.long, device=self.device)
+        index = torch.tensor(rows, device=self.device)
+        ids[index, 0] = torch.tensor([inputs[row][0] for row in rows], device=self.device)
+        new_mask[index, 0] = 1
+        attention_mask = torch.cat([self.mask, new_mask], dim=1)  # (B, L + 1)
+        self.cache, new = self._forward(ids, attention_mask, self.next_positions[:, None] * new_mask, self.cache)
+        self.mask = attention_mask
+        self.next_positions = self.next_positions + new_mask[:, 0]
+        return new if logprobs is None else torch.where(new_mask.bool(), new, logprobs)
+
+    def _prefill_rows(self, rows: list[int], queries: list[list[int]], logprobs) -> torch.Tensor:
+        """Prefill new queries for `rows` and write them over those rows' last columns (all dead after a restart)."""
+        ids, mask = pad_left(queries, self.pad_token_id, self.device)  # (R, P)
+        positions = position_ids(mask)
+        fresh, new = self._forward(ids, mask, positions, None)
+        width = ids.shape[1]
+        if self.mask.shape[1] < width:  # make room: masked columns on the left of every row
+            self._pad_left_columns(width - self.mask.shape[1])
+        index = torch.tensor(rows, device=self.device)
+        self.mask[index] = 0
+        self.mask[index, -width:] = mask
+        for layer, part in zip(self.cache.layers, fresh.layers):
+            layer.keys[index, :, -width:] = part.keys
+            layer.values[index, :, -width:] = part.values
+        self.next_positions[index] = positions[:, -1] + 1
+        if logprobs is None:
+            return new
+        logprobs = logprobs.clone()
+        logprobs[index] = new
+        return logprobs
+
+    def _pad_left_columns(self, n: int) -> None:
+        self.mask = torch.cat([self.mask.new_zeros((self.batch, n)), self.mask], dim=1)
+        for layer in self.cache.layers:
+            layer.keys = torch.cat([layer.keys.new_zeros((*layer.keys.shape[:2], n, layer.keys.shape[3])),
+                                    layer.keys], dim=2)
+            layer.values = torch.cat([layer.values.new_zeros((*layer.values.shape[:2], n,
+                                                              layer.values.shape[3])), layer.values], dim=2)
 
     def _compact(self) -> None:
         """Keep only live columns, right-aligned: the cache shrinks to the longest live row."""
@@ -100,6 +145,10 @@ class RolloutBatch:
         pad = world.tokenizer.pad_token_id
         self.policy = BatchedDecoder(world.policy, batch, world.temperature, pad, world.compact_at)
         self.reference = BatchedDecoder(world.reference, batch, world.temperature, pad, world.compact_at)
+        # Observations kept up to date in place: query left-padded to P columns, response after it.
+        self.width_prompt, self.width_response = world.max_prompt_tokens, world.max_new_tokens
+        self.obs_ids = np.full((batch, self.width_prompt + self.width_response), pad, dtype=np.int64)  # (B, P + T)
+        self.obs_mask = np.zeros_like(self.obs_ids)  # (B, P + T)
         self.prompts: list[str | None] = [None] * batch
         self.queries: list[list[int]] = [[] for _ in range(batch)]
         self.responses: list[list[int]] = [[] for _ in range(batch)]
@@ -117,21 +166,31 @@ class RolloutBatch:
         self.prompts[row], self.queries[row] = prompt, query
         self.responses[row], self.logprobs[row], self.ref_logprobs[row] = [], [], []
         self.active[row] = True
+        self.obs_ids[row] = self.world.pad_token_id
+        self.obs_mask[row] = 0
+        self.obs_ids[row, self.width_prompt - len(query) : self.width_prompt] = query
+        self.obs_mask[row, self.width_prompt - len(query) : self.width_prompt] = 1
 
-    def append(self, row: int, token: int) -> dict:
-        """Record `token` in `row`: its log-probs under π and π_ref (already computed) and the per-token reward.
+    def token_logprobs(self, tokens: list[int]) -> tuple[list[float], list[float]]:
+        """log π and log π_ref of one token per row, read from the distributions already computed."""
+        rows = torch.arange(self.batch, device=self.policy.device)
+        index = torch.tensor(tokens, device=self.policy.device)
+        return self.policy.logprobs[rows, index].tolist(), self.reference.logprobs[rows, index].tolist()
 
-        Returns the step's info; ``terminated`` is set when the token is EOS or fills the cap. The caller feeds the
-        token to the decoders afterwards if the row goes on.
+    def append(self, row: int, token: int, logprob: float, ref_logprob: float) -> dict:
+        """Record `token` in `row` with its log-probs under π and π_ref and return the step's info.
+
+        ``terminated`` is set when the token is EOS or fills the cap. The caller feeds the token to the decoders
+        afterwards if the row goes on.
         """
         world = self.world
-        logprob = float(self.policy.logprobs[row, token])
-        ref_logprob = float(self.reference.logprobs[row, token])
         kl = world.kl(logprob, ref_logprob)
         self.responses[row].append(token)
         self.logprobs[row].append(logprob)
         self.ref_logprobs[row].append(ref_logprob)
-        eos = token == world.tokenizer.eos_token_id
+        column = self.width_prompt + len(self.responses[row]) - 1
+        self.obs_ids[row, column], self.obs_mask[row, column] = token, 1
+        eos = token == world.eos_token_id
         terminated = eos or len(self.responses[row]) == world.max_new_tokens
         self.active[row] = not terminated
         reward = -world.beta * kl
@@ -152,15 +211,6 @@ class RolloutBatch:
     def response_text(self, row: int) -> str:
         return self.world.tokenizer.decode(self.responses[row], skip_special_tokens=True)
 
-    def observation(self, row: int, width_prompt: int, width_response: int) -> tuple:
-        """``(input_ids, attention_mask)`` of one row: query left-padded, response right-padded."""
-        import numpy as np
-
-        ids = np.full(width_prompt + width_response, self.world.tokenizer.pad_token_id, dtype=np.int64)
-        mask = np.zeros(width_prompt + width_response, dtype=np.int64)
-        query, response = self.queries[row], self.responses[row]
-        ids[width_prompt - len(query) : width_prompt] = query
-        mask[width_prompt - len(query) : width_prompt] = 1
-        ids[width_prompt : width_prompt + len(response)] = response
-        mask[width_prompt : width_prompt + len(response)] = 1
-        return ids, mask
+    def observation(self, row: int | slice = slice(None)) -> dict:
+        """The observation of one row (or of all rows, batched), as copies."""
+        return {"input_ids": self.obs_ids[row].copy(), "attention_mask": self.obs_mask[row].copy()}

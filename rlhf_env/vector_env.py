@@ -120,6 +120,7 @@ class RLHFVectorEnv(VectorEnv):
         inputs: list[list[int] | None] = []
         restart: list[bool] = []
         ended = []
+        logprobs, ref_logprobs = self._batch.token_logprobs(tokens)
         for row in range(self.num_envs):
             if self._autoreset[row]:  # NEXT_STEP autoreset: this step starts the row's next episode
                 prompt, query = self.world.draw_prompt(None, self._rngs[row])
@@ -128,7 +129,7 @@ class RLHFVectorEnv(VectorEnv):
                 inputs.append(query)
                 restart.append(True)
                 continue
-            info = self._batch.append(row, tokens[row])
+            info = self._batch.append(row, tokens[row], logprobs[row], ref_logprobs[row])
             row_infos[row] = info
             terminated[row] = info.pop("terminated")
             if terminated[row]:
@@ -164,9 +165,7 @@ class RLHFVectorEnv(VectorEnv):
         return [int(a) for a in array]
 
     def _observations(self) -> dict:
-        rows = [self._batch.observation(row, self.world.max_prompt_tokens, self.world.max_new_tokens)
-                for row in range(self.num_envs)]
-        return {"input_ids": np.stack([ids for ids, _ in rows]), "attention_mask": np.stack([m for _, m in rows])}
+        return self._batch.observation()
 
 
 def _stack(row_infos: dict[int, dict], num_envs: int) -> dict:

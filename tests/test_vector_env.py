@@ -81,21 +81,38 @@ def test_kl_seam_is_exact_per_row_across_restarts_and_cache_compaction():
     assert compactions_seen and largest > 0.1  # the cache was compacted, and the policies really differ
 
 
-def test_one_forward_per_model_per_step_and_one_rm_forward_per_ending_step():
+def test_each_token_goes_through_each_model_once_and_the_rm_once_per_ending_step():
     envs = RLHFVectorEnv(num_envs=8)
     calls = {"policy": 0, "reference": 0, "reward": 0}
+    tokens = {"policy": 0, "reference": 0}
+
+    def count(name):
+        def hook(module, args, kwargs):
+            calls[name] += 1
+            if name in tokens:
+                ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+                tokens[name] += int(mask[:, -ids.shape[1]:].sum())  # real tokens fed in this call
+        return hook
+
     for name, module in [("policy", envs.policy), ("reference", envs.reference), ("reward", envs.reward_model)]:
-        module.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+        module.register_forward_pre_hook(count(name), with_kwargs=True)
     rng = np.random.default_rng(0)
-    envs.reset(seed=0)
-    steps, ending_steps, episodes = 0, 0, 0
+    _, infos = envs.reset(seed=0)
+    expected_tokens = int(infos["prompt_tokens"].sum())
+    steps, decode_steps, restart_steps, ending_steps = 0, 0, 0, 0
+    restarting = np.zeros(8, dtype=bool)
     for _ in range(40):
-        _, _, terminated, _, _ = envs.step(sample_actions(envs.next_token_logprobs, rng))
+        _, _, terminated, _, infos = envs.step(sample_actions(envs.next_token_logprobs, rng))
         steps += 1
+        decode_steps += bool((~restarting & ~terminated).any())
+        restart_steps += bool(restarting.any())
         ending_steps += bool(terminated.any())
-        episodes += int(terminated.sum())
-    assert calls["policy"] == calls["reference"] == steps + 1  # + the reset's prefill
-    assert calls["reward"] == ending_steps <= episodes
+        expected_tokens += int((~restarting & ~terminated).sum())  # generated tokens that the next step needs
+        expected_tokens += sum(len(q) for q, r in zip(envs._batch.queries, restarting) if r)
+        restarting = terminated
+    assert calls["policy"] == calls["reference"] == 1 + decode_steps + restart_steps
+    assert tokens["policy"] == tokens["reference"] == expected_tokens  # nothing is computed twice
+    assert calls["reward"] == ending_steps
 
 
 @pytest.mark.parametrize(

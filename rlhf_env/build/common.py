@@ -17,9 +17,10 @@ from rlhf_env.lm import pad_left, pad_right
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int) -> list[list[int]]:
     """Tokenize prompts as queries, refusing any that are empty or do not fit `max_length` tokens."""
     queries = []
+    special = set(tokenizer.all_special_ids)  # a costly property: read it once, not per prompt
     for i, prompt in enumerate(prompts):
         ids = tokenizer(prompt)["input_ids"]
-        content = [t for t in ids if t not in tokenizer.all_special_ids]
+        content = [t for t in ids if t not in special]
         if not prompt.strip() or not content:
             raise ValueError(f"prompt {i} ({prompt!r}) tokenizes to no tokens besides special tokens")
         if len(ids) > max_length:
