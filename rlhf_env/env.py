@@ -203,7 +203,19 @@ class RLHFWorld:
         return info
 
 
-class RLHFEnv(gym.Env):
+class WorldParts:
+    """The world's parts, for agents and users of both envs: ``env.unwrapped.policy`` is the acting policy."""
+
+    world: RLHFWorld
+    task = property(lambda self: self.world.task)
+    tokenizer = property(lambda self: self.world.tokenizer)
+    policy = property(lambda self: self.world.policy)
+    reference = property(lambda self: self.world.reference)
+    reward_model = property(lambda self: self.world.reward_model)
+    beta = property(lambda self: self.world.beta)
+
+
+class RLHFEnv(WorldParts, gym.Env):
     """Text generation as a token-level RL problem with the KL-regularised RLHF reward.
 
     ## Description
@@ -272,14 +284,6 @@ class RLHFEnv(gym.Env):
         self.action_space, self.observation_space = self.world.action_space, self.world.observation_space
         self._batch = RolloutBatch(self.world, 1)
         self._last_info: dict = {}
-
-    # The world's parts, for agents and users: env.unwrapped.policy is the acting policy an LM agent trains.
-    task = property(lambda self: self.world.task)
-    tokenizer = property(lambda self: self.world.tokenizer)
-    policy = property(lambda self: self.world.policy)
-    reference = property(lambda self: self.world.reference)
-    reward_model = property(lambda self: self.world.reward_model)
-    beta = property(lambda self: self.world.beta)
 
     @property
     def next_token_logprobs(self) -> np.ndarray:

@@ -8,11 +8,11 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rlhf_env.env import RLHFWorld
+from rlhf_env.env import RLHFWorld, WorldParts
 from rlhf_env.rollout import RolloutBatch
 
 
-class RLHFVectorEnv(VectorEnv):
+class RLHFVectorEnv(WorldParts, VectorEnv):
     """``num_envs`` RLHF-v0 episodes stepped together; what ``gym.make_vec("RLHF-v0", num_envs=N)`` returns.
 
     ## Description
@@ -74,13 +74,6 @@ class RLHFVectorEnv(VectorEnv):
         self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
         self._autoreset = np.zeros(num_envs, dtype=bool)
         self._started = False
-
-    task = property(lambda self: self.world.task)
-    tokenizer = property(lambda self: self.world.tokenizer)
-    policy = property(lambda self: self.world.policy)
-    reference = property(lambda self: self.world.reference)
-    reward_model = property(lambda self: self.world.reward_model)
-    beta = property(lambda self: self.world.beta)
 
     @property
     def next_token_logprobs(self) -> np.ndarray:
