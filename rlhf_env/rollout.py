@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlhf_env.gpt2_decode import KVCache, gpt2_forward, supports_lean_forward
 from rlhf_env.lm import pad_left, position_ids
 
 
@@ -65,10 +66,16 @@ class BatchedDecoder:
         return self.logprobs
 
     def _forward(self, ids, attention_mask, positions, cache):
+        """One forward: GPT-2 models take the lean path (`rlhf_env.gpt2_decode`), others their own ``forward``."""
         self.forward_calls += 1
-        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True)
-        return out.past_key_values, torch.log_softmax(out.logits[:, -1].float() / self.temperature, dim=-1)
+        lean = isinstance(cache, KVCache) if cache is not None else supports_lean_forward(self.model)
+        if lean:
+            cache, logits = gpt2_forward(self.model, ids, attention_mask, positions, cache)
+        else:
+            out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+        return cache, torch.log_softmax(logits.float() / self.temperature, dim=-1)
 
     def _prefill_all(self, queries: list[list[int]]) -> torch.Tensor:
         ids, mask = pad_left(queries, self.pad_token_id, self.device)  # (B, P)

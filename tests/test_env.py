@@ -100,8 +100,11 @@ def test_k3_estimator_is_never_negative():
 def test_one_policy_and_one_reference_forward_per_token_one_rm_forward_per_episode():
     env = RLHFEnv()
     calls = {"policy": 0, "reference": 0, "reward": 0}
-    env.policy.register_forward_hook(lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
-    env.reference.register_forward_hook(lambda *a: calls.__setitem__("reference", calls["reference"] + 1))
+    # The token embedding runs once per forward on either decode path (lean GPT-2 or the model's own forward).
+    env.policy.get_input_embeddings().register_forward_hook(
+        lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
+    env.reference.get_input_embeddings().register_forward_hook(
+        lambda *a: calls.__setitem__("reference", calls["reference"] + 1))
     env.reward_model.register_forward_hook(lambda *a: calls.__setitem__("reward", calls["reward"] + 1))
     tokens = 0
     for seed in range(3):

@@ -10,6 +10,7 @@ from test_env import perturbed_policy
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
 from rlhf_env.env import RLHFEnv
 from rlhf_env.lm import pad_left, pad_right, response_logprobs
+from rlhf_env.rollout import BatchedDecoder
 from rlhf_env.vector_env import RLHFVectorEnv
 
 
@@ -81,21 +82,22 @@ def test_kl_seam_is_exact_per_row_across_restarts_and_cache_compaction():
     assert compactions_seen and largest > 0.1  # the cache was compacted, and the policies really differ
 
 
-def test_each_token_goes_through_each_model_once_and_the_rm_once_per_ending_step():
+def test_each_token_goes_through_each_model_once_and_the_rm_once_per_ending_step(monkeypatch):
     envs = RLHFVectorEnv(num_envs=8)
     calls = {"policy": 0, "reference": 0, "reward": 0}
     tokens = {"policy": 0, "reference": 0}
+    names = {id(envs.policy): "policy", id(envs.reference): "reference"}
+    forward = BatchedDecoder._forward
 
-    def count(name):
-        def hook(module, args, kwargs):
-            calls[name] += 1
-            if name in tokens:
-                ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-                tokens[name] += int(mask[:, -ids.shape[1]:].sum())  # real tokens fed in this call
-        return hook
+    def counting_forward(decoder, ids, attention_mask, positions, cache):  # every model call goes through here
+        tokens[names[id(decoder.model)]] += int(attention_mask[:, -ids.shape[1]:].sum())  # real tokens fed
+        return forward(decoder, ids, attention_mask, positions, cache)
 
-    for name, module in [("policy", envs.policy), ("reference", envs.reference), ("reward", envs.reward_model)]:
-        module.register_forward_pre_hook(count(name), with_kwargs=True)
+    monkeypatch.setattr(BatchedDecoder, "_forward", counting_forward)
+    # Forwards are counted where the model really runs: its token embedding (either decode path) and the RM.
+    for name, module in [("policy", envs.policy.get_input_embeddings()),
+                         ("reference", envs.reference.get_input_embeddings()), ("reward", envs.reward_model)]:
+        module.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
     rng = np.random.default_rng(0)
     _, infos = envs.reset(seed=0)
     expected_tokens = int(infos["prompt_tokens"].sum())

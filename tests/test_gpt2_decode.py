@@ -1,0 +1,102 @@
+"""The lean GPT-2 decode path computes what the Hugging Face forward computes; other models use their own forward."""
+
+import numpy as np
+import pytest
+import torch
+from test_env import perturbed_policy
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import rlhf_env.rollout
+from rlhf_env.gpt2_decode import gpt2_forward, supports_lean_forward
+from rlhf_env.lm import pad_left, position_ids, response_logprobs
+from rlhf_env.models import build_policy
+from rlhf_env.vector_env import RLHFVectorEnv
+
+
+def test_lean_forward_matches_the_hugging_face_forward_over_padding_and_dead_columns(policy, tokenizer):
+    queries = [tokenizer(text)["input_ids"] for text in ["the food was", "it is not", "the plot"]]
+    ids, mask = pad_left(queries, tokenizer.pad_token_id, torch.device("cpu"))  # rows of different lengths
+    positions = position_ids(mask)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        hf = policy(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, logits = gpt2_forward(policy, ids, mask, positions, None)
+        hf_cache, next_positions = hf.past_key_values, positions[:, -1] + 1
+        assert torch.allclose(logits, hf.logits[:, -1], atol=1e-5)
+        for step in range(6):
+            token = torch.randint(4, len(tokenizer), (3, 1), generator=generator)
+            live = torch.tensor([[1], [step % 2], [1]])  # row 1 is idle every other step: a dead column
+            mask = torch.cat([mask, live], dim=1)
+            hf = policy(input_ids=token, attention_mask=mask, position_ids=next_positions[:, None] * live,
+                        past_key_values=hf_cache, use_cache=True)
+            cache, logits = gpt2_forward(policy, token, mask, next_positions[:, None] * live, cache)
+            hf_cache, next_positions = hf.past_key_values, next_positions + live[:, 0]
+            rows = live[:, 0].bool()
+            assert torch.isfinite(logits).all()
+            assert torch.allclose(logits[rows], hf.logits[rows, -1], atol=1e-5)
+
+
+def test_lean_path_is_taken_only_where_it_computes_the_same_thing(policy, tokenizer):
+    assert supports_lean_forward(policy)
+    noisy = build_policy(tokenizer, "tiny", seed=0)
+    noisy.config.resid_pdrop = 0.1
+    assert supports_lean_forward(noisy.eval()) and not supports_lean_forward(noisy.train())
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    assert not supports_lean_forward(llama)
+
+
+def _rollout(envs, steps, seed):
+    """Fixed actions (independent of the log-probs), so both decode paths see the very same tokens."""
+    rng = np.random.default_rng(seed)
+    envs.reset(seed=seed)
+    records = []
+    for _ in range(steps):
+        _, reward, terminated, _, info = envs.step(rng.integers(4, envs.world.vocab_size, envs.num_envs))
+        missing = np.zeros(envs.num_envs)  # a step where every row restarts carries no log-probs
+        records.append((reward, terminated, info.get("logprob", missing), info.get("ref_logprob", missing)))
+    return records
+
+
+def test_vector_env_gives_the_same_rewards_on_both_decode_paths(monkeypatch):
+    kwargs = dict(num_envs=4, policy=perturbed_policy(scale=0.02), compact_at=40, max_new_tokens=12)
+    lean = _rollout(RLHFVectorEnv(**kwargs), steps=60, seed=3)
+    monkeypatch.setattr(rlhf_env.rollout, "supports_lean_forward", lambda model: False)
+    slow = _rollout(RLHFVectorEnv(**kwargs), steps=60, seed=3)
+    for (reward, terminated, logprob, ref), (reward2, terminated2, logprob2, ref2) in zip(lean, slow):
+        assert np.array_equal(terminated, terminated2)
+        np.testing.assert_allclose(reward, reward2, atol=1e-5)
+        np.testing.assert_allclose(logprob, logprob2, atol=1e-5)
+        np.testing.assert_allclose(ref, ref2, atol=1e-5)
+
+
+def test_a_non_gpt2_policy_runs_through_its_own_forward_with_an_exact_kl_seam(tokenizer, task):
+    def llama(seed):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        return LlamaForCausalLM(config).eval()
+
+    policy, reference = llama(0), llama(1)
+    envs = RLHFVectorEnv(num_envs=3, policy=policy, reference=reference, tokenizer=tokenizer,
+                         reward_fn=task.gold, max_new_tokens=8)
+    rng = np.random.default_rng(0)
+    envs.reset(seed=0)
+    kl_sums, checked = np.zeros(3), 0
+    for _ in range(30):
+        rows = [list(r) for r in envs._batch.responses]
+        queries = [list(q) for q in envs._batch.queries]
+        _, _, terminated, _, info = envs.step(rng.integers(4, len(tokenizer), 3))
+        if "kl" in info:  # absent on steps where every row restarts
+            kl_sums += np.where(info["_kl"], info["kl"], 0.0)
+        for row in np.flatnonzero(terminated):
+            response = rows[row] + [int(envs._batch.responses[row][-1])]
+            query_ids, query_mask = pad_left([queries[row]], tokenizer.pad_token_id, torch.device("cpu"))
+            response_ids, response_mask = torch.tensor([response]), torch.ones(1, len(response), dtype=torch.long)
+            logp = [response_logprobs(m, query_ids, query_mask, response_ids, response_mask).sum().item()
+                    for m in (policy, reference)]
+            assert kl_sums[row] == pytest.approx(logp[0] - logp[1], abs=1e-4)
+            kl_sums[row], checked = 0.0, checked + 1
+    assert checked >= 3
