@@ -23,6 +23,7 @@ from rlhf_env.rollout import RolloutBatch
 from rlhf_env.tasks import DEFAULT_TASK, Task, get_task
 
 RESET_OPTIONS = frozenset({"prompt", "split"})
+KL_MODES = ("policy", "reference")
 
 
 class NonFiniteReward(ValueError):
@@ -48,6 +49,7 @@ class RLHFWorld:
         kl_target: float | None = None,
         kl_horizon: int = 10000,
         kl_estimator: str = "k1",
+        kl_mode: str = "policy",
         max_new_tokens: int | None = None,
         temperature: float = 1.0,
         device: str = "cpu",
@@ -59,6 +61,13 @@ class RLHFWorld:
         self.task = get_task(task)
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
+        if kl_mode not in KL_MODES:
+            raise ValueError(f"kl_mode must be one of {KL_MODES}, got {kl_mode!r}")
+        if kl_mode == "reference" and policy is not None:
+            raise ValueError("kl_mode='reference' holds no acting policy: the agent brings its own; drop policy=")
+        if kl_mode == "reference" and (kl_estimator != "k1" or kl_target is not None):
+            raise ValueError("kl_mode='reference' does not see log π, so it needs kl_estimator='k1' and a fixed "
+                             "beta (no kl_target)")
         if nonfinite_reward not in ("raise", "mask"):
             raise ValueError(f"nonfinite_reward must be 'raise' or 'mask', got {nonfinite_reward!r}")
         if reward_model is not None and reward_fn is not None:
@@ -68,7 +77,7 @@ class RLHFWorld:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.device = resolve_device(device)
-        self.kl_estimator, self.temperature = kl_estimator, float(temperature)
+        self.kl_estimator, self.kl_mode, self.temperature = kl_estimator, kl_mode, float(temperature)
         self.missing_eos_penalty, self.nonfinite_reward = float(missing_eos_penalty), nonfinite_reward
         self.kl_controller = (FixedKLController(beta) if kl_target is None
                               else AdaptiveKLController(beta, kl_target, kl_horizon))
@@ -76,13 +85,13 @@ class RLHFWorld:
             policy, reference, reward_model if reward_fn is None else False, tokenizer, dtype)
         self.reward_fn = reward_fn
         self.max_new_tokens = int(max_new_tokens or self.task.max_new_tokens)
-        self.vocab_size = self.policy.get_output_embeddings().weight.shape[0]
-        if self.reference.get_output_embeddings().weight.shape[0] != self.vocab_size:
+        self.vocab_size = self.reference.get_output_embeddings().weight.shape[0]
+        if self.policy is not None and self.policy.get_output_embeddings().weight.shape[0] != self.vocab_size:
             raise ValueError("policy and reference have different vocabularies")
         if len(self.tokenizer) > self.vocab_size:
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the policy only "
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the models only "
                              f"{self.vocab_size} logits")
-        context = int(self.policy.config.max_position_embeddings)
+        context = int(self.reference.config.max_position_embeddings)
         prompts = self.task.train_prompts() + self.task.eval_prompts()
         # The task's queries, tokenized once: resets then cost a dictionary lookup, not a tokenizer call.
         self._queries = dict(zip(prompts, encode_prompts(self.tokenizer, prompts, context - self.max_new_tokens)))
@@ -103,7 +112,8 @@ class RLHFWorld:
         from rlhf_env.assets import asset_dir
 
         assets = asset_dir(self.task)
-        need_assets = policy is None or reference is None or reward_model is None or tokenizer is None
+        need_assets = ((policy is None and self.kl_mode == "policy") or reference is None or reward_model is None
+                       or tokenizer is None)
         if need_assets and not (assets / "manifest.json").is_file():
             raise ValueError(f"task {self.task.name!r} has no shipped assets: build them with `python -m "
                              f"rlhf_env.assets build --task {self.task.name}` or pass every model explicitly")
@@ -119,7 +129,7 @@ class RLHFWorld:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or assets / "tokenizer")
-        policy = causal_lm(policy, assets / "policy")
+        policy = None if self.kl_mode == "reference" else causal_lm(policy, assets / "policy")
         reference = causal_lm(reference, assets / "policy")
         if reference is policy:
             raise ValueError("policy and reference must be different objects (the reference stays frozen)")
@@ -198,6 +208,7 @@ class RLHFWorld:
                                       f"for prompt {prompt!r} and response {text!r}")
             score = 0.0
         kl_sum = float(np.sum(kl_estimate(np.array(logprobs), np.array(ref_logprobs), self.kl_estimator)))
+        self.kl_controller.update(kl_sum, n_steps=1)  # an adaptive β moves once per finished episode
         info.update(score=float(score), gold_score=float(self.task.gold(prompt, text)), response_text=text,
                     length=len(logprobs), finished=finished, kl_sum=kl_sum)
         return info
@@ -232,6 +243,11 @@ class RLHFEnv(WorldParts, gym.Env):
     episodes: the env's forward is the agent's forward, and KL_t is exact. Any other action is scored under the same
     π. See docs/design.md for the reasons.
 
+    Agents with a policy of their own (an SB3 MLP, a random agent) pass ``kl_mode="reference"``: the env then holds
+    no π and runs no policy forward; it pays ``β·log π_ref(a_t|s_t)`` per token (``info["logprob"]`` is 0 and
+    ``info["kl"]`` is ``−log π_ref``), and the agent supplies the other half of the KL, ``−β·log π(a_t|s_t)``, or
+    in expectation an entropy bonus of β (SB3: ``ent_coef=beta``).
+
     ## Action Space
     ``Discrete(V)``: the next token id, V = the policy's logit dimension (every action has a log-probability).
 
@@ -255,8 +271,9 @@ class RLHFEnv(WorldParts, gym.Env):
     ## Arguments
     ``task`` (name or `Task`), ``policy`` / ``reference`` (causal LM modules or local paths; default: the task's
     π_SFT), ``reward_model`` (module or path) or ``reward_fn(prompt, response) -> float`` (e.g. ``task.gold`` for
-    "PPO-GT" runs), ``tokenizer``, ``beta``, ``kl_target`` (adaptive β when set), ``kl_horizon``, ``kl_estimator``
-    ("k1" or "k3"), ``max_new_tokens``, ``temperature``, ``device`` ("auto" picks CUDA), ``dtype``,
+    "PPO-GT" runs), ``tokenizer``, ``beta``, ``kl_target`` (adaptive β, updated after every finished episode from
+    its KL, when set), ``kl_horizon``, ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy" or "reference", see
+    above), ``max_new_tokens``, ``temperature``, ``device`` ("auto" picks CUDA), ``dtype``,
     ``missing_eos_penalty``, ``nonfinite_reward`` ("raise" or "mask"), ``render_mode`` ("ansi").
 
     ## Version History
@@ -288,9 +305,10 @@ class RLHFEnv(WorldParts, gym.Env):
     @property
     def next_token_logprobs(self) -> np.ndarray:
         """log π(· | state) at the env's temperature, ``(V,)``: what an LM agent samples its action from."""
+        logprobs = self._batch.policy_logprobs()  # (1, V); an error in kl_mode="reference"
         if not self._batch.active[0]:
             raise ResetNeeded("no active episode: call reset() first")
-        return self._batch.policy.logprobs[0].cpu().numpy().copy()
+        return logprobs[0].cpu().numpy().copy()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

@@ -150,7 +150,9 @@ class RolloutBatch:
     def __init__(self, world, batch: int):
         self.world, self.batch = world, batch
         pad = world.tokenizer.pad_token_id
-        self.policy = BatchedDecoder(world.policy, batch, world.temperature, pad, world.compact_at)
+        # kl_mode="reference": no acting policy in the env, so no policy forward (log π is taken as 0).
+        self.policy = (None if world.policy is None
+                       else BatchedDecoder(world.policy, batch, world.temperature, pad, world.compact_at))
         self.reference = BatchedDecoder(world.reference, batch, world.temperature, pad, world.compact_at)
         # Observations kept up to date in place: query left-padded to P columns, response after it.
         self.width_prompt, self.width_response = world.max_prompt_tokens, world.max_new_tokens
@@ -165,7 +167,8 @@ class RolloutBatch:
 
     def feed(self, inputs: list[list[int] | None], restart: list[bool]) -> None:
         """One forward of each model over every row's input (see `BatchedDecoder.feed`)."""
-        self.policy.feed(inputs, restart)
+        if self.policy is not None:
+            self.policy.feed(inputs, restart)
         self.reference.feed(inputs, restart)
 
     def start(self, row: int, prompt: str, query: list[int]) -> None:
@@ -180,9 +183,19 @@ class RolloutBatch:
 
     def token_logprobs(self, tokens: list[int]) -> tuple[list[float], list[float]]:
         """log π and log π_ref of one token per row, read from the distributions already computed."""
-        rows = torch.arange(self.batch, device=self.policy.device)
-        index = torch.tensor(tokens, device=self.policy.device)
-        return self.policy.logprobs[rows, index].tolist(), self.reference.logprobs[rows, index].tolist()
+        rows = torch.arange(self.batch, device=self.reference.device)
+        index = torch.tensor(tokens, device=self.reference.device)
+        ref_logprobs = self.reference.logprobs[rows, index].tolist()
+        if self.policy is None:
+            return [0.0] * self.batch, ref_logprobs
+        return self.policy.logprobs[rows, index].tolist(), ref_logprobs
+
+    def policy_logprobs(self) -> torch.Tensor:
+        """log π(· | state) of every row ``(B, V)``; an error in kl_mode="reference", where the env has no π."""
+        if self.policy is None:
+            raise RuntimeError("kl_mode='reference': the env holds no acting policy, so it has no "
+                                 "next_token_logprobs (the agent samples from its own policy)")
+        return self.policy.logprobs
 
     def append(self, row: int, token: int, logprob: float, ref_logprob: float) -> dict:
         """Record `token` in `row` with its log-probs under π and π_ref and return the step's info.

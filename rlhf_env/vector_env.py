@@ -80,7 +80,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         """log π(· | state) of every row at the env's temperature, ``(num_envs, V)``."""
         if not self._started:
             raise ResetNeeded("call reset() first")
-        return self._batch.policy.logprobs.cpu().numpy().copy()
+        return self._batch.policy_logprobs().cpu().numpy().copy()
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         if seed is None:
