@@ -345,5 +345,9 @@ class RLHFEnv(WorldParts, gym.Env):
                          f"kl_sum {info['kl_sum']:.3f}, length {info['length']}")
         return "\n".join(parts) + "\n"
 
+    def close(self):
+        """Free the KV caches and end the episode; the env can be reset and used again."""
+        self._batch.release()
+
     def _observation(self) -> dict:
         return self._batch.observation(0)

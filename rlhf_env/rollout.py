@@ -165,6 +165,14 @@ class RolloutBatch:
         self.ref_logprobs: list[list[float]] = [[] for _ in range(batch)]
         self.active = [False] * batch
 
+    def release(self) -> None:
+        """Drop both KV caches and end every episode (what `close` does); a later reset starts afresh."""
+        for decoder in (self.policy, self.reference):
+            if decoder is not None:
+                decoder.cache, decoder.logprobs = None, None
+                decoder.mask = decoder.mask[:, :0]
+        self.active = [False] * self.batch
+
     def feed(self, inputs: list[list[int] | None], restart: list[bool]) -> None:
         """One forward of each model over every row's input (see `BatchedDecoder.feed`)."""
         if self.policy is not None:

@@ -98,7 +98,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
             self._batch.start(row, prompt, query)
         self._batch.feed([query for _, query in drawn], restart=[True] * self.num_envs)
         self._autoreset[:] = False
-        self._started = True
+        self._started, self.closed = True, False  # a closed env is usable again after a reset
         infos = {"prompt": np.array([p for p, _ in drawn], dtype=object),
                  "prompt_tokens": np.array([len(q) for _, q in drawn])}
         return self._observations(), infos
@@ -156,6 +156,11 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         if array.min() < 0 or array.max() >= self.world.vocab_size:
             raise InvalidAction(f"actions must be token ids in [0, {self.world.vocab_size}), got {array.tolist()}")
         return [int(a) for a in array]
+
+    def close_extras(self, **kwargs):
+        """Free the KV caches and end every episode (`close` then marks the env closed)."""
+        self._batch.release()
+        self._started = False
 
     def _observations(self) -> dict:
         return self._batch.observation()

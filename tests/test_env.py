@@ -12,11 +12,12 @@ import pytest
 import torch
 from gymnasium.error import InvalidAction, ResetNeeded
 
-import rlhf_env  # noqa: F401  (registers RLHF-v0)
+import rlhf_env  # registers RLHF-v0 and the per-task ids
 from rlhf_env.assets import asset_dir
 from rlhf_env.env import NonFiniteReward, RLHFEnv
 from rlhf_env.lm import pad_left, pad_right, response_logprobs
 from rlhf_env.models import load_causal_lm
+from rlhf_env.tasks import FileTask
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,15 @@ def test_make_with_no_arguments_gives_the_default_task():
     assert env.unwrapped.task.name == "sentiment"
     obs, _ = env.reset(seed=1)
     assert env.observation_space.contains(obs)
+
+
+@pytest.mark.parametrize("task", ["sentiment", "verbose", "arithmetic"])
+def test_each_built_in_task_has_its_own_id_single_and_vector(task):
+    env = gym.make(rlhf_env.env_id(task))
+    assert env.unwrapped.task.name == task
+    assert env.observation_space.contains(env.reset(seed=0)[0])
+    envs = gym.make_vec(rlhf_env.env_id(task), num_envs=2)
+    assert envs.unwrapped.task.name == task and envs.action_space.shape == (2,)
 
 
 def test_kl_terms_sum_to_the_sequence_log_ratio():
@@ -220,13 +230,14 @@ def test_non_finite_rewards_raise_or_are_masked(bad):
     assert np.isfinite(reward) and info["score_nonfinite"] and info["score"] == 0.0
 
 
-def test_bad_constructor_arguments():
+def test_bad_constructor_arguments(tmp_path):
     with pytest.raises(ValueError, match="KL estimator"):
         RLHFEnv(kl_estimator="k2")
     with pytest.raises(ValueError, match="not both"):
         RLHFEnv(reward_model=asset_dir("sentiment") / "reward_model", reward_fn=len)
+    (tmp_path / "prompts.txt").write_text("the food was\nthe plot is\n")
     with pytest.raises(ValueError, match="no shipped assets"):
-        RLHFEnv(task="arithmetic")
+        RLHFEnv(task=FileTask(tmp_path / "prompts.txt", gold=lambda prompt, response: 0.0))
     with pytest.raises(ValueError, match="beta"):
         RLHFEnv(beta=-1.0)
 

@@ -1,4 +1,5 @@
-"""The default task's assets ship inside the package: they must load, match their manifest, and meet the targets.
+"""Every built-in task's assets ship inside the package: they must load and match their manifest; the default
+task's must also meet the targets.
 
 The targets are the foundation issue's acceptance numbers; the manifest records what the build measured.
 `test_rebuild_reproduces_shipped_assets` (slow) rebuilds from seed 0 and compares every file bit for bit.
@@ -12,6 +13,7 @@ import torch
 from rlhf_env.assets import MANIFEST, asset_dir, file_hashes, load_assets, load_preference_pairs
 from rlhf_env.assets.__main__ import main as assets_main
 from rlhf_env.build.reward_model import evaluate_reward_model
+from rlhf_env.tasks import TASKS
 
 SHIPPED = asset_dir("sentiment")
 
@@ -21,8 +23,10 @@ def manifest():
     return json.loads((SHIPPED / MANIFEST).read_text())
 
 
-def test_shipped_files_match_their_manifest(manifest):
-    shipped = file_hashes(SHIPPED)
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_shipped_files_match_their_manifest(task):
+    manifest = json.loads((asset_dir(task) / MANIFEST).read_text())
+    shipped = file_hashes(asset_dir(task))
     unshipped = {"preferences/pairs_train.jsonl"}  # re-derived on demand, see load_preference_pairs
     assert set(manifest["sha256"]) - set(shipped) <= unshipped
     for name, digest in shipped.items():
@@ -48,5 +52,6 @@ def test_shipped_reward_model_reproduces_its_reported_accuracy(manifest):
 
 
 @pytest.mark.slow
-def test_rebuild_reproduces_shipped_assets():
-    assert assets_main(["check", "--no-progress"]) == 0
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_rebuild_reproduces_shipped_assets(task):
+    assert assets_main(["check", "--task", task, "--no-progress"]) == 0
