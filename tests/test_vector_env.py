@@ -143,3 +143,18 @@ def test_step_before_reset_and_bad_reset_options():
         envs.reset(seed=[1, 2, 3])
     with pytest.raises(ValueError, match="num_envs"):
         RLHFVectorEnv(num_envs=0)
+
+
+def test_bfloat16_models_give_finite_rewards_and_zero_kl_when_policy_is_reference():
+    envs = RLHFVectorEnv(num_envs=4, dtype=torch.bfloat16)
+    assert envs.policy.dtype == envs.reference.dtype == torch.bfloat16
+    envs.reset(seed=0)
+    rng = np.random.default_rng(0)
+    ended = 0
+    for _ in range(40):
+        _, rewards, terminated, _, infos = envs.step(sample_actions(envs.next_token_logprobs, rng))
+        assert np.isfinite(rewards).all()
+        if "kl" in infos:
+            assert not infos["kl"][infos["_kl"]].any()  # π is a copy of π_ref: the same bf16 arithmetic
+        ended += int(terminated.sum())
+    assert ended >= 4
