@@ -276,6 +276,11 @@ class RLHFEnv(WorldParts, gym.Env):
     above), ``max_new_tokens``, ``temperature``, ``device`` ("auto" picks CUDA), ``dtype``,
     ``missing_eos_penalty``, ``nonfinite_reward`` ("raise" or "mask"), ``render_mode`` ("ansi").
 
+    ## Vectorized environment
+    ``gym.make_vec("RLHF-v0", num_envs=N)`` returns the native `RLHFVectorEnv`: one batch and one KV cache per
+    model for all N rows, one forward per model per step, ``AutoresetMode.NEXT_STEP``. With ``num_envs=1`` it
+    reproduces this env exactly (same seed, same actions).
+
     ## Version History
     * v0: initial version.
 
