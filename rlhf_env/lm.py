@@ -146,6 +146,16 @@ def sample(
     return Samples(query_ids, query_mask, responses, response_mask, torch.stack(logprobs, dim=1), finished)
 
 
+def response_columns(per_position: torch.Tensor, query_width: int) -> torch.Tensor:
+    """The columns of a ``(B, P + T, ...)`` forward output that predict the T response tokens: ``(B, T, ...)``.
+
+    This slice is the one alignment in RLHF code that must be right: the output at column ``j`` predicts the token
+    at column ``j + 1``, so the last query column predicts the first response token and the last response column
+    predicts nothing. Logits, values and hidden states all go through here.
+    """
+    return per_position[:, query_width - 1 : -1]
+
+
 def response_logits(
     model: nn.Module,
     query_ids: torch.Tensor,
@@ -153,16 +163,12 @@ def response_logits(
     responses: torch.Tensor,
     response_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Logits that predict each response token, from one padded forward over ``query + response``.
-
-    Returns ``(B, T, V)``. The slice ``[:, P - 1 : -1]`` is the one alignment in RLHF code that must be right:
-    the logit at column ``j`` predicts the token at column ``j + 1``, so the last query column predicts the first
-    response token and the last response column predicts nothing.
-    """
+    """Logits that predict each response token, from one padded forward over ``query + response``: ``(B, T, V)``
+    (aligned by `response_columns`)."""
     input_ids = torch.cat([query_ids, responses], dim=1)  # (B, P + T)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + T)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
-    return logits[:, query_ids.shape[1] - 1 : -1]  # (B, T, V)
+    return response_columns(logits, query_ids.shape[1])  # (B, T, V)
 
 
 def response_logprobs(

@@ -32,7 +32,8 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
 
     ## Starting State
     ``reset(seed=s)`` seeds row i with ``s + i``, the convention of Gymnasium's `SyncVectorEnv`, so that row i
-    draws the same prompts as a single env seeded ``s + i``; ``options`` apply to every row.
+    draws the same prompts as a single env seeded ``s + i``; ``options`` apply to every row, except
+    ``{"prompts": [p_0, ..., p_{N-1}]}``, which pins one prompt per row (K samples of a prompt for RLOO).
 
     ## Episode End
     As in `RLHFEnv` (``terminated`` at EOS or at the token cap; ``truncated`` is always False). Autoreset mode
@@ -92,7 +93,8 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
             if len(seeds) != self.num_envs:
                 raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
         rngs = [seeding.np_random(s)[0] for s in seeds]
-        drawn = [self.world.draw_prompt(options, rng) for rng in rngs]  # validates options before any change
+        row_options = self._row_options(options)
+        drawn = [self.world.draw_prompt(o, rng) for o, rng in zip(row_options, rngs)]  # checked before any change
         self._rngs = rngs
         for row, (prompt, query) in enumerate(drawn):
             self._batch.start(row, prompt, query)
@@ -102,6 +104,18 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         infos = {"prompt": np.array([p for p, _ in drawn], dtype=object),
                  "prompt_tokens": np.array([len(q) for _, q in drawn])}
         return self._observations(), infos
+
+    def _row_options(self, options: dict | None) -> list[dict | None]:
+        """Reset options per row: ``"prompts"`` (one prompt per row) becomes each row's ``"prompt"``."""
+        if not options or "prompts" not in options:
+            return [options] * self.num_envs
+        prompts = options["prompts"]
+        if isinstance(prompts, str) or not hasattr(prompts, "__len__") or len(prompts) != self.num_envs:
+            raise ValueError(f"reset option 'prompts' must be a list of {self.num_envs} prompts, one per row")
+        if "prompt" in options:
+            raise ValueError("pass reset option 'prompt' (all rows) or 'prompts' (one per row), not both")
+        rest = {k: v for k, v in options.items() if k != "prompts"}
+        return [dict(rest, prompt=prompt) for prompt in prompts]
 
     def step(self, actions):
         if not self._started:

@@ -158,3 +158,13 @@ def test_bfloat16_models_give_finite_rewards_and_zero_kl_when_policy_is_referenc
             assert not infos["kl"][infos["_kl"]].any()  # π is a copy of π_ref: the same bf16 arithmetic
         ended += int(terminated.sum())
     assert ended >= 4
+
+
+def test_reset_option_prompts_pins_one_prompt_per_row():
+    envs = RLHFVectorEnv(num_envs=3)
+    prompts = ["the food was", "the food was", "honestly , it is"]
+    _, infos = envs.reset(seed=0, options={"prompts": prompts})
+    assert list(infos["prompt"]) == prompts
+    for bad in [{"prompts": prompts[:2]}, {"prompts": "the food was"}, {"prompts": prompts, "prompt": "x"}]:
+        with pytest.raises(ValueError, match="prompt"):
+            envs.reset(seed=0, options=bad)

@@ -1,0 +1,120 @@
+"""Pure tensor functions shared by the agents: masked statistics, log-probs, GAE and the PPO losses.
+
+Legend: ``B`` episodes, ``T`` response tokens (right-padded), ``V`` vocabulary. ``mask (B, T)`` is 1 on real
+response tokens (EOS included) and 0 on padding. Every function here is pure (no module state, no RNG), so tests
+call them directly with hand-computed values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over the entries where `mask` is 1 (a scalar)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` over the masked entries (Bessel-corrected by default, as TRL and lm-human-preferences do)."""
+    mean = masked_mean(x, mask)
+    count = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        if count < 2:
+            raise ValueError("an unbiased variance needs at least 2 masked entries")
+        var = var * count / (count - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise `x` to unit variance (and zero mean unless ``shift_mean=False``) over the masked entries.
+
+    Padding stays 0. ``shift_mean=False`` is how rewards are whitened: their sign carries meaning.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] for each position: ``(B, T, V), (B, T) -> (B, T)`` in fp32."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) at each position: ``(B, T, V) -> (B, T)`` in fp32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens (Schulman et al. 2016, eq. 16).
+
+    Every episode ends **terminated** at its last real token (EOS or the env's token cap, which the env also
+    reports as terminated), so the value after it is 0: the terminal score is in ``rewards`` at that token and is
+    never bootstrapped on top of. Returns ``(advantages, returns)``, both ``(B, T)`` and 0 on padding.
+    """
+    if not rewards.shape == values.shape == mask.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same (B, T) shape")
+    mask = mask.to(values.dtype)
+    next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)  # 1 where a real token follows
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1) * next_mask  # (B, T)
+    deltas = rewards + gamma * next_values - values  # (B, T)
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])  # (B,)
+    for t in reversed(range(values.shape[1])):
+        running = deltas[:, t] + gamma * lam * next_mask[:, t] * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_range: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), a masked mean over tokens.
+
+    Returns ``(loss, stats)`` with ``clipfrac`` (share of tokens where the clipped term is the active one) and
+    ``approx_kl`` (the k3 estimate of KL(π_old ‖ π), as in CleanRL).
+    """
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
+            "ratio": masked_mean(ratio, mask).item(),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range: float | None) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss ``½·max((v − R)², (v_clip − R)²)``, v_clip = v_old + clip(v − v_old, ±clip_range).
+
+    The clipping follows OpenAI baselines' PPO2 (and lm-human-preferences); ``clip_range=None`` gives plain MSE.
+    """
+    unclipped = (values - returns) ** 2
+    if clip_range is None:
+        per_token, clipped_more = unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    else:
+        clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+        clipped = (clipped_values - returns) ** 2
+        per_token, clipped_more = torch.maximum(unclipped, clipped), clipped > unclipped
+    loss = 0.5 * masked_mean(per_token, mask)
+    return loss, {"clipfrac": masked_mean(clipped_more.float(), mask).item()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var[R − v] / Var[R] over the masked tokens (1: perfect critic, 0: no better than a constant)."""
+    var_returns = masked_var(returns, mask, unbiased=False)
+    if var_returns == 0:
+        return float("nan")
+    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)

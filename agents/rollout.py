@@ -1,0 +1,124 @@
+"""Collecting episodes from the vector env, the way every LM agent here does it.
+
+The agent samples each action from ``envs.next_token_logprobs`` (the env's own forward of the acting policy), so
+the env's per-token KL is exact and nothing is computed twice. Rewards, scores and KL come from the env's
+``info``; agents never recompute them.
+
+Each rollout resets the env with a seed drawn from the agent's generator and steps until every row has finished
+one episode, so every token of a batch comes from the same weights (a row that finishes early idles through an
+ignored autoreset episode, as a finished sequence idles in ``generate``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rlhf_env.vector_env import RLHFVectorEnv
+
+
+class NonFiniteLogits(ValueError):
+    """The policy's next-token distribution is NaN/inf for some row (raised before sampling from it)."""
+
+
+@dataclass
+class Episodes:
+    """Finished episodes, one entry per episode (field names follow openai/lm-human-preferences and TRL)."""
+
+    prompts: list[str] = field(default_factory=list)
+    queries: list[list[int]] = field(default_factory=list)
+    responses: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)  # log π at sampling time (the env's forward)
+    ref_logprobs: list[list[float]] = field(default_factory=list)
+    rewards: list[list[float]] = field(default_factory=list)  # the env's per-token rewards: −β·KL_t (+ score)
+    scores: list[float] = field(default_factory=list)
+    gold_scores: list[float] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)  # Σ_t KL_t per episode
+    finished: list[bool] = field(default_factory=list)  # ended with EOS (not the token cap)
+    texts: list[str] = field(default_factory=list)
+    tokens: int = 0  # env steps taken, idle rows included: what the rollout cost
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    def extend(self, other: Episodes) -> None:
+        for name in self.__dataclass_fields__:
+            if name != "tokens":
+                getattr(self, name).extend(getattr(other, name))
+        self.tokens += other.tokens
+
+
+def unwrap_vector_env(envs) -> RLHFVectorEnv:
+    """The `RLHFVectorEnv` under `envs`, or a `ValueError` saying how to make one."""
+    inner = getattr(envs, "unwrapped", envs)
+    if not isinstance(inner, RLHFVectorEnv):
+        raise ValueError("LM agents run on the native vector env: pass gym.make_vec('RLHF-v0', num_envs=N) "
+                         f"(got {type(inner).__name__})")
+    return inner
+
+
+def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from ``logprobs (B, V)`` by Gumbel-max (exact sampling, no softmax): ``(B,)``."""
+    uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+    return (logprobs + gumbel).argmax(-1)
+
+
+def collect_episodes(envs: RLHFVectorEnv, seed: int, generator: torch.Generator, split: str = "train",
+                     prompts: list[str] | None = None) -> Episodes:
+    """Reset with `seed` and run every row to the end of one episode; returns ``envs.num_envs`` episodes.
+
+    ``split`` picks train or held-out prompts; ``prompts`` (one per row) pins them instead.
+    """
+    n = envs.num_envs
+    options = {"split": split} if prompts is None else {"prompts": prompts}
+    _, infos = envs.reset(seed=seed, options=options)
+    batch = Episodes(prompts=list(infos["prompt"]), queries=[list(q) for q in envs._batch.queries])
+    responses, logprobs, ref_logprobs, rewards = ([[] for _ in range(n)] for _ in range(4))
+    ends: dict[int, dict] = {}
+    while len(ends) < n:
+        next_logprobs = torch.from_numpy(envs.next_token_logprobs)  # (B, V)
+        if not torch.isfinite(next_logprobs).any(-1).all():
+            raise NonFiniteLogits("the policy's next-token log-probs are NaN/inf: refusing to sample from them")
+        actions = sample_tokens(next_logprobs, generator).numpy()  # (B,)
+        _, step_rewards, terminated, _, infos = envs.step(actions)
+        batch.tokens += n
+        for row in range(n):
+            if row in ends:
+                continue
+            responses[row].append(int(actions[row]))
+            logprobs[row].append(float(infos["logprob"][row]))
+            ref_logprobs[row].append(float(infos["ref_logprob"][row]))
+            rewards[row].append(float(step_rewards[row]))
+            if terminated[row]:
+                ends[row] = {key: infos[key][row] for key in ("score", "gold_score", "kl_sum", "finished",
+                                                               "response_text")}
+    batch.responses, batch.logprobs, batch.ref_logprobs, batch.rewards = responses, logprobs, ref_logprobs, rewards
+    for row in range(n):
+        end = ends[row]
+        batch.scores.append(float(end["score"]))
+        batch.gold_scores.append(float(end["gold_score"]))
+        batch.kls.append(float(end["kl_sum"]))
+        batch.finished.append(bool(end["finished"]))
+        batch.texts.append(str(end["response_text"]))
+    return batch
+
+
+def episode_stats(episodes: Episodes, beta: float, task) -> dict:
+    """The objective metrics of a batch (DESIGN.md §6 names)."""
+    scores, kls = np.array(episodes.scores), np.array(episodes.kls)
+    lengths = np.array([len(r) for r in episodes.responses])
+    well_formed = [task.is_well_formed(p, t) for p, t in zip(episodes.prompts, episodes.texts)]
+    return {
+        "objective/score": float(scores.mean()),
+        "objective/gold_score": float(np.mean(episodes.gold_scores)),
+        "objective/kl": float(kls.mean()),
+        "objective/rlhf_reward": float((scores - beta * kls).mean()),
+        "objective/beta": float(beta),
+        "episode/length": float(lengths.mean()),
+        "episode/length_p90": float(np.percentile(lengths, 90)),
+        "episode/eos_rate": float(np.mean(episodes.finished)),
+        "episode/well_formed": float(np.mean(well_formed)),
+    }

@@ -1,0 +1,179 @@
+"""PPO: the first step is exactly on-policy, every parameter trains, the reference never moves, bad numbers are
+caught, runs resume exactly in a fresh process, and a short run raises the gold reward."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import agents.ppo
+import rlhf_env
+from agents.evaluate import evaluate
+from agents.metrics import read_history
+from agents.ppo import PPO, PPOConfig
+from agents.rollout import NonFiniteLogits
+from rlhf_env.assets import asset_dir
+from rlhf_env.models import load_causal_lm
+
+SMALL = PPOConfig(episodes_per_update=8, minibatch_size=4, update_epochs=2)
+
+
+def make_envs(num_envs=8, **kwargs):
+    return gym.make_vec("RLHF-v0", num_envs=num_envs, max_new_tokens=8, **kwargs)
+
+
+def digest(module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_first_minibatch_ratio_is_exactly_one_and_nothing_is_clipped(monkeypatch):
+    calls = []
+
+    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+        loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
+        calls.append((logprobs.detach().clone(), old_logprobs.clone(), stats))
+        return loss, stats
+
+    policy_loss = agents.ppo.policy_loss
+    monkeypatch.setattr(agents.ppo, "policy_loss", recording_policy_loss)
+    agent = PPO(make_envs(), SMALL, progress=False)
+    agent.update()
+    logprobs, old_logprobs, stats = calls[0]
+    assert torch.equal(logprobs, old_logprobs)
+    assert stats["ratio"] == 1.0 and stats["clipfrac"] == 0.0 and stats["approx_kl"] == 0.0
+    assert not torch.equal(calls[1][0], calls[1][1])  # after one step the policy has moved
+
+
+def test_each_update_touches_every_trainable_parameter_and_never_the_reference():
+    envs = make_envs(beta=0.1)
+    agent = PPO(envs, SMALL, progress=False)
+    reference = envs.unwrapped.reference
+    reference_before = digest(reference)
+    before = {name: p.detach().clone() for name, p in agent.model.named_parameters() if p.requires_grad}
+    agent.update()
+    unchanged = [name for name, p in agent.model.named_parameters() if torch.equal(p, before[name])]
+    assert unchanged == []
+    assert agent.model.lm is envs.unwrapped.policy  # the env acts with the weights being trained
+    assert digest(reference) == reference_before
+    assert not any(p.requires_grad for p in reference.parameters())
+
+
+def test_nan_logits_in_the_update_skip_the_step_and_leave_parameters_unchanged():
+    agent = PPO(make_envs(), SMALL, progress=False)
+    agent.model.lm.lm_head.register_forward_hook(  # NaN only in the training forward, not in the env's rollout
+        lambda module, args, out: out * float("nan") if module.training else out)
+    before = digest(agent.model)
+    metrics = agent.update()
+    assert digest(agent.model) == before
+    assert metrics["train/skipped_minibatches"] == SMALL.update_epochs * SMALL.num_minibatches
+
+
+def test_nan_policy_weights_raise_a_named_error_before_sampling():
+    envs = make_envs()
+    agent = PPO(envs, SMALL, progress=False)
+    with torch.no_grad():
+        envs.unwrapped.policy.transformer.ln_f.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLogits):
+        agent.update()
+
+
+def test_bad_configurations_are_named():
+    with pytest.raises(ValueError, match="multiple"):
+        PPO(make_envs(num_envs=3), SMALL, progress=False)
+    with pytest.raises(ValueError, match="multiple"):
+        PPO(make_envs(), PPOConfig(episodes_per_update=8, minibatch_size=3), progress=False)
+    with pytest.raises(ValueError, match="vector env"):
+        PPO(gym.make("RLHF-v0"), SMALL, progress=False)
+    with pytest.raises(ValueError, match="kl_mode"):
+        PPO(make_envs(kl_mode="reference"), SMALL, progress=False)
+    with pytest.raises(ValueError, match="separate_critic"):
+        PPO(make_envs(), PPOConfig(episodes_per_update=8, minibatch_size=4, value_init="reward_model"),
+            progress=False)
+
+
+def test_predict_follows_the_policy():
+    envs = make_envs()
+    agent = PPO(envs, SMALL, progress=False)
+    env = gym.make("RLHF-v0", policy=envs.unwrapped.policy)  # same weights in a single env
+    obs, _ = env.reset(seed=3)
+    action, state = agent.predict(obs, deterministic=True)
+    assert state is None and env.action_space.contains(int(action))
+    assert int(action) == int(np.argmax(env.unwrapped.next_token_logprobs))
+    batch_actions, _ = agent.predict({k: np.stack([v, v]) for k, v in obs.items()}, deterministic=True)
+    assert batch_actions.tolist() == [int(action)] * 2
+
+
+RESUME_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+import gymnasium as gym, rlhf_env
+from agents.ppo import PPO
+from tests_helpers import digest
+envs = gym.make_vec("RLHF-v0", num_envs=8, max_new_tokens=8, beta=0.1, kl_target=2.0, kl_horizon=20)
+agent = PPO.load(sys.argv[1], envs, progress=False)
+metrics = [agent.update() for _ in range(2)]
+json.dump({"metrics": metrics, "policy": digest(agent.model), "reference": digest(envs.unwrapped.reference),
+           "beta": envs.unwrapped.beta}, open(sys.argv[2], "w"))
+"""
+
+
+def _comparable(metrics):
+    return [{k: v for k, v in m.items() if not k.startswith("time/") or k in ("time/timesteps", "time/updates")}
+            for m in metrics]
+
+
+def test_resume_in_a_fresh_process_equals_the_straight_run(tmp_path):
+    def envs():
+        return make_envs(beta=0.1, kl_target=2.0, kl_horizon=20)  # adaptive β: its state must be saved too
+
+    straight_envs = envs()
+    straight = PPO(straight_envs, SMALL, progress=False)
+    straight_metrics = [straight.update() for _ in range(4)]
+    first = PPO(envs(), SMALL, progress=False)
+    for _ in range(2):
+        first.update()
+    first.save(tmp_path / "ckpt")
+    (tmp_path / "tests_helpers.py").write_text(
+        "import hashlib\n" + "\n".join(__import__("inspect").getsource(digest).splitlines()) + "\n")
+    (tmp_path / "resume.py").write_text(RESUME_SCRIPT)
+    subprocess.run([sys.executable, str(tmp_path / "resume.py"), str(tmp_path / "ckpt"), str(tmp_path / "out.json")],
+                   check=True, cwd=tmp_path)
+    resumed = json.loads((tmp_path / "out.json").read_text())
+    assert resumed["policy"] == digest(straight.model)
+    assert _comparable(resumed["metrics"]) == _comparable(straight_metrics[2:])
+    assert resumed["beta"] == straight_envs.unwrapped.beta
+    assert resumed["reference"] == digest(load_causal_lm(asset_dir("sentiment") / "policy"))
+
+
+def test_command_line_writes_metrics_model_and_summary_and_diagnoses(tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = agents.ppo.main(["--reward", "gold", "--total-timesteps", "200", "--num-envs", "8",
+                               "--episodes-per-update", "8", "--minibatch-size", "4", "--eval-episodes", "8",
+                               "--out", str(out), "--no-progress"])
+    history = read_history(out / "metrics.jsonl")
+    assert len(history) == summary["updates"] >= 1 and "objective/gold_score" in history[0]
+    assert (out / "model" / "policy" / "model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["timesteps"] >= 200
+    flags = agents.ppo.main(["--diagnose", str(out / "metrics.jsonl")])
+    assert flags == ["too few updates to diagnose (need 8)"]
+
+
+def test_a_short_run_on_the_gold_reward_raises_held_out_gold():
+    task = rlhf_env.tasks.get_task("sentiment")
+    envs = gym.make_vec("RLHF-v0", num_envs=64, reward_fn=task.gold, beta=0.1)
+    before = evaluate(envs, 128)["objective/gold_score"]
+    agent = PPO(envs, PPOConfig(learning_rate=3e-4), progress=False)  # a larger step: fast early progress
+    for _ in range(30):
+        agent.update()
+    after = evaluate(envs, 128)
+    assert after["objective/gold_score"] > before + 0.2
+    assert after["objective/kl"] < 5 and after["episode/well_formed"] > 0.9
