@@ -177,3 +177,15 @@ def test_a_short_run_on_the_gold_reward_raises_held_out_gold():
     after = evaluate(envs, 128)
     assert after["objective/gold_score"] > before + 0.2
     assert after["objective/kl"] < 5 and after["episode/well_formed"] > 0.9
+
+
+def test_ptx_term_and_gradient_accumulation_run_and_are_logged():
+    config = PPOConfig(episodes_per_update=8, minibatch_size=4, update_epochs=1, ptx_coef=0.5, ptx_batch_size=4,
+                       gradient_accumulation_steps=2, separate_critic=True, value_init="reward_model")
+    agent = PPO(make_envs(), config, progress=False)
+    before = digest(agent.model)
+    metrics = agent.update()
+    assert metrics["loss/ptx"] > 0 and metrics["train/skipped_minibatches"] == 0
+    assert digest(agent.model) != before
+    # The critic started as the reward model: its first values are the RM's view of each prefix.
+    assert agent.model.critic_trunk is not None and metrics["val/mean"] != 0.0
