@@ -36,7 +36,7 @@ from agents.core import (
 )
 from agents.metrics import MetricsLogger, diagnose, read_history
 from agents.policy import ActorCritic
-from agents.rollout import Episodes, collect_episodes, episode_stats, unwrap_vector_env
+from agents.rollout import Episodes, collect_episodes, episode_stats, sample_tokens, unwrap_vector_env
 from rlhf_env.build.common import encode_pairs
 from rlhf_env.build.sft import sft_loss
 from rlhf_env.lm import pad_left, pad_right
@@ -303,8 +303,7 @@ class PPO:
         if deterministic:
             actions = logp.argmax(-1)
         else:
-            gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=self.generator).clamp_min(1e-20)))
-            actions = (logp.cpu() + gumbel).argmax(-1)
+            actions = sample_tokens(logp.cpu(), self.generator)
         actions = actions.cpu().numpy()
         return (actions[0] if single else actions), None
 

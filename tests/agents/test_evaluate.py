@@ -4,8 +4,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+import agents.evaluate
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
 from agents.evaluate import evaluate, kl_regularised_optimum
+from agents.rollout import collect_episodes
 
 
 def test_optimum_of_a_constant_reward_is_that_constant():
@@ -22,9 +24,18 @@ def test_optimum_lies_between_the_mean_and_the_best_sample():
     assert low["optimum"] < high["optimum"] <= task.best_gold + 1e-9
 
 
-def test_evaluate_uses_held_out_prompts_and_leaves_beta_alone():
+def test_evaluate_uses_held_out_prompts_and_leaves_beta_alone(monkeypatch):
     envs = gym.make_vec("RLHF-v0", num_envs=4, max_new_tokens=6, kl_target=1.0)
     beta = envs.unwrapped.beta
+    seen = []
+
+    def recording_collect(*args, **kwargs):
+        batch = collect_episodes(*args, **kwargs)
+        seen.extend(batch.prompts)
+        return batch
+
+    monkeypatch.setattr(agents.evaluate, "collect_episodes", recording_collect)
     stats = evaluate(envs, 8)
+    assert len(seen) == 8 and set(seen) <= set(envs.unwrapped.task.eval_prompts())
     assert stats["episodes"] == 8 and envs.unwrapped.beta == beta
     assert np.isfinite(stats["objective/gold_score"])
