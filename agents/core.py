@@ -118,3 +118,48 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     if var_returns == 0:
         return float("nan")
     return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)
+
+
+# ---------------------------------------------------------------- REINFORCE
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """G_t = Σ_{t' ≥ t} r_t' (γ = 1) over each episode's real tokens: ``(B, T) -> (B, T)``, 0 on padding."""
+    if rewards.shape != mask.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    rewards = rewards * mask
+    return (rewards.flip(1).cumsum(1).flip(1)) * mask
+
+
+def _groups(returns: torch.Tensor, k: int) -> torch.Tensor:
+    if returns.ndim != 1 or k < 2 or returns.shape[0] % k:
+        raise ValueError(f"returns must be (N,) with N a multiple of k ≥ 2 (consecutive groups of k samples of one "
+                         f"prompt); got shape {tuple(returns.shape)}, k={k}")
+    return returns.view(-1, k)  # (N / k, k)
+
+
+def rloo_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out baseline: for each sample, the mean return of the *other* k − 1 samples of its prompt.
+
+    ``returns (N,)`` holds consecutive groups of k samples per prompt; returns ``(N,)``. Independent of the sample
+    itself, so subtracting it keeps REINFORCE unbiased (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline
+    for free"; Ahmadian et al. 2024 for RLHF).
+    """
+    groups = _groups(returns, k)
+    return ((groups.sum(1, keepdim=True) - groups) / (k - 1)).reshape(-1)
+
+
+def group_std(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Each sample's group standard deviation (Bessel-corrected, as GRPO's ``torch.std``): ``(N,) -> (N,)``."""
+    return _groups(returns, k).std(1, keepdim=True).expand(-1, k).reshape(-1)
+
+
+def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The score-function surrogate −Σ_t A_t·log π(a_t|s_t), **summed** over each episode's tokens and averaged over
+    episodes: its gradient is the REINFORCE estimator (Williams 1992) of −∇E[G] (with A_t = G − b or G_t − b_t).
+
+    Summing, not averaging, over tokens is what makes it the gradient of the sequence's log-probability
+    log π(y|x) = Σ_t log π(a_t|s_t); a per-token mean would weight short responses up.
+    """
+    if not logprobs.shape == advantages.shape == mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, advantages {tuple(advantages.shape)} and mask "
+                         f"{tuple(mask.shape)} must have the same (B, T) shape")
+    return -(advantages.detach() * logprobs * mask).sum(1).mean()

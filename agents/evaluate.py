@@ -48,7 +48,8 @@ def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn, beta: float, n_prompt
     world = envs.unwrapped.world
     tokenizer, reference = world.tokenizer, world.reference
     rng = np.random.default_rng(seed)
-    prompts = [world._eval_prompts[i] for i in rng.choice(len(world._eval_prompts), n_prompts, replace=False)]
+    pool = world.prompt_pool("eval")
+    prompts = [pool[i] for i in rng.choice(len(pool), n_prompts, replace=False)]
     values, ess = [], []
     generator = torch.Generator(device=world.device).manual_seed(seed)
     for prompt in prompts:

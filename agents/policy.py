@@ -18,6 +18,18 @@ from rlhf_env.lm import position_ids, response_columns
 VALUE_INITS = ("zero", "small", "reward_model")
 
 
+def response_logits(lm: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
+                    response_mask: torch.Tensor, temperature: float = 1.0, output_hidden_states: bool = False):
+    """The logits that chose each response token, at the sampling temperature: ``(B, T, V)`` in fp32, and the
+    LM's full output (hidden states included when asked) over the ``(B, P + T)`` query + response layout."""
+    input_ids = torch.cat([query_ids, responses], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + T)
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+             output_hidden_states=output_hidden_states)
+    logits = response_columns(out.logits, query_ids.shape[1]).float() / temperature  # (B, T, V)
+    return logits, out
+
+
 class ActorCritic(nn.Module):
     """A causal LM (the actor) and a scalar value head (the critic) over its response tokens.
 
@@ -66,19 +78,17 @@ class ActorCritic(nn.Module):
         The value at token t estimates the return from the state before token t (the same column as the logits
         that choose token t).
         """
-        input_ids = torch.cat([query_ids, responses], dim=1)  # (B, P + T)
-        attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + T)
-        positions = position_ids(attention_mask)
         shared = self.critic_trunk is None
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                      output_hidden_states=shared)
+        logits, out = response_logits(self.lm, query_ids, query_mask, responses, response_mask, temperature,
+                                      output_hidden_states=shared)
         width = query_ids.shape[1]
-        logits = response_columns(out.logits, width).float() / temperature  # (B, T, V)
         if shared:
             hidden = out.hidden_states[-1]  # (B, P + T, H), after the final layer norm
         else:
+            input_ids = torch.cat([query_ids, responses], dim=1)  # (B, P + T)
+            attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + T)
             hidden = self.critic_trunk(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=positions).last_hidden_state
+                                       position_ids=position_ids(attention_mask)).last_hidden_state
         values = self.value_head(response_columns(hidden, width).to(self.value_head.weight.dtype))[..., 0]
         return logits, values.float()  # (B, T, V), (B, T)
 

@@ -13,17 +13,25 @@ Legend: ``B`` episodes per update, ``P`` query tokens, ``T`` response tokens, ``
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from agents.checkpoint import load_training_state, save_training_state
+from agents.common import (
+    autocast,
+    batch_tensors,
+    checkpoint_config,
+    exact_div,
+    learn_loop,
+    predict,
+    restore_agent,
+    rollout,
+    run_command,
+    save_agent,
+)
 from agents.core import (
     entropy_from_logits,
     explained_variance,
@@ -34,21 +42,11 @@ from agents.core import (
     policy_loss,
     value_loss,
 )
-from agents.metrics import MetricsLogger, diagnose, read_history
+from agents.metrics import MetricsLogger
 from agents.policy import ActorCritic
-from agents.rollout import Episodes, collect_episodes, episode_stats, sample_tokens, unwrap_vector_env
+from agents.rollout import episode_stats, unwrap_vector_env
 from rlhf_env.build.common import encode_pairs
 from rlhf_env.build.sft import sft_loss
-from rlhf_env.lm import pad_left, pad_right
-from rlhf_env.models import load_causal_lm
-
-CRITIC_FILE = "critic.safetensors"
-
-
-def exact_div(a: int, b: int, what: str) -> int:
-    if b <= 0 or a % b:
-        raise ValueError(f"{what}: {a} is not a multiple of {b}")
-    return a // b
 
 
 @dataclass(frozen=True)
@@ -127,6 +125,7 @@ class PPO:
         self.config, self.world, self.device = config, world, world.device
         torch.manual_seed(config.seed)  # the value head's init
         self.model = ActorCritic(world.policy, config.value_init, config.separate_critic, world.reward_model)
+        self.lm = self.model.lm
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=config.learning_rate, eps=config.adam_eps)
         self.rng = np.random.default_rng(config.seed)
@@ -134,7 +133,6 @@ class PPO:
         self.num_timesteps = self.num_updates = self.num_episodes = 0
         self.out_dir, self.progress = out_dir, progress
         self.logger = MetricsLogger(out_dir)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
 
     # ---------------------------------------------------------------- training
     def learn(self, total_timesteps: int, callback=None) -> PPO:
@@ -142,27 +140,17 @@ class PPO:
 
         ``callback(agent, metrics)`` runs after every update; returning False stops training.
         """
-        bar = tqdm(total=total_timesteps, initial=min(self.num_timesteps, total_timesteps), unit="tok",
-                   disable=not self.progress)
-        while self.num_timesteps < total_timesteps:
-            metrics = self.update()
-            bar.update(min(metrics["time/timesteps"], total_timesteps) - bar.n)
-            bar.set_postfix({k.split("/")[1]: round(metrics[k], 3) for k in
-                             ("objective/score", "objective/gold_score", "objective/kl")})
-            if callback is not None and callback(self, metrics) is False:
-                break
-        bar.close()
-        return self
+        return learn_loop(self, total_timesteps, callback, self.progress)
 
     def update(self) -> dict:
         """One PPO iteration: rollout, advantages, K epochs of minibatch updates. Returns the logged metrics."""
         cfg, start = self.config, time.perf_counter()
         # 1. rollout: the env samples-and-scores; we keep its log-probs, rewards and scores (never recomputed).
         self.model.eval()
-        episodes = self._rollout()
+        episodes = rollout(self)
         rollout_seconds = time.perf_counter() - start
         stats = episode_stats(episodes, self.world.beta, self.world.task)
-        b = self._batch_tensors(episodes)
+        b = batch_tensors(episodes, self.world.pad_token_id, self.device, cfg.score_clip)
         mask = b["response_mask"].float()  # (B, T)
         # 2. old log-probs and values, in the training forward's layout: the first minibatch of epoch 0 repeats
         #    this computation exactly, so its ratio is exactly 1 (the env's incremental KV-cache log-probs agree
@@ -241,33 +229,6 @@ class PPO:
         self.logger.log(metrics)
         return metrics
 
-    def _rollout(self) -> Episodes:
-        episodes = Episodes()
-        for _ in range(self.config.episodes_per_update // self.envs.num_envs):
-            episodes.extend(collect_episodes(self.envs, int(self.rng.integers(2**31 - 1)), self.generator))
-        return episodes
-
-    def _batch_tensors(self, episodes: Episodes) -> dict[str, torch.Tensor]:
-        pad, device = self.world.pad_token_id, self.device
-        query_ids, query_mask = pad_left(episodes.queries, pad, device)  # (B, P)
-        responses, response_mask = pad_right(episodes.responses, pad, device=device)  # (B, T)
-        width = responses.shape[1]
-
-        def floats(rows):  # ragged per-token floats → (B, T), 0 on padding
-            out = torch.zeros((len(rows), width), device=device)
-            for i, row in enumerate(rows):
-                out[i, : len(row)] = torch.tensor(row, device=device)
-            return out
-
-        rewards = floats(episodes.rewards)
-        if self.config.score_clip is not None:  # clip only the score part of each episode's last reward
-            last = response_mask.sum(1) - 1
-            scores = torch.tensor(episodes.scores, device=device)
-            clipped = scores.clamp(-self.config.score_clip, self.config.score_clip)
-            rewards[torch.arange(len(scores), device=device), last] += clipped - scores
-        return {"query_ids": query_ids, "query_mask": query_mask, "responses": responses,
-                "response_mask": response_mask, "rewards": rewards, "env_logprobs": floats(episodes.logprobs)}
-
     def _micro_batches(self, order: np.ndarray) -> list[np.ndarray]:
         return np.split(order, len(order) // self.config.micro_batch_size)
 
@@ -275,9 +236,7 @@ class PPO:
         """Logits ``(b, T, V)`` at the sampling temperature and values ``(b, T)`` for episodes `rows`."""
         rows = torch.as_tensor(rows, device=self.device)
         args = (b["query_ids"][rows], b["query_mask"][rows], b["responses"][rows], b["response_mask"][rows])
-        if self.autocast is None:
-            return self.model(*args, temperature=self.world.temperature)
-        with self.autocast:
+        with autocast(self.device):
             return self.model(*args, temperature=self.world.temperature)
 
     def _ptx_loss(self) -> torch.Tensor:
@@ -288,126 +247,28 @@ class PPO:
                              int(self.model.lm.config.max_position_embeddings)).to(self.device)
         return sft_loss(self.model.lm, pairs.rows(slice(None)))
 
-    # ---------------------------------------------------------------- acting
-    @torch.no_grad()
+    # ---------------------------------------------------------------- acting and checkpoints
     def predict(self, observation: dict, deterministic: bool = False) -> tuple[np.ndarray, None]:
         """The next token for an env observation (one, or a batch), SB3-style: ``(action, None)``."""
-        ids = torch.as_tensor(np.asarray(observation["input_ids"]), device=self.device)
-        attention = torch.as_tensor(np.asarray(observation["attention_mask"]), device=self.device)
-        single = ids.ndim == 1
-        ids, attention = (ids[None], attention[None]) if single else (ids, attention)
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        logits = self.model.lm(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-        last = (attention * torch.arange(ids.shape[1], device=self.device)).argmax(1)  # last real token
-        logp = torch.log_softmax(logits[torch.arange(ids.shape[0]), last].float() / self.world.temperature, -1)
-        if deterministic:
-            actions = logp.argmax(-1)
-        else:
-            actions = sample_tokens(logp.cpu(), self.generator)
-        actions = actions.cpu().numpy()
-        return (actions[0] if single else actions), None
+        return predict(self, observation, deterministic)
 
-    # ---------------------------------------------------------------- checkpoints
     def save(self, directory: str | Path) -> None:
         """Policy (safetensors), critic, optimizer, RNG states, KL controller, counters and config."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        self.model.lm.save_pretrained(directory / "policy")
-        save_file({k: v.contiguous() for k, v in self.model.critic_state_dict().items()}, directory / CRITIC_FILE)
-        save_training_state(directory, self.optimizer, self.rng, self.generator, {
-            "algorithm": "ppo", "config": asdict(self.config), "num_timesteps": self.num_timesteps,
-            "num_updates": self.num_updates, "num_episodes": self.num_episodes,
-            "kl_controller": self.world.kl_controller.state_dict()})
+        save_agent(self, directory, "ppo", self.model.critic_state_dict())
 
     @classmethod
     def load(cls, directory: str | Path, env, out_dir: str | Path | None = None, progress: bool = True) -> PPO:
         """Resume from `save`: `env` must be built like the original (same task, reference and reward)."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        meta = json.loads((directory / "training_state.json").read_text())
-        if meta.get("algorithm") != "ppo":
-            raise ValueError(f"{directory} is not a PPO checkpoint")
-        agent = cls(env, PPOConfig(**meta["config"]), out_dir=out_dir, progress=progress)
-        with torch.no_grad():
-            saved = load_causal_lm(directory / "policy", device=agent.device)
-            agent.model.lm.load_state_dict(saved.state_dict())
-            missing, unexpected = agent.model.load_state_dict(load_file(directory / CRITIC_FILE), strict=False)
+        agent = cls(env, PPOConfig(**checkpoint_config(directory, "ppo")), out_dir=out_dir, progress=progress)
+        critic, _ = restore_agent(agent, directory)
+        missing, unexpected = agent.model.load_state_dict(critic, strict=False)
         if unexpected or any(not k.startswith("lm.") for k in missing):
             raise ValueError(f"critic weights do not match: missing {missing}, unexpected {unexpected}")
-        meta = load_training_state(directory, agent.optimizer, agent.rng, agent.generator)
-        agent.world.kl_controller.load_state_dict(meta["kl_controller"])
-        agent.num_timesteps, agent.num_updates = meta["num_timesteps"], meta["num_updates"]
-        agent.num_episodes = meta["num_episodes"]
         return agent
 
 
 def main(argv: list[str] | None = None) -> dict | list[str]:
-    import gymnasium as gym
-
-    import rlhf_env
-    from agents.evaluate import evaluate, kl_regularised_optimum
-
-    parser = argparse.ArgumentParser(description="PPO with a value head on RLHF-v0")
-    parser.add_argument("--task", default="sentiment")
-    parser.add_argument("--reward", choices=["rm", "gold"], default="rm", help="learned reward model or gold (PPO-GT)")
-    parser.add_argument("--total-timesteps", type=int, default=200_000)
-    parser.add_argument("--num-envs", type=int, default=64)
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--kl-target", type=float, default=None, help="adaptive β toward this episode KL")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=None, help="directory for metrics.jsonl, the final model and summary")
-    parser.add_argument("--eval-episodes", type=int, default=512)
-    parser.add_argument("--estimate-optimum", action="store_true",
-                        help="also estimate the KL-regularised optimum of the gold reward (sampling from π_ref)")
-    parser.add_argument("--diagnose", metavar="METRICS_JSONL", help="only diagnose an existing run and exit")
-    parser.add_argument("--no-progress", action="store_true")
-    for f in fields(PPOConfig):
-        if f.name not in ("seed",) and f.type in ("int", "float", "bool", "float | None"):
-            kind = {"int": int, "float": float, "float | None": float}.get(f.type)
-            if f.type == "bool":
-                parser.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true"),
-                                    default=f.default)
-            else:
-                parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-    parser.add_argument("--value-init", default="zero")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.diagnose:
-        flags = diagnose(read_history(args.diagnose))
-        print("\n".join(flags) if flags else "no failure mode detected")
-        return flags
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = PPOConfig(**{f.name: getattr(args, f.name) for f in fields(PPOConfig)})
-    task = rlhf_env.tasks.get_task(args.task)
-    kwargs = dict(beta=args.beta, kl_target=args.kl_target, device=args.device)
-    if args.reward == "gold":
-        kwargs["reward_fn"] = task.gold
-    envs = gym.make_vec(rlhf_env.env_id(args.task), num_envs=args.num_envs, **kwargs)
-    agent = PPO(envs, config, out_dir=args.out, progress=not args.no_progress)
-    optimum = kl_regularised_optimum(envs, task.gold, args.beta) if args.estimate_optimum else None
-    before = evaluate(envs, args.eval_episodes, seed=10_000)
-    start = time.perf_counter()
-    agent.learn(args.total_timesteps)
-    seconds = time.perf_counter() - start
-    after = evaluate(envs, args.eval_episodes, seed=10_000)
-    summary = {"task": args.task, "reward": args.reward, "beta": args.beta, "seed": args.seed,
-               "timesteps": agent.num_timesteps, "updates": agent.num_updates, "train_seconds": round(seconds, 1),
-               "eval_before": before, "eval_after": after,
-               # Share of the gap between π_SFT's held-out gold and the best reachable gold that training closed.
-               "gold_gap_closed": (after["objective/gold_score"] - before["objective/gold_score"])
-               / (task.best_gold - before["objective/gold_score"]),
-               "gold_objective": after["objective/gold_score"] - args.beta * after["objective/kl"],
-               "kl_regularised_optimum": optimum, "diagnose": diagnose(agent.logger.history),
-               "config": asdict(config)}
-    if args.out:
-        agent.save(Path(args.out) / "model")
-        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    return summary
+    return run_command(PPO, PPOConfig, "PPO with a value head on RLHF-v0", argv)
 
 
 if __name__ == "__main__":

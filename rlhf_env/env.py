@@ -152,6 +152,12 @@ class RLHFWorld:
         """The per-token KL estimate of the chosen token."""
         return kl_estimate(logprob, ref_logprob, self.kl_estimator)
 
+    def prompt_pool(self, split: str = "train") -> list[str]:
+        """The task's prompts of `split` ("train" or "eval"), in the order the env draws from."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        return self._train_prompts if split == "train" else self._eval_prompts
+
     def draw_prompt(self, options: dict | None, rng: np.random.Generator) -> tuple[str, list[int]]:
         """The prompt (text, query ids) for a reset with `options`, drawn with `rng` unless pinned."""
         options = dict(options or {})

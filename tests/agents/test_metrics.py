@@ -61,3 +61,40 @@ def test_training_state_round_trips_optimizer_and_rngs(tmp_path):
     assert new_optimizer.param_groups[0]["lr"] == 0.1
     with pytest.raises(ValueError, match="not a checkpoint"):
         load_training_state(tmp_path / "missing", new_optimizer, rng2, generator2)
+
+
+class FakeSummaryWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is an optional dependency)."""
+
+    instances = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        FakeSummaryWriter.instances.append(self)
+
+    def add_scalar(self, key, value, step):
+        self.scalars.append((key, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    logger = MetricsLogger(tmp_path)
+    logger.log({"time/timesteps": 64, "objective/kl": 1.5, "loss/value": float("nan"), "note": "text"})
+    logger.close()
+    writer = FakeSummaryWriter.instances[-1]
+    assert writer.log_dir == str(tmp_path / "tensorboard") and writer.closed
+    assert writer.scalars == [("time/timesteps", 64, 64), ("objective/kl", 1.5, 64)]  # NaN and text skipped
+
+
+def test_real_tensorboard_event_file(tmp_path):
+    pytest.importorskip("tensorboard")
+    logger = MetricsLogger(tmp_path)
+    logger.log({"time/timesteps": 1, "objective/kl": 0.5})
+    logger.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

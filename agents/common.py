@@ -1,0 +1,223 @@
+"""What every LM agent here shares outside its update: the learn loop, the batch layout of episodes, acting,
+checkpoints and the command line. Plain functions (no base class): each agent module calls them by name.
+
+An agent, for these functions, has ``config`` (a frozen dataclass), ``lm`` (the env's acting policy, trained in
+place), ``world``, ``optimizer``, ``rng`` (numpy), ``generator`` (torch), ``logger``, the counters
+``num_timesteps`` / ``num_updates`` / ``num_episodes`` and ``update() -> dict``.
+
+Legend: ``B`` episodes, ``P`` query tokens (left-padded), ``T`` response tokens (right-padded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from agents.checkpoint import load_training_state, save_training_state
+from agents.metrics import diagnose, read_history
+from agents.rollout import Episodes, collect_episodes, sample_tokens
+from rlhf_env.lm import pad_left, pad_right
+from rlhf_env.models import load_causal_lm
+
+AGENT_FILE = "agent.safetensors"
+COUNTERS = ("num_timesteps", "num_updates", "num_episodes")
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    if b <= 0 or a % b:
+        raise ValueError(f"{what}: {a} is not a multiple of {b}")
+    return a // b
+
+
+# ---------------------------------------------------------------- training
+def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True):
+    """Call ``agent.update()`` until `total_timesteps` env steps (generated tokens, idle rows included).
+
+    ``callback(agent, metrics)`` runs after every update; returning False stops training.
+    """
+    bar = tqdm(total=total_timesteps, initial=min(agent.num_timesteps, total_timesteps), unit="tok",
+               disable=not progress)
+    while agent.num_timesteps < total_timesteps:
+        metrics = agent.update()
+        bar.update(min(metrics["time/timesteps"], total_timesteps) - bar.n)
+        bar.set_postfix({k.split("/")[1]: round(metrics[k], 3) for k in
+                         ("objective/score", "objective/gold_score", "objective/kl")})
+        if callback is not None and callback(agent, metrics) is False:
+            break
+    bar.close()
+    return agent
+
+
+def rollout(agent, prompts: list[str] | None = None) -> Episodes:
+    """``config.episodes_per_update`` episodes from ``agent.envs``; `prompts` (one per episode) pins them."""
+    envs, episodes = agent.envs, Episodes()
+    n = envs.num_envs
+    for start in range(0, agent.config.episodes_per_update, n):
+        rows = None if prompts is None else prompts[start: start + n]
+        episodes.extend(collect_episodes(envs, int(agent.rng.integers(2**31 - 1)), agent.generator, prompts=rows))
+    return episodes
+
+
+def batch_tensors(episodes: Episodes, pad_token_id: int, device: torch.device,
+                  score_clip: float | None = None) -> dict[str, torch.Tensor]:
+    """Episodes as padded tensors: queries ``(B, P)`` left-padded, responses and per-token floats ``(B, T)``.
+
+    ``rewards`` are the env's per-token rewards (−β·KL_t, plus the score at the last token); with `score_clip`
+    only the score part of the last reward is clipped to ±score_clip (the KL part never is).
+    """
+    query_ids, query_mask = pad_left(episodes.queries, pad_token_id, device)  # (B, P)
+    responses, response_mask = pad_right(episodes.responses, pad_token_id, device=device)  # (B, T)
+    width = responses.shape[1]
+
+    def floats(rows):  # ragged per-token floats → (B, T), 0 on padding
+        out = torch.zeros((len(rows), width), device=device)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row, device=device)
+        return out
+
+    rewards = floats(episodes.rewards)
+    if score_clip is not None:
+        last = response_mask.sum(1) - 1
+        scores = torch.tensor(episodes.scores, device=device)
+        clipped = scores.clamp(-score_clip, score_clip)
+        rewards[torch.arange(len(scores), device=device), last] += clipped - scores
+    return {"query_ids": query_ids, "query_mask": query_mask, "responses": responses,
+            "response_mask": response_mask, "rewards": rewards, "env_logprobs": floats(episodes.logprobs)}
+
+
+def autocast(device: torch.device):
+    """A fresh context for the training forward: bf16 autocast on CUDA, nothing (fp32) elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- acting
+@torch.no_grad()
+def predict(agent, observation: dict, deterministic: bool = False) -> tuple[np.ndarray, None]:
+    """The next token for an env observation (one, or a batch), SB3-style: ``(action, None)``."""
+    device = agent.world.device
+    ids = torch.as_tensor(np.asarray(observation["input_ids"]), device=device)
+    attention = torch.as_tensor(np.asarray(observation["attention_mask"]), device=device)
+    single = ids.ndim == 1
+    ids, attention = (ids[None], attention[None]) if single else (ids, attention)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    logits = agent.lm(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+    last = (attention * torch.arange(ids.shape[1], device=device)).argmax(1)  # last real token
+    logp = torch.log_softmax(logits[torch.arange(ids.shape[0]), last].float() / agent.world.temperature, -1)
+    actions = logp.argmax(-1) if deterministic else sample_tokens(logp.cpu(), agent.generator)
+    actions = actions.cpu().numpy()
+    return (actions[0] if single else actions), None
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_agent(agent, directory: str | Path, algorithm: str, tensors: dict[str, torch.Tensor],
+               state: dict | None = None) -> None:
+    """Policy (safetensors), the agent's own `tensors`, optimizer, RNG states, KL controller, counters, config
+    and `state` (JSON)."""
+    directory = Path(directory)
+    agent.lm.save_pretrained(directory / "policy")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / AGENT_FILE)
+    save_training_state(directory, agent.optimizer, agent.rng, agent.generator, {
+        "algorithm": algorithm, "config": asdict(agent.config), **{c: getattr(agent, c) for c in COUNTERS},
+        "kl_controller": agent.world.kl_controller.state_dict(), **(state or {})})
+
+
+def checkpoint_config(directory: str | Path, algorithm: str) -> dict:
+    """The config a checkpoint was saved with; ValueError if it is not a checkpoint of `algorithm`."""
+    path = Path(directory) / "training_state.json"
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a checkpoint (no training_state.json)")
+    meta = json.loads(path.read_text())
+    if meta.get("algorithm") != algorithm:
+        raise ValueError(f"{directory} is a {meta.get('algorithm')!r} checkpoint, not {algorithm!r}")
+    return meta["config"]
+
+
+@torch.no_grad()
+def restore_agent(agent, directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load what `save_agent` wrote into a freshly built `agent`; returns the agent's tensors and JSON state."""
+    directory = Path(directory)
+    agent.lm.load_state_dict(load_causal_lm(directory / "policy", device=agent.world.device).state_dict())
+    meta = load_training_state(directory, agent.optimizer, agent.rng, agent.generator)
+    agent.world.kl_controller.load_state_dict(meta["kl_controller"])
+    for counter in COUNTERS:
+        setattr(agent, counter, meta[counter])
+    return load_file(directory / AGENT_FILE, device=str(agent.world.device)), meta
+
+
+# ---------------------------------------------------------------- command line
+def command_line(description: str, config_cls) -> argparse.ArgumentParser:
+    """The flags every agent's command line takes, plus one per field of `config_cls`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--task", default="sentiment")
+    parser.add_argument("--reward", choices=["rm", "gold"], default="rm", help="learned reward model or gold (-GT)")
+    parser.add_argument("--total-timesteps", type=int, default=200_000)
+    parser.add_argument("--num-envs", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--kl-target", type=float, default=None, help="adaptive β toward this episode KL")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="directory for metrics.jsonl, the final model and summary")
+    parser.add_argument("--eval-episodes", type=int, default=512)
+    parser.add_argument("--estimate-optimum", action="store_true",
+                        help="also estimate the KL-regularised optimum of the gold reward (sampling from π_ref)")
+    parser.add_argument("--diagnose", metavar="METRICS_JSONL", help="only diagnose an existing run and exit")
+    parser.add_argument("--no-progress", action="store_true")
+    parsers = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int,
+               "bool": lambda s: s.lower() in ("1", "true", "yes")}
+    for f in fields(config_cls):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=parsers[f.type], default=f.default,
+                            help=(f.metadata or {}).get("help"))
+    return parser
+
+
+def run_command(agent_cls, config_cls, description: str, argv: list[str] | None = None) -> dict | list[str]:
+    """Parse `argv`, train `agent_cls` on the task, evaluate before and after on held-out prompts, print and save
+    a summary (``--diagnose FILE`` only diagnoses a finished run)."""
+    import gymnasium as gym
+
+    import rlhf_env
+    from agents.evaluate import evaluate, kl_regularised_optimum
+
+    args = command_line(description, config_cls).parse_args(argv)
+    if args.diagnose:
+        flags = diagnose(read_history(args.diagnose))
+        print("\n".join(flags) if flags else "no failure mode detected")
+        return flags
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+    task = rlhf_env.tasks.get_task(args.task)
+    kwargs = dict(beta=args.beta, kl_target=args.kl_target, device=args.device)
+    if args.reward == "gold":
+        kwargs["reward_fn"] = task.gold
+    envs = gym.make_vec(rlhf_env.env_id(args.task), num_envs=args.num_envs, **kwargs)
+    agent = agent_cls(envs, config, out_dir=args.out, progress=not args.no_progress)
+    optimum = kl_regularised_optimum(envs, task.gold, args.beta) if args.estimate_optimum else None
+    before = evaluate(envs, args.eval_episodes, seed=10_000)
+    start = time.perf_counter()
+    agent.learn(args.total_timesteps)
+    seconds = time.perf_counter() - start
+    after = evaluate(envs, args.eval_episodes, seed=10_000)
+    summary = {"algorithm": agent_cls.__name__, "task": args.task, "reward": args.reward, "beta": args.beta,
+               "seed": config.seed, "timesteps": agent.num_timesteps, "updates": agent.num_updates,
+               "train_seconds": round(seconds, 1), "eval_before": before, "eval_after": after,
+               # Share of the gap between π_SFT's held-out gold and the best reachable gold that training closed.
+               "gold_gap_closed": (after["objective/gold_score"] - before["objective/gold_score"])
+               / (task.best_gold - before["objective/gold_score"]),
+               "gold_objective": after["objective/gold_score"] - args.beta * after["objective/kl"],
+               "kl_regularised_optimum": optimum, "diagnose": diagnose(agent.logger.history),
+               "config": asdict(config)}
+    if args.out:
+        agent.save(Path(args.out) / "model")
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,155 @@
+"""Seconds per update of our agents next to TRL's trainers on identical tiny models, work and lengths, in one run:
+``python -m benchmarks.speed`` (needs ``pip install -e ".[compare]"`` for TRL; prints JSON, ``--out FILE`` saves it).
+
+* ``rloo``: one RLOO update, 8 prompts × 4 samples, up to 32 new tokens, with a reference model and a reward model:
+  our `Reinforce` (baseline "rloo") against TRL's `RLOOTrainer`. Both sample from the same randomly initialised
+  0.5M-parameter GPT-2 (so responses almost always run the full 32 tokens: its EOS probability is ~1/V), score with
+  the same reward model (TRL calls it as a reward function on the decoded text, as its API requires) and take one
+  Adam step. TRL's gradient checkpointing (on by default) is turned off: it only costs time at this size.
+
+What an update includes on each side: sampling (ours: the env's KV-cached policy forward, plus the reference forward
+and the per-token KL it pays; TRL: `generate`, then a reference forward over the batch), the reward model, the
+advantages and one forward/backward/step. Timings skip warm-up updates and report the median.
+
+Run it alone on the machine (two torch processes on 2 cores slow each other 25–45×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TRL_HINT = 'TRL is not installed: pip install -e ".[compare]"'
+
+
+def build_tiny_world(directory: Path, seed: int = 0) -> dict:
+    """A random 0.5M-parameter GPT-2 policy (also the reference) and a random reward model, saved under
+    `directory` in our formats, plus the sentiment tokenizer. Returns their paths."""
+    from transformers import AutoTokenizer, GPT2Model
+
+    from rlhf_env.assets import asset_dir
+    from rlhf_env.build.reward_model import RewardModel
+    from rlhf_env.models import build_policy
+    tokenizer = AutoTokenizer.from_pretrained(asset_dir("sentiment") / "tokenizer")
+    policy = build_policy(tokenizer, "tiny", n_positions=64, seed=seed)
+    torch.manual_seed(seed + 1)
+    reward_model = RewardModel(GPT2Model(policy.config))
+    paths = {"tokenizer": directory / "tokenizer", "policy": directory / "policy", "reward_model": directory / "rm"}
+    tokenizer.save_pretrained(paths["tokenizer"])
+    policy.save_pretrained(paths["policy"])
+    reward_model.save_pretrained(paths["reward_model"])
+    paths["parameters"] = sum(p.numel() for p in policy.parameters())
+    return paths
+
+
+def ours_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int) -> dict:
+    import gymnasium as gym
+
+    import rlhf_env  # noqa: F401  (registers the env ids)
+    from agents.reinforce import Reinforce, ReinforceConfig
+
+    envs = gym.make_vec("RLHF-v0", num_envs=prompts * k, policy=world["policy"], reference=world["policy"],
+                        reward_model=world["reward_model"], tokenizer=world["tokenizer"], max_new_tokens=length,
+                        beta=0.05)
+    agent = Reinforce(envs, ReinforceConfig(episodes_per_update=prompts * k, samples_per_prompt=k,
+                                            learning_rate=1e-6), progress=False)
+    seconds, lengths = [], []
+    for i in range(warmup + updates):
+        start = time.perf_counter()
+        metrics = agent.update()
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+            lengths.append(metrics["episode/length"])
+    return _summary(seconds, lengths, prompts * k)
+
+
+def trl_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from rlhf_env.build.reward_model import RewardModel
+    from rlhf_env.tasks import get_task
+    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    reward_model = RewardModel.from_pretrained(world["reward_model"])
+
+    @torch.no_grad()
+    def reward(prompts, completions, **kwargs):  # the same reward model, on the texts TRL hands over
+        encoded = tokenizer([p + " " + c for p, c in zip(prompts, completions)], return_tensors="pt",
+                            padding=True)
+        return reward_model(encoded["input_ids"], encoded["attention_mask"]).tolist()
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.seconds = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.start)
+
+    pool = get_task("sentiment").train_prompts()
+    dataset = Dataset.from_dict({"prompt": pool[: prompts * (warmup + updates + 2)]})
+    with tempfile.TemporaryDirectory() as out:
+        config = RLOOConfig(output_dir=out, per_device_train_batch_size=prompts * k, num_generations=k,
+                            max_completion_length=length, beta=0.05, learning_rate=1e-6, num_iterations=1,
+                            max_steps=warmup + updates, logging_steps=1, save_strategy="no", report_to="none",
+                            use_cpu=True, bf16=False, gradient_checkpointing=False, disable_dropout=True,
+                            dataloader_num_workers=0, seed=0)
+        timer = Timer()
+        trainer = RLOOTrainer(model=str(world["policy"]), reward_funcs=reward, args=config, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[timer])
+        trainer.train()
+    lengths = [log["completions/mean_length"] for log in trainer.state.log_history
+               if "completions/mean_length" in log]
+    return _summary(timer.seconds[warmup:], lengths[warmup:], prompts * k)
+
+
+def _summary(seconds: list[float], lengths: list[float], episodes: int) -> dict:
+    median = float(np.median(seconds))
+    mean_length = float(np.mean(lengths)) if lengths else float("nan")
+    return {"seconds_per_update": round(median, 4), "seconds_min": round(float(np.min(seconds)), 4),
+            "mean_response_tokens": round(mean_length, 2),
+            "tokens_per_s": round(episodes * mean_length / median, 1), "updates_timed": len(seconds)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--updates", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        import trl
+    except ImportError as error:
+        raise SystemExit(TRL_HINT) from error
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results = {"commit": commit, "threads": args.threads, "machine": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "trl": trl.__version__}
+    with tempfile.TemporaryDirectory() as directory:
+        world = build_tiny_world(Path(directory))
+        results["policy_parameters"] = world.pop("parameters")
+        work = dict(prompts=8, k=4, length=32, updates=args.updates, warmup=args.warmup)
+        ours, theirs = ours_rloo(world, **work), trl_rloo(world, **work)
+        results["rloo"] = {"work": "8 prompts x 4 samples, <= 32 new tokens, reference + reward model",
+                           "ours": ours, "trl": theirs,
+                           "speedup": round(theirs["seconds_per_update"] / ours["seconds_per_update"], 2)}
+    print(json.dumps(results, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
