@@ -1,11 +1,12 @@
 """Seconds per update of our agents next to TRL's trainers on identical tiny models, work and lengths, in one run:
 ``python -m benchmarks.speed`` (needs ``pip install -e ".[compare]"`` for TRL; prints JSON, ``--out FILE`` saves it).
 
-* ``rloo``: one RLOO update, 8 prompts × 4 samples, up to 32 new tokens, with a reference model and a reward model:
-  our `Reinforce` (baseline "rloo") against TRL's `RLOOTrainer`. Both sample from the same randomly initialised
-  0.5M-parameter GPT-2 (so responses almost always run the full 32 tokens: its EOS probability is ~1/V), score with
+* ``rloo``: one RLOO update, 8 prompts × 4 samples, 16-token prompts, up to 32 new tokens, with a reference model
+  and a reward model: our `Reinforce` (baseline "rloo") against TRL's `RLOOTrainer`. Both sample from the same
+  randomly initialised 0.48M-parameter GPT-2 with a 512-token BPE vocabulary (so responses almost always run the
+  full 32 tokens: its EOS probability is ~1/V), score with
   the same reward model (TRL calls it as a reward function on the decoded text, as its API requires) and take one
-  Adam step. TRL's gradient checkpointing (on by default) is turned off: it only costs time at this size.
+  Adam step. TRL's gradient (activation) checkpointing, on by default, is turned off (it measured within 3% either way).
 
 What an update includes on each side: sampling (ours: the env's KV-cached policy forward, plus the reference forward
 and the per-token KL it pays; TRL: `generate`, then a reference forward over the batch), the reward model, the
@@ -30,24 +31,46 @@ import torch
 TRL_HINT = 'TRL is not installed: pip install -e ".[compare]"'
 
 
-def build_tiny_world(directory: Path, seed: int = 0) -> dict:
-    """A random 0.5M-parameter GPT-2 policy (also the reference) and a random reward model, saved under
-    `directory` in our formats, plus the sentiment tokenizer. Returns their paths."""
-    from transformers import AutoTokenizer, GPT2Model
+def build_tiny_world(directory: Path, seed: int = 0, vocab_size: int = 512, prompt_tokens: int = 16,
+                     n_prompts: int = 2000) -> dict:
+    """The peers' measurement shape (../MEASUREMENTS.md): a byte-level BPE tokenizer with `vocab_size` tokens trained
+    on the sentiment corpus, a random 0.48M-parameter GPT-2 policy (also the reference), a random reward model of
+    the same size, and a prompts file of `n_prompts` prompts of `prompt_tokens` tokens each. Returns the paths."""
+    from transformers import GPT2Model
 
-    from rlhf_env.assets import asset_dir
     from rlhf_env.build.reward_model import RewardModel
     from rlhf_env.models import build_policy
-    tokenizer = AutoTokenizer.from_pretrained(asset_dir("sentiment") / "tokenizer")
+    from rlhf_env.tasks import get_task
+    from rlhf_env.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(seed)
+    corpus = get_task("sentiment").tokenizer_corpus(rng, n=4000)
+    tokenizer = train_tokenizer(corpus, kind="bpe", vocab_size=vocab_size)
+    prompts, text = [], " ".join(corpus)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for start in range(0, len(ids) - prompt_tokens, prompt_tokens):
+        prompt = tokenizer.decode(ids[start: start + prompt_tokens]).strip()
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) == prompt_tokens and prompt not in prompts:
+            prompts.append(prompt)
+        if len(prompts) == n_prompts:
+            break
     policy = build_policy(tokenizer, "tiny", n_positions=64, seed=seed)
     torch.manual_seed(seed + 1)
     reward_model = RewardModel(GPT2Model(policy.config))
-    paths = {"tokenizer": directory / "tokenizer", "policy": directory / "policy", "reward_model": directory / "rm"}
+    paths = {"tokenizer": directory / "tokenizer", "policy": directory / "policy", "reward_model": directory / "rm",
+             "prompts": directory / "prompts.txt"}
     tokenizer.save_pretrained(paths["tokenizer"])
     policy.save_pretrained(paths["policy"])
     reward_model.save_pretrained(paths["reward_model"])
+    paths["prompts"].write_text("\n".join(prompts) + "\n")
     paths["parameters"] = sum(p.numel() for p in policy.parameters())
     return paths
+
+
+def _task(world: dict):
+    from rlhf_env.tasks.custom import FileTask
+
+    return FileTask(world["prompts"], gold=lambda prompt, response: 0.0, eval_fraction=0.1)
 
 
 def ours_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int) -> dict:
@@ -56,9 +79,9 @@ def ours_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warm
     import rlhf_env  # noqa: F401  (registers the env ids)
     from agents.reinforce import Reinforce, ReinforceConfig
 
-    envs = gym.make_vec("RLHF-v0", num_envs=prompts * k, policy=world["policy"], reference=world["policy"],
-                        reward_model=world["reward_model"], tokenizer=world["tokenizer"], max_new_tokens=length,
-                        beta=0.05)
+    envs = gym.make_vec("RLHF-v0", num_envs=prompts * k, task=_task(world), policy=world["policy"],
+                        reference=world["policy"], reward_model=world["reward_model"], tokenizer=world["tokenizer"],
+                        max_new_tokens=length, beta=0.05)
     agent = Reinforce(envs, ReinforceConfig(episodes_per_update=prompts * k, samples_per_prompt=k,
                                             learning_rate=1e-6), progress=False)
     seconds, lengths = [], []
@@ -77,14 +100,15 @@ def trl_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmu
     from trl import RLOOConfig, RLOOTrainer
 
     from rlhf_env.build.reward_model import RewardModel
-    from rlhf_env.tasks import get_task
+
     tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
     reward_model = RewardModel.from_pretrained(world["reward_model"])
 
     @torch.no_grad()
     def reward(prompts, completions, **kwargs):  # the same reward model, on the texts TRL hands over
-        encoded = tokenizer([p + " " + c for p, c in zip(prompts, completions)], return_tensors="pt",
-                            padding=True)
+        # Decoded random bytes can re-tokenize longer than they were sampled: cut at the model's context.
+        encoded = tokenizer([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True,
+                            truncation=True, max_length=reward_model.config.n_positions)
         return reward_model(encoded["input_ids"], encoded["attention_mask"]).tolist()
 
     class Timer(TrainerCallback):
@@ -97,13 +121,13 @@ def trl_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmu
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self.start)
 
-    pool = get_task("sentiment").train_prompts()
+    pool = _task(world).train_prompts()
     dataset = Dataset.from_dict({"prompt": pool[: prompts * (warmup + updates + 2)]})
     with tempfile.TemporaryDirectory() as out:
         config = RLOOConfig(output_dir=out, per_device_train_batch_size=prompts * k, num_generations=k,
                             max_completion_length=length, beta=0.05, learning_rate=1e-6, num_iterations=1,
                             max_steps=warmup + updates, logging_steps=1, save_strategy="no", report_to="none",
-                            use_cpu=True, bf16=False, gradient_checkpointing=False, disable_dropout=True,
+                            use_cpu=True, bf16=False, activation_checkpointing=False, disable_dropout=True,
                             dataloader_num_workers=0, seed=0)
         timer = Timer()
         trainer = RLOOTrainer(model=str(world["policy"]), reward_funcs=reward, args=config, train_dataset=dataset,
