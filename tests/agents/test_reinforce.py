@@ -35,12 +35,16 @@ def test_rollouts_hold_k_samples_of_each_prompt_in_consecutive_groups(monkeypatc
 
 
 def test_zero_signal_batch_leaves_the_parameters_unchanged():
-    # β = 0 and a constant reward: every return is equal, so every RLOO advantage is exactly 0.
-    envs = make_envs(beta=0.0, reward_fn=lambda prompt, response: 1.0)
+    # β = 0 and a constant reward: every return is equal, so every RLOO advantage is exactly 0. A first update with
+    # signal gives Adam momentum, which would move the parameters on a zero gradient if the step were taken.
+    reward = {"constant": False}
+    envs = make_envs(beta=0.0, reward_fn=lambda prompt, response: 1.0 if reward["constant"] else len(response) / 10)
     agent = Reinforce(envs, SMALL, progress=False)
     before = digest(agent.lm)
-    for _ in range(2):
-        metrics = agent.update()
+    assert agent.update()["train/no_signal"] == 0 and digest(agent.lm) != before
+    reward["constant"] = True
+    before = digest(agent.lm)
+    metrics = agent.update()
     assert digest(agent.lm) == before
     assert metrics["train/no_signal"] == 1 and metrics["policy/advantage_std"] == 0.0
 
