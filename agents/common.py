@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from agents.checkpoint import load_training_state, save_training_state
-from agents.metrics import diagnose, read_history
-from agents.rollout import Episodes, collect_episodes, sample_tokens
+from agents.metrics import MetricsLogger, diagnose, read_history
+from agents.rollout import Episodes, collect_episodes, sample_tokens, unwrap_vector_env
 from rlhf_env.lm import pad_left, pad_right
 from rlhf_env.models import load_causal_lm
 
@@ -39,6 +39,30 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 # ---------------------------------------------------------------- training
+def acting_world(agent, env, name: str):
+    """Attach the native vector env under `env` to `agent` (``envs``, ``world``, ``device``, ``lm``): the env's
+    acting policy is what the agent trains, so it must have one, and each rollout runs every row once."""
+    agent.envs = unwrap_vector_env(env)
+    world = agent.world = agent.envs.world
+    if world.policy is None:
+        raise ValueError(f"{name} trains the env's acting policy: make the env with kl_mode='policy' (the default)")
+    exact_div(agent.config.episodes_per_update, agent.envs.num_envs, "episodes_per_update / num_envs")
+    agent.device, agent.lm = world.device, world.policy
+
+
+def start_training(agent, params: list[torch.nn.Parameter], out_dir: str | Path | None, progress: bool) -> None:
+    """What every agent keeps to train and resume: Adam on `params`, numpy and torch RNGs seeded from
+    ``config.seed``, the counters and the metrics logger."""
+    cfg = agent.config
+    agent.params = params
+    agent.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
+    agent.rng = np.random.default_rng(cfg.seed)
+    agent.generator = torch.Generator().manual_seed(cfg.seed)
+    agent.num_timesteps = agent.num_updates = agent.num_episodes = 0
+    agent.out_dir, agent.progress = out_dir, progress
+    agent.logger = MetricsLogger(out_dir)
+
+
 def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True):
     """Call ``agent.update()`` until `total_timesteps` env steps (generated tokens, idle rows included).
 

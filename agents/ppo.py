@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from agents.common import (
+    acting_world,
     autocast,
     batch_tensors,
     checkpoint_config,
@@ -31,6 +32,7 @@ from agents.common import (
     rollout,
     run_command,
     save_agent,
+    start_training,
 )
 from agents.core import (
     entropy_from_logits,
@@ -42,9 +44,8 @@ from agents.core import (
     policy_loss,
     value_loss,
 )
-from agents.metrics import MetricsLogger
 from agents.policy import ActorCritic
-from agents.rollout import episode_stats, unwrap_vector_env
+from agents.rollout import episode_stats
 from rlhf_env.build.common import encode_pairs
 from rlhf_env.build.sft import sft_loss
 
@@ -116,23 +117,12 @@ class PPO:
 
     def __init__(self, env, config: PPOConfig = PPOConfig(), out_dir: str | Path | None = None,
                  progress: bool = True):
-        self.envs = unwrap_vector_env(env)
-        world = self.envs.world
-        if world.policy is None:
-            raise ValueError("PPO trains the env's acting policy: make the env with kl_mode='policy' (the default)")
-        exact_div(config.episodes_per_update, self.envs.num_envs, "episodes_per_update / num_envs")
+        self.config = config
+        acting_world(self, env, "PPO")
         _ = config.num_minibatches, config.micro_batch_size  # raise now if the sizes do not divide
-        self.config, self.world, self.device = config, world, world.device
         torch.manual_seed(config.seed)  # the value head's init
-        self.model = ActorCritic(world.policy, config.value_init, config.separate_critic, world.reward_model)
-        self.lm = self.model.lm
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=config.learning_rate, eps=config.adam_eps)
-        self.rng = np.random.default_rng(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.num_timesteps = self.num_updates = self.num_episodes = 0
-        self.out_dir, self.progress = out_dir, progress
-        self.logger = MetricsLogger(out_dir)
+        self.model = ActorCritic(self.lm, config.value_init, config.separate_critic, self.world.reward_model)
+        start_training(self, [p for p in self.model.parameters() if p.requires_grad], out_dir, progress)
 
     # ---------------------------------------------------------------- training
     def learn(self, total_timesteps: int, callback=None) -> PPO:

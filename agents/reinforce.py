@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from agents.common import (
+    acting_world,
     autocast,
     batch_tensors,
     checkpoint_config,
@@ -49,6 +50,7 @@ from agents.common import (
     rollout,
     run_command,
     save_agent,
+    start_training,
 )
 from agents.core import (
     entropy_from_logits,
@@ -60,9 +62,8 @@ from agents.core import (
     reward_to_go,
     rloo_baseline,
 )
-from agents.metrics import MetricsLogger
 from agents.policy import ActorCritic, response_logits
-from agents.rollout import episode_stats, unwrap_vector_env
+from agents.rollout import episode_stats
 
 BASELINES = ("moving_average", "rloo", "value", "none")
 
@@ -117,24 +118,12 @@ class Reinforce:
 
     def __init__(self, env, config: ReinforceConfig = ReinforceConfig(), out_dir: str | Path | None = None,
                  progress: bool = True):
-        self.envs = unwrap_vector_env(env)
-        world = self.envs.world
-        if world.policy is None:
-            raise ValueError("Reinforce trains the env's acting policy: make the env with kl_mode='policy' "
-                             "(the default)")
-        exact_div(config.episodes_per_update, self.envs.num_envs, "episodes_per_update / num_envs")
-        self.config, self.world, self.device = config, world, world.device
-        self.lm = world.policy
+        self.config = config
+        acting_world(self, env, "Reinforce")
         torch.manual_seed(config.seed)  # the value head's init
         self.model = ActorCritic(self.lm, config.value_init) if config.baseline == "value" else None
-        self.params = [p for p in (self.model or self.lm).parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=config.learning_rate, eps=config.adam_eps)
-        self.rng = np.random.default_rng(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        start_training(self, [p for p in (self.model or self.lm).parameters() if p.requires_grad], out_dir, progress)
         self.moving_average = 0.0  # the "moving_average" baseline: EMA of past batches' mean return
-        self.num_timesteps = self.num_updates = self.num_episodes = 0
-        self.out_dir, self.progress = out_dir, progress
-        self.logger = MetricsLogger(out_dir)
 
     def learn(self, total_timesteps: int, callback=None) -> Reinforce:
         """Update until `total_timesteps` env steps (generated tokens, idle rows included) have been taken.
