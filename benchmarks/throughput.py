@@ -32,7 +32,7 @@ def env_tokens_per_second(batch: int, length: int, steps: int, device: str) -> f
     envs.reset(seed=0)
 
     def act():
-        logp = envs._batch.policy.logprobs.clone()  # (B, V) the distribution the env already computed
+        logp = envs._batch.policy_logprobs().clone()  # (B, V) the distribution the env already computed
         logp[:, eos] = -float("inf")
         gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=generator, device=logp.device)))
         return (logp + gumbel).argmax(-1).cpu().numpy()

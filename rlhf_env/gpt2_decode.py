@@ -2,10 +2,12 @@
 
 At the sizes RL on a laptop uses (a few hundred thousand to a few million parameters), one decoding step of the
 Hugging Face forward spends most of its time in Python: mask construction, output wrappers, cache bookkeeping.
-`gpt2_forward` does the same arithmetic with the model's own parameter tensors (read live, so an agent training
-the policy in place is seen at the next step) and a plain list of key/value tensors as cache. It is used by the
-env's decoders whenever the model is a GPT-2 in eval mode; any other model goes through its own ``forward``.
-Its next-token log-probs match the Hugging Face forward to float rounding (tested).
+`GPT2Stack` does the same arithmetic with the models' own parameters and a plain list of key/value tensors as
+cache, for M models of one shape at once (the env's policy and reference: every matrix product is one batched
+product over both, so a step costs one set of operations instead of two). Parameters are read live (an agent
+training the policy in place is seen at the next step). The env's decoders use it for GPT-2s in eval mode and the
+reward model scores with it; any other model goes through its own ``forward``. Log-probs match the Hugging Face
+forward to float rounding, and identical models stacked together give identical bits (tested).
 
 Legend: ``B`` rows, ``W`` positions fed in this call, ``L`` cached positions, ``H`` heads, ``D`` head width,
 ``E`` embedding width.
@@ -18,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rlhf_env.lm import position_ids
 
 
 class KVLayer:
@@ -35,9 +39,11 @@ class KVCache:
 
 
 def supports_lean_forward(model: nn.Module) -> bool:
-    """True for a plain GPT-2 LM (the architecture `gpt2_forward` implements) with no dropout active."""
+    """True for a plain GPT-2 (an LM, or a bare trunk such as a reward model's) with no dropout active: the
+    architecture `GPT2Stack` implements."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "gpt2" or not hasattr(model, "transformer"):
+    lm_or_trunk = hasattr(model, "transformer") and hasattr(model, "lm_head") or hasattr(model, "wte")
+    if getattr(config, "model_type", None) != "gpt2" or not lm_or_trunk:
         return False
     dropout = config.resid_pdrop or config.embd_pdrop or config.attn_pdrop
     return (
@@ -63,34 +69,131 @@ def gpt2_forward(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tens
     ``positions (B, W)`` are the new tokens' position ids. Padding positions attend to themselves only, so every
     value stays finite and masked columns can never leak NaN into a live row.
     """
-    config, transformer = model.config, model.transformer
-    heads, width = config.n_head, ids.shape[1]
-    head_dim = config.n_embd // heads
-    act = _ACTIVATIONS[config.activation_function]
-    past = 0 if cache is None else cache.layers[0].keys.shape[2]
-    # (B, 1, W, L + W): key j is visible to query i when it is live and not in i's future.
-    keys_live = attention_mask.bool()[:, None, None, :]
-    query_index = torch.arange(width, device=ids.device)[:, None] + past
-    key_index = torch.arange(past + width, device=ids.device)[None, :]
-    visible = keys_live & (key_index <= query_index) | (key_index == query_index)
-    scale = 1.0 / math.sqrt(head_dim) if config.scale_attn_weights else 1.0
-    x = transformer.wte(ids) + transformer.wpe(positions)  # (B, W, E)
-    layers = []
-    for index, block in enumerate(transformer.h):
-        attn = block.attn
-        qkv = F.linear(F.layer_norm(x, block.ln_1.normalized_shape, block.ln_1.weight, block.ln_1.bias,
-                                    block.ln_1.eps), attn.c_attn.weight.T, attn.c_attn.bias)
-        q, k, v = (t.view(t.shape[0], width, heads, head_dim).transpose(1, 2) for t in qkv.split(config.n_embd, 2))
-        if cache is not None:
-            k = torch.cat([cache.layers[index].keys, k], dim=2)
-            v = torch.cat([cache.layers[index].values, v], dim=2)
-        layers.append(KVLayer(k, v))
-        layer_scale = scale / (index + 1) if config.scale_attn_by_inverse_layer_idx else scale
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=layer_scale)  # (B, H, W, D)
-        y = y.transpose(1, 2).reshape(x.shape)
-        x = x + F.linear(y, attn.c_proj.weight.T, attn.c_proj.bias)
-        mlp = block.mlp
-        h = F.layer_norm(x, block.ln_2.normalized_shape, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
-        x = x + F.linear(act(F.linear(h, mlp.c_fc.weight.T, mlp.c_fc.bias)), mlp.c_proj.weight.T, mlp.c_proj.bias)
-    last = transformer.ln_f(x[:, -1])  # (B, E)
-    return KVCache(layers), model.lm_head(last)
+    cache, logits = GPT2Stack([model]).forward(ids, attention_mask, positions, cache)
+    return cache, logits[:, 0]
+
+
+def can_stack(models: list[nn.Module]) -> bool:
+    """True when `models` can run as one `GPT2Stack`: lean-capable GPT-2 LMs of one shape, dtype and device and,
+    when there are several, small enough that running them in one set of batched ops pays for a stacked copy of
+    their weights (a single model's weights are used in place)."""
+    if not all(supports_lean_forward(m) for m in models):
+        return False
+    shape = [(m.config.n_embd, m.config.n_layer, m.config.n_head, m.config.vocab_size, m.config.n_positions,
+              m.config.activation_function, m.config.layer_norm_epsilon, m.config.scale_attn_weights,
+              m.config.scale_attn_by_inverse_layer_idx, m.lm_head.weight.dtype, m.lm_head.weight.device)
+             for m in models]
+    size = sum(p.numel() for m in models for p in m.parameters())
+    return all(s == shape[0] for s in shape) and (len(models) == 1 or size <= STACK_MAX_PARAMETERS)
+
+
+# Below this many parameters (all models together) a decoding step is dominated by per-operation overhead, so M
+# models in one set of batched matrix products cost little more than one; above it the stacked copy's memory is
+# not worth it (benchmarks.speed measured 0.77 ms for policy + reference stacked vs 1.13 ms apart, 0.5M each).
+STACK_MAX_PARAMETERS = 20_000_000
+
+
+class GPT2Stack:
+    """M GPT-2 models of one shape run side by side: every matrix product is one batched product over the models.
+
+    A single model's parameters are used as views (no copy). Several models' parameters are stacked into one copy,
+    rebuilt whenever any parameter is modified in place or replaced (an optimizer step on the live policy is seen
+    at the next forward). Keys and values of model m live in heads ``m·H … (m+1)·H − 1`` of the cache, so the cache
+    has the layout of a single model with M·H heads and row-wise bookkeeping works unchanged.
+    """
+
+    def __init__(self, models: list[nn.Module]):
+        self.models = list(models)
+        self.config = self.models[0].config
+        # A GPT2LMHeadModel keeps its trunk under "transformer."; a bare GPT2Model (a reward model's trunk) is one.
+        self._trunk = "transformer." if hasattr(self.models[0], "transformer") else ""
+        self._parameters = [p for m in self.models for p in m.parameters()]
+        self._stamp, self._weights = None, None
+
+    def weights(self) -> dict:
+        """Stacked parameters: matrices ``(M, in, out)`` (Conv1D layout), vectors ``(M, 1, n)``."""
+        stamp = tuple((p.data_ptr(), p._version) for p in self._parameters)
+        if stamp != self._stamp:
+            self._weights, self._stamp = self._stack(), stamp
+        return self._weights
+
+    def _stack(self) -> dict:
+        def stacked(path: str, vector: bool = False) -> torch.Tensor:
+            tensors = [m.get_parameter(path).detach() for m in self.models]
+            weight = tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
+            return weight[:, None] if vector else weight
+
+        def affine(prefix: str, matrix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            return stacked(f"{prefix}.weight", vector=not matrix), stacked(f"{prefix}.bias", vector=True)
+
+        trunk = self._trunk
+        layers = [{name: affine(f"{trunk}h.{i}.{module}", matrix=name.startswith("c_") or name == "mlp_proj")
+                   for name, module in [("ln_1", "ln_1"), ("c_attn", "attn.c_attn"), ("c_proj", "attn.c_proj"),
+                                        ("ln_2", "ln_2"), ("c_fc", "mlp.c_fc"), ("mlp_proj", "mlp.c_proj")]}
+                  for i in range(self.config.n_layer)]
+        weights = {"wte": stacked(f"{trunk}wte.weight"), "wpe": stacked(f"{trunk}wpe.weight"),
+                   "ln_f": affine(f"{trunk}ln_f", matrix=False), "layers": layers}
+        if trunk:
+            weights["lm_head"] = stacked("lm_head.weight").transpose(1, 2)  # (M, E, V)
+        return weights
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None) -> tuple[KVCache, torch.Tensor]:
+        """`gpt2_forward` for every model at once: the new cache and the last position's logits ``(B, M, V)``."""
+        w = self.weights()
+        cache, x = self._blocks(w, ids, attention_mask, positions, cache)  # x: (M, B, W, E)
+        logits = torch.bmm(_layer_norm(x[:, :, -1], *w["ln_f"], self.config.layer_norm_epsilon), w["lm_head"])
+        return cache, logits.transpose(0, 1)  # (B, M, V)
+
+    def hidden_states(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The final (layer-normed) hidden states of every position ``(M, B, W, E)`` of left- or right-padded
+        sequences, as transformers' ``last_hidden_state`` (a reward model reads them at the last real token)."""
+        w = self.weights()
+        _, x = self._blocks(w, ids, attention_mask, position_ids(attention_mask), None)
+        models, batch, width, embed = x.shape
+        normed = _layer_norm(x.reshape(models, batch * width, embed), *w["ln_f"],
+                             self.config.layer_norm_epsilon)
+        return normed.view(x.shape)
+
+    def _blocks(self, w: dict, ids, attention_mask, positions, cache) -> tuple[KVCache, torch.Tensor]:
+        """The transformer blocks: the new cache and the residual stream ``(M, B, W, E)`` before the final norm."""
+        config, models = self.config, len(self.models)
+        heads, (batch, width), embed = config.n_head, ids.shape, config.n_embd
+        head_dim = embed // heads
+        act = _ACTIVATIONS[config.activation_function]
+        past = 0 if cache is None else cache.layers[0].keys.shape[2]
+        # (B, 1, W, L + W): key j is visible to query i when it is live and not in i's future.
+        keys_live = attention_mask.bool()[:, None, None, :]
+        query_index = torch.arange(width, device=ids.device)[:, None] + past
+        key_index = torch.arange(past + width, device=ids.device)[None, :]
+        visible = keys_live & (key_index <= query_index) | (key_index == query_index)
+        scale = 1.0 / math.sqrt(head_dim) if config.scale_attn_weights else 1.0
+        x = (w["wte"][:, ids] + w["wpe"][:, positions]).view(models, batch * width, embed)  # (M, B·W, E)
+        layers = []
+        for index, layer in enumerate(w["layers"]):
+            qkv = torch.baddbmm(layer["c_attn"][1], _layer_norm(x, *layer["ln_1"], config.layer_norm_epsilon),
+                                layer["c_attn"][0])  # (M, B·W, 3E)
+            # (M, B·W, E) -> (B, M·H, W, D): the models' heads side by side.
+            q, k, v = (t.view(models, batch, width, heads, head_dim).permute(1, 0, 3, 2, 4)
+                       .reshape(batch, models * heads, width, head_dim) for t in qkv.split(embed, 2))
+            if cache is not None:
+                k = torch.cat([cache.layers[index].keys, k], dim=2)
+                v = torch.cat([cache.layers[index].values, v], dim=2)
+            layers.append(KVLayer(k, v))
+            layer_scale = scale / (index + 1) if config.scale_attn_by_inverse_layer_idx else scale
+            # Written out rather than F.scaled_dot_product_attention: its CPU kernel can round a head differently
+            # depending on the thread it lands on, and identical models must give identical log-probs (KL = 0).
+            scores = torch.matmul(q, k.transpose(2, 3)).mul_(layer_scale).masked_fill_(~visible, float("-inf"))
+            y = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)  # (B, M·H, W, D)
+            y = y.view(batch, models, heads, width, head_dim).permute(1, 0, 3, 2, 4).reshape(x.shape)
+            x = x + torch.baddbmm(layer["c_proj"][1], y, layer["c_proj"][0])
+            h = _layer_norm(x, *layer["ln_2"], config.layer_norm_epsilon)
+            x = x + torch.baddbmm(layer["mlp_proj"][1], act(torch.baddbmm(layer["c_fc"][1], h, layer["c_fc"][0])),
+                                  layer["mlp_proj"][0])
+        return KVCache(layers), x.view(models, batch, width, embed)
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Layer norm of ``(M, N, E)`` with per-model ``weight, bias (M, 1, E)`` (the same ops for any M, so a model
+    computes the same bits alone and stacked)."""
+    return torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=eps), weight)

@@ -1,4 +1,4 @@
-"""The batched core under both environments: B episodes, one KV cache per model, one forward per step.
+"""The batched core under both environments: B episodes, π and π_ref decoded together, one forward per step.
 
 Legend: ``B`` rows (episodes running side by side), ``L`` cached columns, ``W`` columns fed in one call,
 ``V`` vocabulary.
@@ -6,7 +6,7 @@ Legend: ``B`` rows (episodes running side by side), ``L`` cached columns, ``W`` 
 Rows start and end at different times. Every call feeds each row either its action token (the row goes on), its
 new query (the row restarts: its old columns are masked out), or nothing (the row just ended and waits). The
 going-on rows are decoded in one forward (one new column); restarting rows are prefilled together in a second
-forward and written over their own dead columns, so each token passes through the model once. The cache grows by
+forward and written over their own dead columns, so each token passes through each model once. The cache grows by
 a column a step; when it holds more than ``compact_at`` columns, each row's live columns are gathered to the right
 of a narrower cache (no forward pass: keys and values already carry their positions).
 """
@@ -17,33 +17,46 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhf_env.gpt2_decode import KVCache, gpt2_forward, supports_lean_forward
+from rlhf_env.gpt2_decode import GPT2Stack, can_stack
 from rlhf_env.lm import pad_left, position_ids
 
 
 class BatchedDecoder:
-    """A causal LM stepped over B rows with a shared KV cache; returns next-token log-probs ``(B, V)`` in fp32."""
+    """M causal LMs (the policy and the reference) stepped over B rows with a shared mask; returns next-token
+    log-probs ``(B, M, V)`` in fp32.
 
-    def __init__(self, model: nn.Module, batch: int, temperature: float = 1.0, pad_token_id: int = 0,
+    How the models run is chosen whenever the cache starts afresh: small GPT-2s of one shape as one `GPT2Stack`
+    (every model in each batched product), other GPT-2s each on the lean path, any other model through its own
+    ``forward``. `caches` holds one cache per such runner; rows and columns are the same in all of them.
+    """
+
+    def __init__(self, models: list[nn.Module], batch: int, temperature: float = 1.0, pad_token_id: int = 0,
                  compact_at: int = 256):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.model, self.batch, self.temperature = model, batch, temperature
+        self.models, self.batch, self.temperature = list(models), batch, temperature
         self.pad_token_id, self.compact_at = pad_token_id, compact_at
-        self.device = next(model.parameters()).device
-        self.cache = None
+        self.device = next(self.models[0].parameters()).device
+        self.caches: list | None = None
+        self.runners: list = []
+        self._stacks: dict[tuple[int, ...], GPT2Stack] = {}  # kept so that stacked weights are reused
         self.mask = torch.zeros((batch, 0), dtype=torch.long, device=self.device)  # (B, L)
         self.next_positions = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,)
-        self.logprobs: torch.Tensor | None = None  # (B, V) at each row's current state
+        self.logprobs: torch.Tensor | None = None  # (B, M, V) at each row's current state
         self.forward_calls = 0
+
+    def release(self) -> None:
+        """Drop the caches (a later feed starts afresh)."""
+        self.caches, self.logprobs = None, None
+        self.mask = self.mask[:, :0]
 
     @torch.no_grad()
     def feed(self, inputs: list[list[int] | None], restart: list[bool]) -> torch.Tensor:
-        """Feed each row its tokens (`None`: nothing) and return the next-token log-probs ``(B, V)``.
+        """Feed each row its tokens (`None`: nothing) and return the next-token log-probs ``(B, M, V)``.
 
         A restarting row's tokens are a new query whose positions start at 0. Going-on rows are decoded together
         (one forward, one new column); restarting rows are prefilled together in a second forward and spliced into
-        the cache over their dead columns, so every token goes through the model exactly once. If every row
+        the cache over their dead columns, so every token goes through each model exactly once. If every row
         restarts, the cache starts afresh: a batch of one then computes exactly what a fresh prefill computes.
         Rows fed nothing keep their previous log-probs.
         """
@@ -53,7 +66,7 @@ class BatchedDecoder:
             raise ValueError("going-on rows take exactly one token per step")
         logprobs = self.logprobs
         if len(restart_rows) == self.batch:
-            self.cache, self.mask = None, self.mask[:, :0]
+            self.release()
             logprobs = self._prefill_all([inputs[row] for row in restart_rows])
         else:
             if decode_rows:
@@ -65,22 +78,40 @@ class BatchedDecoder:
             self._compact()
         return self.logprobs
 
-    def _forward(self, ids, attention_mask, positions, cache):
-        """One forward: GPT-2 models take the lean path (`rlhf_env.gpt2_decode`), others their own ``forward``."""
-        self.forward_calls += 1
-        lean = isinstance(cache, KVCache) if cache is not None else supports_lean_forward(self.model)
-        if lean:
-            cache, logits = gpt2_forward(self.model, ids, attention_mask, positions, cache)
+    def _choose_runners(self) -> list:
+        """Small GPT-2s of one shape: one stack; else each GPT-2 alone on the lean path, other models as they are."""
+        if can_stack(self.models):
+            groups = [self.models]
         else:
-            out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
+            groups = [[model] if can_stack([model]) else model for model in self.models]
+        return [self._stacks.setdefault(tuple(map(id, group)), GPT2Stack(group)) if isinstance(group, list)
+                else group for group in groups]
+
+    def _forward(self, ids, attention_mask, positions, caches):
+        """One forward of every model: the new caches and log-probs ``(B, M, V)``."""
+        self.forward_calls += 1
+        new_caches, logits = [], []
+        for runner, cache in zip(self.runners, caches or [None] * len(self.runners)):
+            if isinstance(runner, GPT2Stack):
+                cache, runner_logits = runner.forward(ids, attention_mask, positions, cache)  # (B, m, V)
+            else:
+                out = runner(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
                              past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
-        return cache, torch.log_softmax(logits.float() / self.temperature, dim=-1)
+                cache, runner_logits = out.past_key_values, out.logits[:, -1, None]
+            new_caches.append(cache)
+            logits.append(runner_logits)
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
+        return new_caches, torch.log_softmax(logits.float() / self.temperature, dim=-1)
+
+    def _layers(self):
+        """Every layer of every cache (each has ``keys`` and ``values`` ``(B, heads, L, D)``)."""
+        return [layer for cache in self.caches for layer in cache.layers]
 
     def _prefill_all(self, queries: list[list[int]]) -> torch.Tensor:
         ids, mask = pad_left(queries, self.pad_token_id, self.device)  # (B, P)
         positions = position_ids(mask)
-        self.cache, logprobs = self._forward(ids, mask, positions, None)
+        self.runners = self._choose_runners()  # the cache starts afresh: models may have changed mode
+        self.caches, logprobs = self._forward(ids, mask, positions, None)
         self.mask, self.next_positions = mask, positions[:, -1] + 1
         return logprobs
 
@@ -92,10 +123,10 @@ class BatchedDecoder:
         ids[index, 0] = torch.tensor([inputs[row][0] for row in rows], device=self.device)
         new_mask[index, 0] = 1
         attention_mask = torch.cat([self.mask, new_mask], dim=1)  # (B, L + 1)
-        self.cache, new = self._forward(ids, attention_mask, self.next_positions[:, None] * new_mask, self.cache)
+        self.caches, new = self._forward(ids, attention_mask, self.next_positions[:, None] * new_mask, self.caches)
         self.mask = attention_mask
         self.next_positions = self.next_positions + new_mask[:, 0]
-        return new if logprobs is None else torch.where(new_mask.bool(), new, logprobs)
+        return new if logprobs is None else torch.where(new_mask.bool()[:, :, None], new, logprobs)
 
     def _prefill_rows(self, rows: list[int], queries: list[list[int]], logprobs) -> torch.Tensor:
         """Prefill new queries for `rows` and write them over those rows' last columns (all dead after a restart)."""
@@ -108,7 +139,7 @@ class BatchedDecoder:
         index = torch.tensor(rows, device=self.device)
         self.mask[index] = 0
         self.mask[index, -width:] = mask
-        for layer, part in zip(self.cache.layers, fresh.layers):
+        for layer, part in zip(self._layers(), [layer for cache in fresh for layer in cache.layers]):
             layer.keys[index, :, -width:] = part.keys
             layer.values[index, :, -width:] = part.values
         self.next_positions[index] = positions[:, -1] + 1
@@ -120,7 +151,7 @@ class BatchedDecoder:
 
     def _pad_left_columns(self, n: int) -> None:
         self.mask = torch.cat([self.mask.new_zeros((self.batch, n)), self.mask], dim=1)
-        for layer in self.cache.layers:
+        for layer in self._layers():
             layer.keys = torch.cat([layer.keys.new_zeros((*layer.keys.shape[:2], n, layer.keys.shape[3])),
                                     layer.keys], dim=2)
             layer.values = torch.cat([layer.values.new_zeros((*layer.values.shape[:2], n,
@@ -134,7 +165,7 @@ class BatchedDecoder:
         # Sort each row's columns so that live ones come last, in their original order.
         order = torch.argsort(self.mask * (columns + 1), dim=1, stable=True)[:, -width:]  # (B, width)
         self.mask = self.mask.gather(1, order)
-        for layer in self.cache.layers:
+        for layer in self._layers():
             index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index)
@@ -150,10 +181,11 @@ class RolloutBatch:
     def __init__(self, world, batch: int):
         self.world, self.batch = world, batch
         pad = world.tokenizer.pad_token_id
-        # kl_mode="reference": no acting policy in the env, so no policy forward (log π is taken as 0).
-        self.policy = (None if world.policy is None
-                       else BatchedDecoder(world.policy, batch, world.temperature, pad, world.compact_at))
-        self.reference = BatchedDecoder(world.reference, batch, world.temperature, pad, world.compact_at)
+        # One decoder runs π and π_ref (log-probs [:, 0] and [:, 1]); kl_mode="reference": no acting policy in the
+        # env, so no policy forward (log π is taken as 0) and the reference is model 0.
+        self.has_policy = world.policy is not None
+        models = [world.policy, world.reference] if self.has_policy else [world.reference]
+        self.decoder = BatchedDecoder(models, batch, world.temperature, pad, world.compact_at)
         # Observations kept up to date in place: query left-padded to P columns, response after it.
         self.width_prompt, self.width_response = world.max_prompt_tokens, world.max_new_tokens
         self.obs_ids = np.full((batch, self.width_prompt + self.width_response), pad, dtype=np.int64)  # (B, P + T)
@@ -166,18 +198,13 @@ class RolloutBatch:
         self.active = [False] * batch
 
     def release(self) -> None:
-        """Drop both KV caches and end every episode (what `close` does); a later reset starts afresh."""
-        for decoder in (self.policy, self.reference):
-            if decoder is not None:
-                decoder.cache, decoder.logprobs = None, None
-                decoder.mask = decoder.mask[:, :0]
+        """Drop the KV caches and end every episode (what `close` does); a later reset starts afresh."""
+        self.decoder.release()
         self.active = [False] * self.batch
 
     def feed(self, inputs: list[list[int] | None], restart: list[bool]) -> None:
         """One forward of each model over every row's input (see `BatchedDecoder.feed`)."""
-        if self.policy is not None:
-            self.policy.feed(inputs, restart)
-        self.reference.feed(inputs, restart)
+        self.decoder.feed(inputs, restart)
 
     def start(self, row: int, prompt: str, query: list[int]) -> None:
         """Begin a new episode in `row` (its query is fed by the next `feed`)."""
@@ -191,19 +218,17 @@ class RolloutBatch:
 
     def token_logprobs(self, tokens: list[int]) -> tuple[list[float], list[float]]:
         """log π and log π_ref of one token per row, read from the distributions already computed."""
-        rows = torch.arange(self.batch, device=self.reference.device)
-        index = torch.tensor(tokens, device=self.reference.device)
-        ref_logprobs = self.reference.logprobs[rows, index].tolist()
-        if self.policy is None:
-            return [0.0] * self.batch, ref_logprobs
-        return self.policy.logprobs[rows, index].tolist(), ref_logprobs
+        rows = torch.arange(self.batch, device=self.decoder.device)
+        index = torch.tensor(tokens, device=self.decoder.device)
+        picked = self.decoder.logprobs[rows, :, index].T.tolist()  # (M, B)
+        return (picked[0], picked[1]) if self.has_policy else ([0.0] * self.batch, picked[0])
 
     def policy_logprobs(self) -> torch.Tensor:
         """log π(· | state) of every row ``(B, V)``; an error in kl_mode="reference", where the env has no π."""
-        if self.policy is None:
+        if not self.has_policy:
             raise RuntimeError("kl_mode='reference': the env holds no acting policy, so it has no "
                                  "next_token_logprobs (the agent samples from its own policy)")
-        return self.policy.logprobs
+        return self.decoder.logprobs[:, 0]
 
     def append(self, row: int, token: int, logprob: float, ref_logprob: float) -> dict:
         """Record `token` in `row` with its log-probs under π and π_ref and return the step's info.

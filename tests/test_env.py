@@ -15,6 +15,7 @@ from gymnasium.error import InvalidAction, ResetNeeded
 import rlhf_env  # registers RLHF-v0 and the per-task ids
 from rlhf_env.assets import asset_dir
 from rlhf_env.env import NonFiniteReward, RLHFEnv
+from rlhf_env.gpt2_decode import GPT2Stack
 from rlhf_env.lm import pad_left, pad_right, response_logprobs
 from rlhf_env.models import load_causal_lm
 from rlhf_env.tasks import FileTask
@@ -33,6 +34,26 @@ def perturbed_policy(scale=0.05, seed=0):
         for p in policy.parameters():
             p.add_(scale * torch.randn(p.shape, generator=generator))
     return policy
+
+
+def count_model_forwards(monkeypatch, models: dict) -> tuple[dict, dict]:
+    """Count, per named model, the forwards it really runs and the real (unmasked) tokens fed to them: on the lean
+    path every `GPT2Stack.forward` runs each model it stacks; on any other path the model's token embedding runs."""
+    calls, tokens = dict.fromkeys(models, 0), dict.fromkeys(models, 0)
+    names = {id(model): name for name, model in models.items()}
+    stacked_forward = GPT2Stack.forward
+
+    def counting_forward(stack, ids, attention_mask, positions, cache):
+        for model in stack.models:
+            calls[names[id(model)]] += 1
+            tokens[names[id(model)]] += int(attention_mask[:, -ids.shape[1]:].sum())
+        return stacked_forward(stack, ids, attention_mask, positions, cache)
+
+    monkeypatch.setattr(GPT2Stack, "forward", counting_forward)
+    for name, model in models.items():
+        model.get_input_embeddings().register_forward_hook(
+            lambda module, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
+    return calls, tokens
 
 
 def sampled_episode(env, seed, prompt_seed=0, options=None):
@@ -107,19 +128,22 @@ def test_k3_estimator_is_never_negative():
     assert all(k >= 0 for k in kls) and any(k > 0 for k in kls)
 
 
-def test_one_policy_and_one_reference_forward_per_token_one_rm_forward_per_episode():
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-stacked", "own-forward"])
+def test_one_policy_and_one_reference_forward_per_token_one_rm_forward_per_episode(monkeypatch, lean):
+    if not lean:
+        monkeypatch.setattr(rlhf_env.rollout, "can_stack", lambda models: False)
+        monkeypatch.setattr(rlhf_env.build.reward_model, "supports_lean_forward", lambda model: False)
     env = RLHFEnv()
-    calls = {"policy": 0, "reference": 0, "reward": 0}
-    # The token embedding runs once per forward on either decode path (lean GPT-2 or the model's own forward).
-    env.policy.get_input_embeddings().register_forward_hook(
-        lambda *a: calls.__setitem__("policy", calls["policy"] + 1))
-    env.reference.get_input_embeddings().register_forward_hook(
-        lambda *a: calls.__setitem__("reference", calls["reference"] + 1))
-    env.reward_model.register_forward_hook(lambda *a: calls.__setitem__("reward", calls["reward"] + 1))
-    tokens = 0
+    calls, fed = count_model_forwards(monkeypatch, {"policy": env.policy, "reference": env.reference})
+    rm_calls = []
+    env.reward_model.register_forward_hook(lambda *a: rm_calls.append(1))
+    steps = 0
     for seed in range(3):
-        tokens += len(sampled_episode(env, seed, prompt_seed=seed)) - 1
-    assert calls == {"policy": tokens, "reference": tokens, "reward": 3}
+        steps += len(sampled_episode(env, seed, prompt_seed=seed)) - 1
+    # One forward per step: the prefill of the query, then one per generated token but the last.
+    assert calls == {"policy": steps, "reference": steps} and len(rm_calls) == 3
+    if lean:
+        assert fed["policy"] == fed["reference"] > steps  # queries and tokens, each fed once to each model
 
 
 def _trajectory(env, seed):

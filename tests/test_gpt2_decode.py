@@ -6,9 +6,10 @@ import torch
 from test_env import perturbed_policy
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import rlhf_env.gpt2_decode
 import rlhf_env.rollout
-from rlhf_env.gpt2_decode import gpt2_forward, supports_lean_forward
-from rlhf_env.lm import pad_left, position_ids, response_logprobs
+from rlhf_env.gpt2_decode import GPT2Stack, can_stack, gpt2_forward, supports_lean_forward
+from rlhf_env.lm import pad_left, pad_right, position_ids, response_logprobs
 from rlhf_env.models import build_policy
 from rlhf_env.vector_env import RLHFVectorEnv
 
@@ -61,7 +62,7 @@ def _rollout(envs, steps, seed):
 def test_vector_env_gives_the_same_rewards_on_both_decode_paths(monkeypatch):
     kwargs = dict(num_envs=4, policy=perturbed_policy(scale=0.02), compact_at=40, max_new_tokens=12)
     lean = _rollout(RLHFVectorEnv(**kwargs), steps=60, seed=3)
-    monkeypatch.setattr(rlhf_env.rollout, "supports_lean_forward", lambda model: False)
+    monkeypatch.setattr(rlhf_env.rollout, "can_stack", lambda models: False)
     slow = _rollout(RLHFVectorEnv(**kwargs), steps=60, seed=3)
     for (reward, terminated, logprob, ref), (reward2, terminated2, logprob2, ref2) in zip(lean, slow):
         assert np.array_equal(terminated, terminated2)
@@ -100,3 +101,73 @@ def test_a_non_gpt2_policy_runs_through_its_own_forward_with_an_exact_kl_seam(to
             assert kl_sums[row] == pytest.approx(logp[0] - logp[1], abs=1e-4)
             kl_sums[row], checked = 0.0, checked + 1
     assert checked >= 3
+
+
+def _decode_steps(stack, vocab, steps=12, batch=6, seed=0):
+    """Prefill ragged queries, then decode `steps` tokens (some rows idle at times); the log-probs of every step."""
+    generator = torch.Generator().manual_seed(seed)
+    queries = [torch.randint(4, vocab, (n,), generator=generator).tolist() for n in range(3, 3 + batch)]
+    ids, mask = pad_left(queries, 0, torch.device("cpu"))
+    positions = position_ids(mask)
+    cache, logits = stack.forward(ids, mask, positions, None)
+    outputs, next_positions = [logits], positions[:, -1] + 1
+    for step in range(steps):
+        token = torch.randint(4, vocab, (batch, 1), generator=generator)
+        live = (torch.arange(batch)[:, None] + step) % 3 != 0
+        mask = torch.cat([mask, live.long()], dim=1)
+        cache, logits = stack.forward(token, mask, next_positions[:, None] * live, cache)
+        next_positions = next_positions + live[:, 0]
+        outputs.append(logits)
+    return torch.stack(outputs)  # (steps + 1, B, M, V)
+
+
+def test_stacked_models_match_each_model_alone_and_identical_models_agree_bit_for_bit():
+    policy, other = perturbed_policy(scale=0.0), perturbed_policy(scale=0.05)
+    vocab = policy.config.vocab_size
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # thread-dependent rounding is what would break KL = 0 for π = π_ref
+    try:
+        with torch.no_grad():
+            stacked = _decode_steps(GPT2Stack([policy, other]), vocab)
+            alone = torch.cat([_decode_steps(GPT2Stack([m]), vocab) for m in (policy, other)], dim=2)
+            twins = _decode_steps(GPT2Stack([policy, policy]), vocab)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(stacked, alone, atol=1e-5) and (stacked[:, :, 0] - stacked[:, :, 1]).abs().max() > 0.1
+    assert torch.equal(twins[:, :, 0], twins[:, :, 1])
+
+
+def test_stacked_weights_follow_in_place_updates_of_the_live_policy():
+    live, frozen = perturbed_policy(scale=0.0), perturbed_policy(scale=0.0)
+    stack = GPT2Stack([live, frozen])
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+    with torch.no_grad():
+        _, before = stack.forward(ids, mask, position_ids(mask), None)
+        live.transformer.ln_f.bias.add_(1.0)  # what an optimizer step does
+        _, after = stack.forward(ids, mask, position_ids(mask), None)
+        _, expected = gpt2_forward(live, ids, mask, position_ids(mask), None)
+    assert torch.equal(before[:, 0], before[:, 1]) and not torch.equal(after[:, 0], before[:, 0])
+    assert torch.allclose(after[:, 0], expected, atol=1e-5) and torch.equal(after[:, 1], before[:, 1])
+
+
+def test_stacking_is_only_chosen_for_small_models_of_one_shape(monkeypatch):
+    policy, other, different = perturbed_policy(seed=0), perturbed_policy(seed=1), perturbed_policy(seed=2)
+    different.config.layer_norm_epsilon = 1e-3  # same weight shapes, different arithmetic
+    assert can_stack([policy, other]) and not can_stack([policy, different])
+    monkeypatch.setattr(rlhf_env.gpt2_decode, "STACK_MAX_PARAMETERS", 1000)
+    assert not can_stack([policy, other]) and can_stack([policy])  # one model: views, no copy
+
+
+def test_lean_reward_model_scores_match_the_hugging_face_trunk(tokenizer):
+    from rlhf_env.assets import asset_dir
+    from rlhf_env.build.reward_model import RewardModel
+
+    model = RewardModel.from_pretrained(asset_dir("sentiment") / "reward_model")
+    queries = [tokenizer(t)["input_ids"] for t in ["the food was", "it is not", "the plot of the film"]]
+    responses = [tokenizer(t)["input_ids"] for t in ["great .", "bad at all and dull", "fine"]]
+    query_ids, query_mask = pad_left(queries, tokenizer.pad_token_id, torch.device("cpu"))
+    response_ids, response_mask = pad_right(responses, tokenizer.pad_token_id, device=torch.device("cpu"))
+    with torch.no_grad():
+        lean = model.score(query_ids, query_mask, response_ids, response_mask)
+    hugging_face = model.score(query_ids, query_mask, response_ids, response_mask)  # with grad: the trunk's forward
+    assert torch.allclose(lean, hugging_face.detach(), atol=1e-5) and lean.std() > 0

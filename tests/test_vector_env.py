@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.error import InvalidAction, ResetNeeded
-from test_env import perturbed_policy
+from test_env import count_model_forwards, perturbed_policy
 
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
 from rlhf_env.env import RLHFEnv
 from rlhf_env.lm import pad_left, pad_right, response_logprobs
-from rlhf_env.rollout import BatchedDecoder
 from rlhf_env.vector_env import RLHFVectorEnv
 
 
@@ -63,9 +62,9 @@ def test_kl_seam_is_exact_per_row_across_restarts_and_cache_compaction():
     checked, compactions_seen, largest = 0, False, 0.0
     while checked < 12:
         queries = [list(q) for q in envs._batch.queries]
-        width_before = envs._batch.policy.mask.shape[1]
+        width_before = envs._batch.decoder.mask.shape[1]
         obs, rewards, terminated, _, infos = envs.step(sample_actions(envs.next_token_logprobs, rng))
-        compactions_seen |= envs._batch.policy.mask.shape[1] < width_before
+        compactions_seen |= envs._batch.decoder.mask.shape[1] < width_before
         kl_sums += np.where(infos.get("_kl", np.zeros(4, bool)), infos.get("kl", np.zeros(4)), 0.0)
         for row in np.flatnonzero(terminated):
             response = envs._batch.responses[row]
@@ -84,20 +83,9 @@ def test_kl_seam_is_exact_per_row_across_restarts_and_cache_compaction():
 
 def test_each_token_goes_through_each_model_once_and_the_rm_once_per_ending_step(monkeypatch):
     envs = RLHFVectorEnv(num_envs=8)
-    calls = {"policy": 0, "reference": 0, "reward": 0}
-    tokens = {"policy": 0, "reference": 0}
-    names = {id(envs.policy): "policy", id(envs.reference): "reference"}
-    forward = BatchedDecoder._forward
-
-    def counting_forward(decoder, ids, attention_mask, positions, cache):  # every model call goes through here
-        tokens[names[id(decoder.model)]] += int(attention_mask[:, -ids.shape[1]:].sum())  # real tokens fed
-        return forward(decoder, ids, attention_mask, positions, cache)
-
-    monkeypatch.setattr(BatchedDecoder, "_forward", counting_forward)
-    # Forwards are counted where the model really runs: its token embedding (either decode path) and the RM.
-    for name, module in [("policy", envs.policy.get_input_embeddings()),
-                         ("reference", envs.reference.get_input_embeddings()), ("reward", envs.reward_model)]:
-        module.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    calls, tokens = count_model_forwards(monkeypatch, {"policy": envs.policy, "reference": envs.reference})
+    calls["reward"] = 0
+    envs.reward_model.register_forward_hook(lambda *a: calls.__setitem__("reward", calls["reward"] + 1))
     rng = np.random.default_rng(0)
     _, infos = envs.reset(seed=0)
     expected_tokens = int(infos["prompt_tokens"].sum())

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel
 
 from rlhf_env.build.common import adamw_with_schedule, encode_pairs, gradient_step, model_max_length
+from rlhf_env.gpt2_decode import GPT2Stack, supports_lean_forward
 from rlhf_env.lm import position_ids
 from rlhf_env.models import check_safe_weights, quiet_loading
 
@@ -58,9 +59,15 @@ class RewardModel(nn.Module):
         return self.trunk.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scores ``(B,)`` for sequences ``(B, L)`` under any padding (read at each row's last real token)."""
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids(attention_mask)).last_hidden_state  # (B, L, H)
+        """Scores ``(B,)`` for sequences ``(B, L)`` under any padding (read at each row's last real token).
+
+        Scoring without gradients on a GPT-2 trunk takes the lean path of `rlhf_env.gpt2_decode` (same arithmetic,
+        a fraction of the Python; the env scores every finished episode this way)."""
+        if not torch.is_grad_enabled() and supports_lean_forward(self.trunk):
+            hidden = GPT2Stack([self.trunk]).hidden_states(input_ids, attention_mask)[0]  # (B, L, H)
+        else:
+            hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids(attention_mask)).last_hidden_state  # (B, L, H)
         columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask * columns).argmax(-1)  # (B,) index of the last real token
         h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
