@@ -39,14 +39,15 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 # ---------------------------------------------------------------- training
-def acting_world(agent, env, name: str):
+def acting_world(agent, env, name: str, episodes_per_update: int | None):
     """Attach the native vector env under `env` to `agent` (``envs``, ``world``, ``device``, ``lm``): the env's
     acting policy is what the agent trains, so it must have one, and each rollout runs every row once."""
     agent.envs = unwrap_vector_env(env)
     world = agent.world = agent.envs.world
     if world.policy is None:
         raise ValueError(f"{name} trains the env's acting policy: make the env with kl_mode='policy' (the default)")
-    exact_div(agent.config.episodes_per_update, agent.envs.num_envs, "episodes_per_update / num_envs")
+    if episodes_per_update is not None:
+        exact_div(episodes_per_update, agent.envs.num_envs, "episodes_per_update / num_envs")
     agent.device, agent.lm = world.device, world.policy
 
 
@@ -63,18 +64,19 @@ def start_training(agent, params: list[torch.nn.Parameter], out_dir: str | Path 
     agent.logger = MetricsLogger(out_dir)
 
 
-def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True):
-    """Call ``agent.update()`` until `total_timesteps` env steps (generated tokens, idle rows included).
+def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True, unit: str = "tok",
+               shown: tuple[str, ...] = ("objective/score", "objective/gold_score", "objective/kl")):
+    """Call ``agent.update()`` until ``agent.num_timesteps`` reaches `total_timesteps` (for the RL agents, env steps:
+    generated tokens, idle rows included); the progress bar counts `unit` and shows the metrics `shown`.
 
     ``callback(agent, metrics)`` runs after every update; returning False stops training.
     """
-    bar = tqdm(total=total_timesteps, initial=min(agent.num_timesteps, total_timesteps), unit="tok",
+    bar = tqdm(total=total_timesteps, initial=min(agent.num_timesteps, total_timesteps), unit=unit,
                disable=not progress)
     while agent.num_timesteps < total_timesteps:
         metrics = agent.update()
         bar.update(min(metrics["time/timesteps"], total_timesteps) - bar.n)
-        bar.set_postfix({k.split("/")[1]: round(metrics[k], 3) for k in
-                         ("objective/score", "objective/gold_score", "objective/kl")})
+        bar.set_postfix({k.split("/")[1]: round(metrics[k], 3) for k in shown})
         if callback is not None and callback(agent, metrics) is False:
             break
     bar.close()
@@ -195,7 +197,7 @@ def command_line(description: str, config_cls) -> argparse.ArgumentParser:
                         help="also estimate the KL-regularised optimum of the gold reward (sampling from π_ref)")
     parser.add_argument("--diagnose", metavar="METRICS_JSONL", help="only diagnose an existing run and exit")
     parser.add_argument("--no-progress", action="store_true")
-    parsers = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int,
+    parsers = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int, "str | None": str,
                "bool": lambda s: s.lower() in ("1", "true", "yes")}
     for f in fields(config_cls):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=parsers[f.type], default=f.default,
@@ -203,9 +205,11 @@ def command_line(description: str, config_cls) -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(agent_cls, config_cls, description: str, argv: list[str] | None = None) -> dict | list[str]:
+def run_command(agent_cls, config_cls, description: str, argv: list[str] | None = None,
+                extra_eval=None) -> dict | list[str]:
     """Parse `argv`, train `agent_cls` on the task, evaluate before and after on held-out prompts, print and save
-    a summary (``--diagnose FILE`` only diagnoses a finished run)."""
+    a summary (``--diagnose FILE`` only diagnoses a finished run). ``extra_eval(agent) -> dict`` adds the agent's
+    own held-out metrics to both evaluations."""
     import gymnasium as gym
 
     import rlhf_env
@@ -226,11 +230,14 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
     envs = gym.make_vec(rlhf_env.env_id(args.task), num_envs=args.num_envs, **kwargs)
     agent = agent_cls(envs, config, out_dir=args.out, progress=not args.no_progress)
     optimum = kl_regularised_optimum(envs, task.gold, args.beta) if args.estimate_optimum else None
-    before = evaluate(envs, args.eval_episodes, seed=10_000)
+    def evaluate_all():
+        return {**evaluate(envs, args.eval_episodes, seed=10_000), **(extra_eval(agent) if extra_eval else {})}
+
+    before = evaluate_all()
     start = time.perf_counter()
     agent.learn(args.total_timesteps)
     seconds = time.perf_counter() - start
-    after = evaluate(envs, args.eval_episodes, seed=10_000)
+    after = evaluate_all()
     summary = {"algorithm": agent_cls.__name__, "task": args.task, "reward": args.reward, "beta": args.beta,
                "seed": config.seed, "timesteps": agent.num_timesteps, "updates": agent.num_updates,
                "train_seconds": round(seconds, 1), "eval_before": before, "eval_after": after,

@@ -1,4 +1,5 @@
-"""Pure tensor functions shared by the agents: masked statistics, log-probs, GAE and the PPO losses.
+"""Pure tensor functions shared by the agents: masked statistics, log-probs, GAE and the PPO, REINFORCE and DPO
+losses.
 
 Legend: ``B`` episodes, ``T`` response tokens (right-padded), ``V`` vocabulary. ``mask (B, T)`` is 1 on real
 response tokens (EOS included) and 0 on padding. Every function here is pure (no module state, no RNG), so tests
@@ -163,3 +164,38 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
         raise ValueError(f"logprobs {tuple(logprobs.shape)}, advantages {tuple(advantages.shape)} and mask "
                          f"{tuple(mask.shape)} must have the same (B, T) shape")
     return -(advantages.detach() * logprobs * mask).sum(1).mean()
+
+
+# ---------------------------------------------------------------- DPO
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses ``(N,)`` and the implicit rewards β·(log π − log π_ref) of chosen and rejected.
+
+    Inputs are sequence log-probabilities ``(N,)`` (summed over response tokens). With the log-ratio margin
+    h = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x)):
+
+    * ``"sigmoid"`` (DPO, Rafailov et al. 2023, eq. 7): −log σ(β·h); with ``label_smoothing`` ε the label is wrong
+      with probability ε: −(1 − ε)·log σ(β·h) − ε·log σ(−β·h) (conservative DPO, Mitchell 2023);
+    * ``"ipo"`` (Azar et al. 2023, eq. 17): (h − 1/(2β))², the margin regressed to a finite target.
+
+    Everything is computed in fp32.
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSSES}, got {loss_type!r}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen_ratio = chosen_logps.float() - ref_chosen_logps.float()
+    rejected_ratio = rejected_logps.float() - ref_rejected_logps.float()
+    margin = chosen_ratio - rejected_ratio  # (N,)
+    if loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        losses = (-(1 - label_smoothing) * torch.nn.functional.logsigmoid(beta * margin)
+                  - label_smoothing * torch.nn.functional.logsigmoid(-beta * margin))
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

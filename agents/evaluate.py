@@ -36,8 +36,23 @@ def evaluate(envs, n_episodes: int, seed: int = 10_000) -> dict:
             episodes.extend(batch)
     envs.world.kl_controller = controller
     stats = episode_stats(episodes, envs.world.beta, envs.world.task)
+    stats["objective/win_rate"] = win_rate_vs_reference(envs.world, episodes, seed)
     stats["episodes"] = len(episodes)
     return stats
+
+
+@torch.no_grad()
+def win_rate_vs_reference(world, episodes, seed: int) -> float:
+    """P(gold(y) > gold(y_ref)) + ½·P(tie), where y is each episode's response and y_ref one sample of π_ref
+    (π_SFT) on the same prompt: 0.5 when the policy is π_ref."""
+    generator = torch.Generator(device=world.device).manual_seed(seed)
+    samples = sample(world.reference, episodes.queries, max_new_tokens=world.max_new_tokens,
+                     eos_token_id=world.eos_token_id, pad_token_id=world.pad_token_id,
+                     temperature=world.temperature, generator=generator)
+    texts = world.tokenizer.batch_decode(samples.response_lists(), skip_special_tokens=True)
+    reference_gold = np.array([world.task.gold(p, t) for p, t in zip(episodes.prompts, texts)])
+    gold = np.array(episodes.gold_scores)
+    return float(np.mean((gold > reference_gold) + 0.5 * (gold == reference_gold)))
 
 
 @torch.no_grad()

@@ -118,7 +118,7 @@ class PPO:
     def __init__(self, env, config: PPOConfig = PPOConfig(), out_dir: str | Path | None = None,
                  progress: bool = True):
         self.config = config
-        acting_world(self, env, "PPO")
+        acting_world(self, env, "PPO", config.episodes_per_update)
         _ = config.num_minibatches, config.micro_batch_size  # raise now if the sizes do not divide
         torch.manual_seed(config.seed)  # the value head's init
         self.model = ActorCritic(self.lm, config.value_init, config.separate_critic, self.world.reward_model)

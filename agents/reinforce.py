@@ -119,7 +119,7 @@ class Reinforce:
     def __init__(self, env, config: ReinforceConfig = ReinforceConfig(), out_dir: str | Path | None = None,
                  progress: bool = True):
         self.config = config
-        acting_world(self, env, "Reinforce")
+        acting_world(self, env, "Reinforce", config.episodes_per_update)
         torch.manual_seed(config.seed)  # the value head's init
         self.model = ActorCritic(self.lm, config.value_init) if config.baseline == "value" else None
         start_training(self, [p for p in (self.model or self.lm).parameters() if p.requires_grad], out_dir, progress)

@@ -8,8 +8,9 @@ import sys
 
 import gymnasium as gym
 import pytest
-from agent_helpers import digest
+from agent_helpers import digest, small_pairs
 
+from agents.dpo import DPO, DPOConfig
 from agents.ppo import PPO, PPOConfig
 from agents.reinforce import Reinforce, ReinforceConfig
 from rlhf_env.assets import asset_dir
@@ -28,17 +29,20 @@ module, name, checkpoint, out = sys.argv[1:]
 envs = make_envs()
 agent = getattr(importlib.import_module(module), name).load(checkpoint, envs, progress=False)
 metrics = [agent.update() for _ in range(2)]
-json.dump({"metrics": metrics, "policy": digest(agent.model or agent.lm),
+json.dump({"metrics": metrics, "policy": digest(getattr(agent, "model", None) or agent.lm),
            "reference": digest(envs.unwrapped.reference), "beta": envs.unwrapped.beta}, open(out, "w"))
 """
 
-AGENTS = {
+AGENTS = {  # a config, or a function of the test's tmp_path that makes one
     "ppo": (PPO, PPOConfig(episodes_per_update=8, minibatch_size=4, update_epochs=2)),
     "rloo": (Reinforce, ReinforceConfig(episodes_per_update=8, micro_batch_size=4)),
     "moving_average": (Reinforce, ReinforceConfig(episodes_per_update=8, samples_per_prompt=1,
                                                   baseline="moving_average")),
     "value": (Reinforce, ReinforceConfig(episodes_per_update=8, baseline="value", value_init="small",
                                          reward_to_go=True, group_norm=True)),
+    # 40 pairs in batches of 16: the 4 updates cross an epoch boundary (a new order is drawn and must be restored).
+    "dpo": (DPO, lambda tmp: DPOConfig(batch_size=16, micro_batch_size=8, learning_rate=1e-3,
+                                       pairs=small_pairs(tmp, 40), eval_pairs=small_pairs(tmp, 16, "eval"))),
 }
 
 
@@ -50,6 +54,7 @@ def _comparable(metrics):
 @pytest.mark.parametrize("name", AGENTS)
 def test_resume_in_a_fresh_process_equals_the_straight_run(tmp_path, name):
     cls, config = AGENTS[name]
+    config = config(tmp_path) if callable(config) else config
     straight_envs = make_envs()
     straight = cls(straight_envs, config, progress=False)
     straight_metrics = [straight.update() for _ in range(4)]
