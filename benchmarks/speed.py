@@ -1,6 +1,8 @@
 """Seconds per update of our agents next to TRL's trainers on identical tiny models, work and lengths, in one run:
 ``python -m benchmarks.speed`` (needs ``pip install -e ".[compare]"`` for TRL; prints JSON, ``--out FILE`` saves it).
 
+* ``dpo``: one DPO step on 16 pairs (16-token prompts, responses of ~32 tokens), reference log-probs precomputed
+  on both sides (ours always; TRL's ``precompute_ref_log_probs=True``): our `DPO` against TRL's `DPOTrainer`.
 * ``rloo``: one RLOO update, 8 prompts × 4 samples, 16-token prompts, up to 32 new tokens, with a reference model
   and a reward model: our `Reinforce` (baseline "rloo") against TRL's `RLOOTrainer`. Both sample from the same
   randomly initialised 0.48M-parameter GPT-2 with a 512-token BPE vocabulary (so responses almost always run the
@@ -96,7 +98,7 @@ def ours_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warm
 
 def trl_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
 
     from rlhf_env.build.reward_model import RewardModel
@@ -111,6 +113,27 @@ def trl_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmu
                             truncation=True, max_length=reward_model.config.n_positions)
         return reward_model(encoded["input_ids"], encoded["attention_mask"]).tolist()
 
+    pool = _task(world).train_prompts()
+    dataset = Dataset.from_dict({"prompt": pool[: prompts * (warmup + updates + 2)]})
+    with tempfile.TemporaryDirectory() as out:
+        config = RLOOConfig(output_dir=out, per_device_train_batch_size=prompts * k, num_generations=k,
+                            max_completion_length=length, beta=0.05, learning_rate=1e-6, num_iterations=1,
+                            max_steps=warmup + updates, logging_steps=1, save_strategy="no", report_to="none",
+                            use_cpu=True, bf16=False, activation_checkpointing=False, disable_dropout=True,
+                            dataloader_num_workers=0, seed=0)
+        timer = _timer()
+        trainer = RLOOTrainer(model=str(world["policy"]), reward_funcs=reward, args=config, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[timer])
+        trainer.train()
+    lengths = [log["completions/mean_length"] for log in trainer.state.log_history
+               if "completions/mean_length" in log]
+    return _summary(timer.seconds[warmup:], lengths[warmup:], prompts * k)
+
+
+def _timer():
+    """A TRL callback that times each optimizer step (what a Trainer counts as a step)."""
+    from transformers import TrainerCallback
+
     class Timer(TrainerCallback):
         def __init__(self):
             self.seconds = []
@@ -121,21 +144,63 @@ def trl_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmu
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self.start)
 
-    pool = _task(world).train_prompts()
-    dataset = Dataset.from_dict({"prompt": pool[: prompts * (warmup + updates + 2)]})
+    return Timer()
+
+
+def _dpo_pairs(world: dict, n: int) -> list[dict]:
+    """`n` pairs on the tiny world's 16-token prompts, chosen and rejected each two further prompts (~32 tokens)."""
+    prompts = Path(world["prompts"]).read_text().splitlines()
+    return [{"prompt": prompts[5 * i], "chosen": prompts[5 * i + 1] + " " + prompts[5 * i + 2],
+             "rejected": prompts[5 * i + 3] + " " + prompts[5 * i + 4]} for i in range(n)]
+
+
+def ours_dpo(world: dict, pairs: int, updates: int, warmup: int) -> dict:
+    import gymnasium as gym
+
+    import rlhf_env  # noqa: F401  (registers the env ids)
+    from agents.dpo import DPO, DPOConfig
+    from rlhf_env.jsonl import write_jsonl
+
+    path = Path(world["prompts"]).with_name("pairs.jsonl")
+    write_jsonl(path, _dpo_pairs(world, pairs * (warmup + updates)))
+    envs = gym.make_vec("RLHF-v0", num_envs=1, task=_task(world), policy=world["policy"],
+                        reference=world["policy"], reward_fn=lambda prompt, response: 0.0,
+                        tokenizer=world["tokenizer"], beta=0.1)
+    agent = DPO(envs, DPOConfig(batch_size=pairs, learning_rate=1e-6, pairs=str(path), eval_pairs=str(path)),
+                progress=False)  # reference log-probs are computed here, before the timed steps
+    seconds = []
+    for i in range(warmup + updates):
+        start = time.perf_counter()
+        agent.update()
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return _pairs_summary(seconds, pairs)
+
+
+def trl_dpo(world: dict, pairs: int, updates: int, warmup: int) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    records = _dpo_pairs(world, pairs * (warmup + updates))
+    dataset = Dataset.from_dict({key: [r[key] for r in records] for key in ("prompt", "chosen", "rejected")})
     with tempfile.TemporaryDirectory() as out:
-        config = RLOOConfig(output_dir=out, per_device_train_batch_size=prompts * k, num_generations=k,
-                            max_completion_length=length, beta=0.05, learning_rate=1e-6, num_iterations=1,
-                            max_steps=warmup + updates, logging_steps=1, save_strategy="no", report_to="none",
-                            use_cpu=True, bf16=False, activation_checkpointing=False, disable_dropout=True,
-                            dataloader_num_workers=0, seed=0)
-        timer = Timer()
-        trainer = RLOOTrainer(model=str(world["policy"]), reward_funcs=reward, args=config, train_dataset=dataset,
-                              processing_class=tokenizer, callbacks=[timer])
+        config = DPOConfig(output_dir=out, per_device_train_batch_size=pairs, precompute_ref_log_probs=True,
+                           precompute_ref_batch_size=64, beta=0.1, learning_rate=1e-6, max_length=64,
+                           max_steps=warmup + updates, logging_steps=1, save_strategy="no", report_to="none",
+                           use_cpu=True, bf16=False, disable_dropout=True, dataloader_num_workers=0, seed=0)
+        timer = _timer()
+        trainer = DPOTrainer(model=str(world["policy"]), args=config, train_dataset=dataset,
+                             processing_class=tokenizer, callbacks=[timer])
         trainer.train()
-    lengths = [log["completions/mean_length"] for log in trainer.state.log_history
-               if "completions/mean_length" in log]
-    return _summary(timer.seconds[warmup:], lengths[warmup:], prompts * k)
+    return _pairs_summary(timer.seconds[warmup:], pairs)
+
+
+def _pairs_summary(seconds: list[float], pairs: int) -> dict:
+    median = float(np.median(seconds))
+    return {"seconds_per_step": round(median, 4), "seconds_min": round(float(np.min(seconds)), 4),
+            "pairs_per_s": round(pairs / median, 1), "steps_timed": len(seconds)}
 
 
 def _summary(seconds: list[float], lengths: list[float], episodes: int) -> dict:
@@ -169,6 +234,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["rloo"] = {"work": "8 prompts x 4 samples, <= 32 new tokens, reference + reward model",
                            "ours": ours, "trl": theirs,
                            "speedup": round(theirs["seconds_per_update"] / ours["seconds_per_update"], 2)}
+        work = dict(pairs=16, updates=args.updates, warmup=args.warmup)
+        ours, theirs = ours_dpo(world, **work), trl_dpo(world, **work)
+        results["dpo"] = {"work": "16 pairs, 16-token prompts, ~32-token responses, reference log-probs precomputed",
+                          "ours": ours, "trl": theirs,
+                          "speedup": round(theirs["seconds_per_step"] / ours["seconds_per_step"], 2)}
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.speed import build_tiny_world, ours_rloo, trl_rloo
+from benchmarks.speed import build_tiny_world, ours_dpo, ours_rloo, trl_dpo, trl_rloo
 
 
 def test_ours_rloo_times_updates_of_the_stated_work(tmp_path):
@@ -11,6 +11,8 @@ def test_ours_rloo_times_updates_of_the_stated_work(tmp_path):
     result = ours_rloo(world, prompts=2, k=4, length=8, updates=2, warmup=1)
     assert result["updates_timed"] == 2 and result["seconds_per_update"] > 0
     assert 1 <= result["mean_response_tokens"] <= 8
+    dpo = ours_dpo(world, pairs=4, updates=2, warmup=1)
+    assert dpo["steps_timed"] == 2 and dpo["pairs_per_s"] > 0
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL 1.16 calls transformers' deprecated checkpointing API
@@ -20,3 +22,5 @@ def test_trl_rloo_runs_on_the_same_world(tmp_path):
     world.pop("parameters")
     result = trl_rloo(world, prompts=2, k=4, length=8, updates=1, warmup=1)
     assert result["updates_timed"] == 1 and 1 <= result["mean_response_tokens"] <= 8
+    dpo = trl_dpo(world, pairs=4, updates=1, warmup=1)
+    assert dpo["steps_timed"] == 1 and dpo["seconds_per_step"] > 0
