@@ -84,8 +84,15 @@ class BatchedDecoder:
             groups = [self.models]
         else:
             groups = [[model] if can_stack([model]) else model for model in self.models]
-        return [self._stacks.setdefault(tuple(map(id, group)), GPT2Stack(group)) if isinstance(group, list)
-                else group for group in groups]
+        runners = []
+        for group in groups:
+            if isinstance(group, list):
+                key = tuple(map(id, group))
+                if key not in self._stacks:
+                    self._stacks[key] = GPT2Stack(group)
+                group = self._stacks[key]
+            runners.append(group)
+        return runners
 
     def _forward(self, ids, attention_mask, positions, caches):
         """One forward of every model: the new caches and log-probs ``(B, M, V)``."""

@@ -144,6 +144,7 @@ def test_one_policy_and_one_reference_forward_per_token_one_rm_forward_per_episo
     assert calls == {"policy": steps, "reference": steps} and len(rm_calls) == 3
     if lean:
         assert fed["policy"] == fed["reference"] > steps  # queries and tokens, each fed once to each model
+        assert [r.models for r in env._batch.decoder.runners] == [[env.policy, env.reference]]  # one stacked forward
 
 
 def _trajectory(env, seed):

@@ -158,7 +158,7 @@ def test_stacking_is_only_chosen_for_small_models_of_one_shape(monkeypatch):
     assert not can_stack([policy, other]) and can_stack([policy])  # one model: views, no copy
 
 
-def test_lean_reward_model_scores_match_the_hugging_face_trunk(tokenizer):
+def test_lean_reward_model_scores_match_the_hugging_face_trunk(tokenizer, monkeypatch):
     from rlhf_env.assets import asset_dir
     from rlhf_env.build.reward_model import RewardModel
 
@@ -167,7 +167,11 @@ def test_lean_reward_model_scores_match_the_hugging_face_trunk(tokenizer):
     responses = [tokenizer(t)["input_ids"] for t in ["great .", "bad at all and dull", "fine"]]
     query_ids, query_mask = pad_left(queries, tokenizer.pad_token_id, torch.device("cpu"))
     response_ids, response_mask = pad_right(responses, tokenizer.pad_token_id, device=torch.device("cpu"))
+    lean_calls = []
+    hidden_states = GPT2Stack.hidden_states
+    monkeypatch.setattr(GPT2Stack, "hidden_states", lambda *a: lean_calls.append(1) or hidden_states(*a))
     with torch.no_grad():
         lean = model.score(query_ids, query_mask, response_ids, response_mask)
+    assert lean_calls == [1]  # scoring without gradients really took the lean path
     hugging_face = model.score(query_ids, query_mask, response_ids, response_mask)  # with grad: the trunk's forward
-    assert torch.allclose(lean, hugging_face.detach(), atol=1e-5) and lean.std() > 0
+    assert lean_calls == [1] and torch.allclose(lean, hugging_face.detach(), atol=1e-5) and lean.std() > 0
