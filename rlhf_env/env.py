@@ -23,7 +23,7 @@ from rlhf_env.rollout import RolloutBatch
 from rlhf_env.tasks import DEFAULT_TASK, Task, get_task
 
 RESET_OPTIONS = frozenset({"prompt", "split"})
-KL_MODES = ("policy", "reference")
+KL_MODES = ("policy", "agent", "reference")
 
 
 class NonFiniteReward(ValueError):
@@ -63,8 +63,8 @@ class RLHFWorld:
             raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
         if kl_mode not in KL_MODES:
             raise ValueError(f"kl_mode must be one of {KL_MODES}, got {kl_mode!r}")
-        if kl_mode == "reference" and policy is not None:
-            raise ValueError("kl_mode='reference' holds no acting policy: the agent brings its own; drop policy=")
+        if kl_mode != "policy" and policy is not None:
+            raise ValueError(f"kl_mode={kl_mode!r} holds no acting policy: the agent brings its own; drop policy=")
         if kl_mode == "reference" and (kl_estimator != "k1" or kl_target is not None):
             raise ValueError("kl_mode='reference' does not see log π, so it needs kl_estimator='k1' and a fixed "
                              "beta (no kl_target)")
@@ -84,6 +84,7 @@ class RLHFWorld:
         self.tokenizer, self.policy, self.reference, self.reward_model = self._load(
             policy, reference, reward_model if reward_fn is None else False, tokenizer, dtype)
         self.reward_fn = reward_fn
+        self.agent = None  # kl_mode="agent": what reports log π(a|s) (`attach_agent`)
         self.max_new_tokens = int(max_new_tokens or self.task.max_new_tokens)
         self.vocab_size = self.reference.get_output_embeddings().weight.shape[0]
         if self.policy is not None and self.policy.get_output_embeddings().weight.shape[0] != self.vocab_size:
@@ -129,7 +130,7 @@ class RLHFWorld:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or assets / "tokenizer")
-        policy = None if self.kl_mode == "reference" else causal_lm(policy, assets / "policy")
+        policy = causal_lm(policy, assets / "policy") if self.kl_mode == "policy" else None
         reference = causal_lm(reference, assets / "policy")
         if reference is policy:
             raise ValueError("policy and reference must be different objects (the reference stays frozen)")
@@ -177,6 +178,33 @@ class RLHFWorld:
         if prompt in self._queries:
             return prompt, self._queries[prompt]
         return prompt, encode_prompts(self.tokenizer, [prompt], self.max_prompt_tokens)[0]
+
+    def attach_agent(self, agent) -> None:
+        """kl_mode="agent": `agent.action_logprobs(observations, actions)` gives log π(a|s) of the acting policy."""
+        if self.kl_mode != "agent":
+            raise ValueError(f"attach_agent needs kl_mode='agent' (this env has kl_mode={self.kl_mode!r})")
+        if not callable(getattr(agent, "action_logprobs", None)):
+            raise TypeError(f"{type(agent).__name__} has no action_logprobs(observations, actions) method "
+                            f"(see rlhf_env.agent.Agent)")
+        self.agent = agent
+
+    def agent_logprobs(self, observations: dict, tokens: list[int], rows: list[int]) -> list[float]:
+        """log π(a|s) of the attached agent for `tokens` in `observations` (batched), checked on `rows`.
+
+        Raises `RuntimeError` if no agent is attached and `ValueError` for a wrong shape, a NaN or a log-prob
+        above 0; either way before the env changes.
+        """
+        if self.agent is None:
+            raise RuntimeError("kl_mode='agent' needs the acting agent: call env.unwrapped.attach_agent(agent) "
+                               "before step() (for SB3: SB3VecEnv.attach(model))")
+        out = np.asarray(self.agent.action_logprobs(observations, np.asarray(tokens, dtype=np.int64)),
+                         dtype=np.float64)
+        if out.shape != (len(tokens),):
+            raise ValueError(f"action_logprobs must return shape ({len(tokens)},), got {out.shape}")
+        checked = out[rows]
+        if not np.isfinite(checked).all() or (checked > 1e-5).any():
+            raise ValueError(f"action_logprobs must return finite log-probabilities <= 0, got {checked.tolist()}")
+        return np.minimum(out, 0.0).tolist()
 
     def check_action(self, action) -> int:
         """The action as a token id, or `InvalidAction` saying what is wrong (before anything changes)."""
@@ -231,6 +259,10 @@ class WorldParts:
     reward_model = property(lambda self: self.world.reward_model)
     beta = property(lambda self: self.world.beta)
 
+    def attach_agent(self, agent) -> None:
+        """kl_mode="agent": the agent whose ``action_logprobs`` the env asks for log π(a|s) at every step."""
+        self.world.attach_agent(agent)
+
 
 class RLHFEnv(WorldParts, gym.Env):
     """Text generation as a token-level RL problem with the KL-regularised RLHF reward.
@@ -249,10 +281,13 @@ class RLHFEnv(WorldParts, gym.Env):
     episodes: the env's forward is the agent's forward, and KL_t is exact. Any other action is scored under the same
     π. See docs/design.md for the reasons.
 
-    Agents with a policy of their own (an SB3 MLP, a random agent) pass ``kl_mode="reference"``: the env then holds
-    no π and runs no policy forward; it pays ``β·log π_ref(a_t|s_t)`` per token (``info["logprob"]`` is 0 and
-    ``info["kl"]`` is ``−log π_ref``), and the agent supplies the other half of the KL, ``−β·log π(a_t|s_t)``, or
-    in expectation an entropy bonus of β (SB3: ``ent_coef=beta``).
+    Agents with a policy of their own (an SB3 MLP, a random agent, a user's agent) pass ``kl_mode="agent"`` and
+    ``env.unwrapped.attach_agent(agent)``: the env then holds no π and runs no policy forward; at every step it asks
+    ``agent.action_logprobs(observations, actions)`` for log π(a_t|s_t) of the action (observations batched, one
+    row here) and KL_t is again exact for the policy that acted (`rlhf_env.agent.Agent`; for SB3,
+    `rlhf_env.sb3.SB3VecEnv.attach`). ``kl_mode="reference"`` asks nothing: it pays ``β·log π_ref(a_t|s_t)`` per
+    token (``info["logprob"]`` is 0, ``info["kl"]`` is ``−log π_ref``) and the agent supplies the other half,
+    ``−β·log π(a_t|s_t)``, itself or in expectation as an entropy bonus of β (SB3: ``ent_coef=beta``).
 
     ## Action Space
     ``Discrete(V)``: the next token id, V = the policy's logit dimension (every action has a log-probability).
@@ -278,8 +313,8 @@ class RLHFEnv(WorldParts, gym.Env):
     ``task`` (name or `Task`), ``policy`` / ``reference`` (causal LM modules or local paths; default: the task's
     π_SFT), ``reward_model`` (module or path) or ``reward_fn(prompt, response) -> float`` (e.g. ``task.gold`` for
     "PPO-GT" runs), ``tokenizer``, ``beta``, ``kl_target`` (adaptive β, updated after every finished episode from
-    its KL, when set), ``kl_horizon``, ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy" or "reference", see
-    above), ``max_new_tokens``, ``temperature``, ``device`` ("auto" picks CUDA), ``dtype``,
+    its KL, when set), ``kl_horizon``, ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy", "agent" or
+    "reference", see above), ``max_new_tokens``, ``temperature``, ``device`` ("auto" picks CUDA), ``dtype``,
     ``missing_eos_penalty``, ``nonfinite_reward`` ("raise" or "mask"), ``render_mode`` ("ansi").
 
     ## Vectorized environment
@@ -316,7 +351,7 @@ class RLHFEnv(WorldParts, gym.Env):
     @property
     def next_token_logprobs(self) -> np.ndarray:
         """log π(· | state) at the env's temperature, ``(V,)``: what an LM agent samples its action from."""
-        logprobs = self._batch.policy_logprobs()  # (1, V); an error in kl_mode="reference"
+        logprobs = self._batch.policy_logprobs()  # (1, V); an error unless kl_mode="policy"
         if not self._batch.active[0]:
             raise ResetNeeded("no active episode: call reset() first")
         return logprobs[0].cpu().numpy().copy()
@@ -334,6 +369,8 @@ class RLHFEnv(WorldParts, gym.Env):
             raise ResetNeeded("step() called before reset() or after the episode ended; call reset()")
         token = self.world.check_action(action)
         logprobs, ref_logprobs = self._batch.token_logprobs([token])
+        if self.world.kl_mode == "agent":
+            logprobs = self.world.agent_logprobs(self._batch.observation(slice(0, 1)), [token], [0])
         info = self._batch.append(0, token, logprobs[0], ref_logprobs[0])
         if info["terminated"]:
             self._batch.finish([0], {0: info})

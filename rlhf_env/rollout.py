@@ -188,8 +188,8 @@ class RolloutBatch:
     def __init__(self, world, batch: int):
         self.world, self.batch = world, batch
         pad = world.tokenizer.pad_token_id
-        # One decoder runs π and π_ref (log-probs [:, 0] and [:, 1]); kl_mode="reference": no acting policy in the
-        # env, so no policy forward (log π is taken as 0) and the reference is model 0.
+        # One decoder runs π and π_ref (log-probs [:, 0] and [:, 1]); other kl_modes: no acting policy in the env,
+        # so no policy forward (log π is 0 or the agent's) and the reference is model 0.
         self.has_policy = world.policy is not None
         models = [world.policy, world.reference] if self.has_policy else [world.reference]
         self.decoder = BatchedDecoder(models, batch, world.temperature, pad, world.compact_at)
@@ -231,9 +231,9 @@ class RolloutBatch:
         return (picked[0], picked[1]) if self.has_policy else ([0.0] * self.batch, picked[0])
 
     def policy_logprobs(self) -> torch.Tensor:
-        """log π(· | state) of every row ``(B, V)``; an error in kl_mode="reference", where the env has no π."""
+        """log π(· | state) of every row ``(B, V)``; an error unless kl_mode="policy" (no π in the env)."""
         if not self.has_policy:
-            raise RuntimeError("kl_mode='reference': the env holds no acting policy, so it has no "
+            raise RuntimeError(f"kl_mode={self.world.kl_mode!r}: the env holds no acting policy, so it has no "
                                  "next_token_logprobs (the agent samples from its own policy)")
         return self.decoder.logprobs[:, 0]
 

@@ -37,10 +37,15 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
 
     ## Episode End
     As in `RLHFEnv` (``terminated`` at EOS or at the token cap; ``truncated`` is always False). Autoreset mode
-    ``NEXT_STEP``: the step after a row terminates resets it, ignores its action and returns reward 0.
+    ``NEXT_STEP`` (default): the step after a row terminates resets it, ignores its action and returns reward 0.
+    ``autoreset_mode="SameStep"``: a row that terminates starts its next episode in the same step (its query joins
+    that step's forward); the returned observation and ``info`` are the new episode's, the finished episode's are
+    in ``infos["final_obs"]`` (an object array of observations) and ``infos["final_info"]`` (score, gold_score, …),
+    each with its row mask, as in Gymnasium's `SyncVectorEnv`. SB3's `VecEnv` convention (`rlhf_env.sb3`).
 
     ## Arguments
-    ``num_envs`` and every argument of `RLHFEnv`.
+    ``num_envs``, ``autoreset_mode`` and every argument of `RLHFEnv` (with ``kl_mode="agent"`` the attached agent
+    is asked for the log-probs of all rows at once).
 
     ## Version History
     * v0: initial version.
@@ -60,9 +65,15 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi"]}
 
-    def __init__(self, num_envs: int = 1, render_mode: str | None = None, **world_kwargs):
+    def __init__(self, num_envs: int = 1, render_mode: str | None = None,
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, **world_kwargs):
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        modes = (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP)
+        if autoreset_mode not in modes and autoreset_mode not in [m.value for m in modes]:
+            raise ValueError(f"autoreset_mode must be one of {[m.value for m in modes]}, got {autoreset_mode!r}")
+        self.autoreset_mode = AutoresetMode(autoreset_mode)
+        self.metadata = dict(self.metadata, autoreset_mode=self.autoreset_mode)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
         self.num_envs, self.render_mode = num_envs, render_mode
@@ -128,6 +139,9 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         restart: list[bool] = []
         ended = []
         logprobs, ref_logprobs = self._batch.token_logprobs(tokens)
+        if self.world.kl_mode == "agent":
+            stepping = [row for row in range(self.num_envs) if not self._autoreset[row]]
+            logprobs = self.world.agent_logprobs(self._observations(), tokens, stepping)
         for row in range(self.num_envs):
             if self._autoreset[row]:  # NEXT_STEP autoreset: this step starts the row's next episode
                 prompt, query = self.world.draw_prompt(None, self._rngs[row])
@@ -147,10 +161,26 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
             self._batch.finish(ended, row_infos)
         for row, info in row_infos.items():
             rewards[row] = info.pop("reward", 0.0)
+        final = {}
+        if self.autoreset_mode == AutoresetMode.SAME_STEP:  # ended rows start their next episode in this forward
+            for row in ended:
+                final[row] = (self._batch.observation(row), row_infos[row])
+                prompt, query = self.world.draw_prompt(None, self._rngs[row])
+                self._batch.start(row, prompt, query)
+                row_infos[row] = {"prompt": prompt, "prompt_tokens": len(query)}
+                inputs[row], restart[row] = query, True
+        else:
+            self._autoreset = terminated.copy()
         self._batch.feed(inputs, restart)
-        self._autoreset = terminated.copy()
-        return self._observations(), rewards, terminated, np.zeros(self.num_envs, dtype=bool), _stack(row_infos,
-                                                                                                    self.num_envs)
+        infos = _stack(row_infos, self.num_envs)
+        if final:
+            mask = np.isin(np.arange(self.num_envs), list(final))
+            final_obs = np.full(self.num_envs, None, dtype=object)
+            for row, (obs, _) in final.items():
+                final_obs[row] = obs
+            infos.update(final_obs=final_obs, _final_obs=mask, _final_info=mask,
+                         final_info=_stack({row: info for row, (_, info) in final.items()}, self.num_envs))
+        return self._observations(), rewards, terminated, np.zeros(self.num_envs, dtype=bool), infos
 
     def render(self):
         if self.render_mode != "ansi":
