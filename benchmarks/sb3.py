@@ -8,14 +8,12 @@ well-formed rate, length and training wall time. Run it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 from stable_baselines3 import A2C, PPO
 
+from benchmarks.report import git_commit, report
 from rlhf_env.agent import RandomAgent, evaluate_agent
 from rlhf_env.sb3 import SMALL_CONFIG, SB3PolicyLogprobs, SB3VecEnv
 
@@ -46,17 +44,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     venv = SB3VecEnv.make(num_envs=16, **SMALL_CONFIG)
     results = {"commit": commit, "config": SMALL_CONFIG, "timesteps": args.timesteps,
                "uniform_random": evaluate_agent(venv.envs, RandomAgent(venv.action_space.n, seed=0),
                                                 args.eval_episodes)}
     for algorithm in args.algorithms:
         results[algorithm] = {seed: run(algorithm, args.timesteps, seed, args.eval_episodes) for seed in args.seeds}
-    print(json.dumps(results, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return report(results, args.out)
 
 
 if __name__ == "__main__":

@@ -20,15 +20,15 @@ Run it alone on the machine (two torch processes on 2 cores slow each other 25â€
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.report import git_commit, report
 
 TRL_HINT = 'TRL is not installed: pip install -e ".[compare]"'
 
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         import trl
     except ImportError as error:
         raise SystemExit(TRL_HINT) from error
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     results = {"commit": commit, "threads": args.threads, "machine": platform.processor() or platform.machine(),
                "torch": torch.__version__, "trl": trl.__version__}
     with tempfile.TemporaryDirectory() as directory:
@@ -239,10 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["dpo"] = {"work": "16 pairs, 16-token prompts, ~32-token responses, reference log-probs precomputed",
                           "ours": ours, "trl": theirs,
                           "speedup": round(theirs["seconds_per_step"] / ours["seconds_per_step"], 2)}
-    print(json.dumps(results, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+    return report(results, args.out)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 
 import numpy as np
 import torch
 
+from benchmarks.report import git_commit
 from rlhf_env.vector_env import RLHFVectorEnv
 
 
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     for length in [int(n) for n in args.lengths.split(",")]:
         env = env_tokens_per_second(64, length, args.steps, args.device)
         scaling.append({"batch": 64, "length": length, "env_tokens_per_s": round(env)})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(json.dumps({"commit": commit or None, "device": args.device, "threads": torch.get_num_threads(),
+    commit = git_commit()
+    print(json.dumps({"commit": commit, "device": args.device, "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "machine": platform.machine(), "throughput": rows,
                       "length_scaling": scaling}, indent=2))
 
