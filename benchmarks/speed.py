@@ -10,6 +10,10 @@
   the same reward model (TRL calls it as a reward function on the decoded text, as its API requires) and take one
   Adam step. TRL's gradient (activation) checkpointing, on by default, is turned off (it measured within 3% either way).
 
+* ``ppo``: our `PPO` on the RLOO row's work (TRL deleted its PPO): per update the same rollout, then 4 epochs × 2
+  minibatches (8 optimizer steps, the default shape) or 1 epoch × 1 minibatch (RLOO's one step), with the value head
+  on the shared trunk; reported as the ratio to our RLOO per update (= per sample: both take 32 episodes).
+
 What an update includes on each side: sampling (ours: the env's KV-cached policy forward, plus the reference forward
 and the per-token KL it pays; TRL: `generate`, then a reference forward over the batch), the reward model, the
 advantages and one forward/backward/step. Timings skip warm-up updates and report the median.
@@ -76,16 +80,38 @@ def _task(world: dict):
 
 
 def ours_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int) -> dict:
+    from agents.reinforce import Reinforce, ReinforceConfig
+
+    def make(envs):
+        return Reinforce(envs, ReinforceConfig(episodes_per_update=prompts * k, samples_per_prompt=k,
+                                               learning_rate=1e-6), progress=False)
+
+    return _time_our_agent(world, make, prompts * k, length, updates, warmup)
+
+
+def ours_ppo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int, epochs: int = 4,
+             minibatch: int = 16) -> dict:
+    """Our PPO on the same work: its rollout is the same env pass, then `epochs` × minibatch steps with the value
+    head on the shared trunk (``epochs=1, minibatch=prompts*k`` is the same optimizer work as one RLOO step)."""
+    from agents.ppo import PPO, PPOConfig
+
+    def make(envs):
+        return PPO(envs, PPOConfig(episodes_per_update=prompts * k, minibatch_size=minibatch, update_epochs=epochs,
+                                   learning_rate=1e-6), progress=False)
+
+    return _time_our_agent(world, make, prompts * k, length, updates, warmup)
+
+
+def _time_our_agent(world: dict, make_agent, episodes: int, length: int, updates: int, warmup: int) -> dict:
+    """Seconds per ``agent.update()`` on the world's models, `episodes` rows of ≤ `length` new tokens."""
     import gymnasium as gym
 
     import rlhf_env  # noqa: F401  (registers the env ids)
-    from agents.reinforce import Reinforce, ReinforceConfig
 
-    envs = gym.make_vec("RLHF-v0", num_envs=prompts * k, task=_task(world), policy=world["policy"],
+    envs = gym.make_vec("RLHF-v0", num_envs=episodes, task=_task(world), policy=world["policy"],
                         reference=world["policy"], reward_model=world["reward_model"], tokenizer=world["tokenizer"],
                         max_new_tokens=length, beta=0.05)
-    agent = Reinforce(envs, ReinforceConfig(episodes_per_update=prompts * k, samples_per_prompt=k,
-                                            learning_rate=1e-6), progress=False)
+    agent = make_agent(envs)
     seconds, lengths = [], []
     for i in range(warmup + updates):
         start = time.perf_counter()
@@ -93,7 +119,7 @@ def ours_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warm
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
             lengths.append(metrics["episode/length"])
-    return _summary(seconds, lengths, prompts * k)
+    return _summary(seconds, lengths, episodes)
 
 
 def trl_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int) -> dict:
@@ -234,6 +260,13 @@ def main(argv: list[str] | None = None) -> dict:
         results["rloo"] = {"work": "8 prompts x 4 samples, <= 32 new tokens, reference + reward model",
                            "ours": ours, "trl": theirs,
                            "speedup": round(theirs["seconds_per_update"] / ours["seconds_per_update"], 2)}
+        ppo, ppo_one_epoch = ours_ppo(world, **work), ours_ppo(world, **work, epochs=1, minibatch=32)
+        results["ppo"] = {"work": "the RLOO row's rollout; PPO: 4 epochs x 2 minibatches of 16 (8 optimizer steps) "
+                                  "or 1 epoch x 1 minibatch of 32 (RLOO's one step), value head on the shared trunk",
+                          "ours_ppo": ppo, "ours_ppo_1_epoch": ppo_one_epoch,
+                          "ppo_over_rloo": round(ppo["seconds_per_update"] / ours["seconds_per_update"], 2),
+                          "ppo_1_epoch_over_rloo": round(ppo_one_epoch["seconds_per_update"]
+                                                         / ours["seconds_per_update"], 2)}
         work = dict(pairs=16, updates=args.updates, warmup=args.warmup)
         ours, theirs = ours_dpo(world, **work), trl_dpo(world, **work)
         results["dpo"] = {"work": "16 pairs, 16-token prompts, ~32-token responses, reference log-probs precomputed",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.speed import build_tiny_world, ours_dpo, ours_rloo, trl_dpo, trl_rloo
+from benchmarks.speed import build_tiny_world, ours_dpo, ours_ppo, ours_rloo, trl_dpo, trl_rloo
 
 
 def test_ours_rloo_times_updates_of_the_stated_work(tmp_path):
@@ -13,6 +13,8 @@ def test_ours_rloo_times_updates_of_the_stated_work(tmp_path):
     assert 1 <= result["mean_response_tokens"] <= 8
     dpo = ours_dpo(world, pairs=4, updates=2, warmup=1)
     assert dpo["steps_timed"] == 2 and dpo["pairs_per_s"] > 0
+    ppo = ours_ppo(world, prompts=2, k=4, length=8, updates=2, warmup=1, epochs=1, minibatch=8)
+    assert ppo["updates_timed"] == 2 and 1 <= ppo["mean_response_tokens"] <= 8
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL 1.16 calls transformers' deprecated checkpointing API
