@@ -3,18 +3,26 @@
 The optimum of E_π[r] − β·KL(π ‖ π_ref) over policies is attained by π* ∝ π_ref·exp(r/β) and equals
 β·log E_{y~π_ref}[exp(r(x, y)/β)] per prompt (Rafailov et al. 2023, eq. 4; Korbak et al. 2022). We estimate it by
 sampling from π_ref: a log-mean-exp over samples (importance sampling with π_ref as proposal).
+
+`best_of_n` is the inference-time baseline every RLHF comparison needs (Stiennon et al. 2020; Gao et al. 2023):
+sample n responses from π_SFT, keep the one the reward prefers.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
 
-from agents.rollout import collect_episodes, episode_stats
+from agents.rollout import Episodes, collect_episodes, episode_stats
 from rlhf_env.lm import sample
 from rlhf_env.vector_env import RLHFVectorEnv
+
+# The π_SFT samples a win rate compares against come from their own stream: with the evaluation's own seed they
+# would repeat the rollout's samples (same generator, same draws), and π_SFT would tie itself every time.
+REFERENCE_SEED_OFFSET = 1_000_003
 
 
 def evaluate(envs, n_episodes: int, seed: int = 10_000) -> dict:
@@ -36,7 +44,51 @@ def evaluate(envs, n_episodes: int, seed: int = 10_000) -> dict:
             episodes.extend(batch)
     envs.world.kl_controller = controller
     stats = episode_stats(episodes, envs.world.beta, envs.world.task)
-    stats["objective/win_rate"] = win_rate_vs_reference(envs.world, episodes, seed)
+    stats["objective/win_rate"] = win_rate_vs_reference(envs.world, episodes, seed + REFERENCE_SEED_OFFSET)
+    stats["episodes"] = len(episodes)
+    return stats
+
+
+@torch.no_grad()
+def best_of_n(envs, n: int, n_episodes: int, seed: int = 10_000, batch_size: int = 1024) -> dict:
+    """Best-of-n sampling from π_ref (π_SFT) on `n_episodes` held-out prompts, scored by the env's reward (its RM,
+    or its ``reward_fn``), reported with `evaluate`'s metrics; n = 1 is π_SFT itself.
+
+    The KL is the analytic value log n − (n − 1)/n (Stiennon et al. 2020, appendix G.3), an upper bound on the
+    true KL(π_BoN ‖ π_ref) that is tight when the n samples are distinct (Beirami et al. 2024).
+    """
+    if n < 1:
+        raise ValueError(f"n must be ≥ 1, got {n}")
+    world = envs.unwrapped.world
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator(device=world.device).manual_seed(seed)
+    pool = world.prompt_pool("eval")
+    kl = math.log(n) - (n - 1) / n
+    episodes = Episodes()
+    per_batch = max(1, batch_size // n)
+    for start in range(0, n_episodes, per_batch):
+        drawn = [world.draw_prompt({"prompt": pool[int(rng.integers(len(pool)))]}, rng)
+                 for _ in range(min(per_batch, n_episodes - start))]
+        prompts = [p for p, _ in drawn for _ in range(n)]
+        queries = [q for _, q in drawn for _ in range(n)]
+        samples = sample(world.reference, queries, max_new_tokens=world.max_new_tokens,
+                         eos_token_id=world.eos_token_id, pad_token_id=world.pad_token_id,
+                         temperature=world.temperature, generator=generator)
+        responses = samples.response_lists()
+        texts = world.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores = np.array(world.score(prompts, queries, responses, texts)).reshape(-1, n)
+        for group, best in enumerate(scores.argmax(1)):  # ties: the first sample
+            row = group * n + int(best)
+            episodes.prompts.append(prompts[row])
+            episodes.queries.append(queries[row])
+            episodes.responses.append(responses[row])
+            episodes.texts.append(texts[row])
+            episodes.scores.append(float(scores[group, best]))
+            episodes.gold_scores.append(float(world.task.gold(prompts[row], texts[row])))
+            episodes.kls.append(kl)
+            episodes.finished.append(bool(samples.finished[row]))
+    stats = episode_stats(episodes, world.beta, world.task)
+    stats["objective/win_rate"] = win_rate_vs_reference(world, episodes, seed + REFERENCE_SEED_OFFSET)
     stats["episodes"] = len(episodes)
     return stats
 
@@ -56,11 +108,16 @@ def win_rate_vs_reference(world, episodes, seed: int) -> float:
 
 
 @torch.no_grad()
-def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn, beta: float, n_prompts: int = 200,
+def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn=None, beta: float | None = None, n_prompts: int = 200,
                            n_samples: int = 256, seed: int = 0) -> dict:
     """Estimate max_π E[r] − β·KL(π ‖ π_ref) on held-out prompts by sampling `n_samples` responses per prompt from
-    π_ref; also reports the effective sample size of the importance weights exp(r/β) (low ESS: underestimate)."""
+    π_ref; also reports the effective sample size of the importance weights exp(r/β) (low ESS: underestimate).
+
+    ``reward_fn(prompt, text)`` is the reward r; None scores with the env's own reward (its reward model, in one
+    batched forward per prompt, or its ``reward_fn``). ``beta`` defaults to the env's β.
+    """
     world = envs.unwrapped.world
+    beta = world.beta if beta is None else beta
     tokenizer, reference = world.tokenizer, world.reference
     rng = np.random.default_rng(seed)
     pool = world.prompt_pool("eval")
@@ -72,10 +129,12 @@ def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn, beta: float, n_prompt
         samples = sample(reference, [query] * n_samples, max_new_tokens=world.max_new_tokens,
                          eos_token_id=world.eos_token_id, pad_token_id=world.pad_token_id,
                          temperature=world.temperature, generator=generator)
-        rewards = []
-        for row in range(n_samples):
-            tokens = samples.responses[row][samples.response_mask[row].bool()].tolist()
-            rewards.append(reward_fn(prompt, tokenizer.decode(tokens, skip_special_tokens=True)))
+        responses = samples.response_lists()
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        if reward_fn is None:
+            rewards = world.score([prompt] * n_samples, [query] * n_samples, responses, texts)
+        else:
+            rewards = [reward_fn(prompt, text) for text in texts]
         logits = np.array(rewards) / beta
         top = logits.max()
         weights = np.exp(logits - top)

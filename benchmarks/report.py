@@ -8,9 +8,15 @@ from pathlib import Path
 
 
 def git_commit() -> str | None:
-    """The short hash of HEAD, or None outside a git checkout."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or None
+    """The short hash of HEAD, with "-dirty" when tracked files differ from it; None outside a git checkout."""
+    here = Path(__file__).parent  # the code's checkout, wherever the command runs from
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+    commit = done.stdout.strip() or None
+    if commit is not None:
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=here).stdout.strip()
+        commit += "-dirty" if changes else ""
+    return commit
 
 
 def report(results: dict, out: str | None) -> dict:

@@ -1,0 +1,224 @@
+"""One cell of the benchmark grid: one algorithm on one task, with one reward, β and seed — trained, evaluated on
+held-out prompts and written to one JSON record (config, commit, metrics, timing, peak memory, training curve).
+
+`benchmarks.run` runs each cell in a fresh process (``python -m benchmarks.cell CONFIG.json OUT.json``): a cell's
+peak memory is then its own, and no state (RNGs, caches, the KL controller) leaks from one cell into the next, so
+a cell gives the same numbers whatever ran before it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+# What each algorithm name runs, and what its `budget` counts.
+ALGORITHMS = {
+    "sft": "π_SFT itself, untrained: the floor (budget unused)",
+    "best_of_n": "best of `budget` π_SFT samples by the cell's reward, at inference time (no training)",
+    "ppo": "agents.ppo.PPO, default PPOConfig (value head on the policy's trunk); budget = env steps",
+    "rloo": "agents.reinforce.Reinforce, baseline 'rloo', K = 4; budget = env steps",
+    "grpo": "Reinforce, baseline 'rloo' with group_norm (GRPO-style advantages), K = 4; budget = env steps",
+    "reinforce_ma": "Reinforce, baseline 'moving_average', K = 1; budget = env steps",
+    "reinforce_value": "Reinforce, baseline 'value' (learned, per token), K = 1; budget = env steps",
+    "dpo": "agents.dpo.DPO on the task's preference pairs, its β the env's β; budget = preference pairs",
+    "optimum": "not an agent: the KL-regularised optimum β·log E_π_ref[exp(r/β)] of the cell's reward, estimated "
+               "from `budget` π_ref samples per prompt on `eval_episodes` held-out prompts",
+}
+# Training curves keep these metrics (when the algorithm logs them), averaged over windows of updates.
+CURVE_KEYS = ("objective/score", "objective/gold_score", "objective/kl", "episode/well_formed", "episode/length",
+              "loss/dpo", "rewards/accuracies", "rewards/margins")
+CURVE_POINTS = 100
+CHECKPOINTS = 8  # held-out evaluations during training (plus the one before it), for the frontier and Gao's curves
+CHECKPOINT_EPISODES = 128
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    algorithm: str
+    """One of `ALGORITHMS`."""
+    task: str = "sentiment"
+    reward: str = "rm"
+    """What the agent optimises (and best-of-n selects by): "rm", the task's learned reward model, or "gold"."""
+    beta: float = 0.1
+    """The env's KL coefficient (DPO's β too)."""
+    seed: int = 0
+    budget: int = 0
+    """Env steps (RL agents), preference pairs (DPO), n (best-of-n), samples per prompt (optimum); see ALGORITHMS."""
+    eval_episodes: int = 512
+    """Held-out episodes for the evaluation (prompts, for the optimum)."""
+    num_envs: int = 64
+    device: str = "auto"
+    threads: int | None = None
+    """torch threads (None: torch's default, one per core)."""
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; expected one of {sorted(ALGORITHMS)}")
+        if self.reward not in ("rm", "gold"):
+            raise ValueError(f"reward must be 'rm' or 'gold', got {self.reward!r}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.budget < (0 if self.algorithm == "sft" else 1):
+            raise ValueError(f"{self.algorithm} needs a budget ≥ 1, got {self.budget}")
+        if self.eval_episodes < 1:
+            raise ValueError(f"eval_episodes must be ≥ 1, got {self.eval_episodes}")
+
+    @property
+    def name(self) -> str:
+        """The cell's file name (without .json): every field that changes its numbers, except the machine's."""
+        return (f"{self.algorithm}-{self.task}-{self.reward}-b{self.beta:g}-n{self.budget}-s{self.seed}"
+                f"-e{self.eval_episodes}")
+
+
+def make_agent(config: CellConfig, envs, progress: bool = True):
+    """The agent a cell trains (default config, the cell's seed), or None for the algorithms that do not train."""
+    from agents.dpo import DPO, DPOConfig
+    from agents.ppo import PPO, PPOConfig
+    from agents.reinforce import Reinforce, ReinforceConfig
+
+    seed, algorithm = config.seed, config.algorithm
+    if algorithm == "ppo":
+        return PPO(envs, PPOConfig(seed=seed), progress=progress)
+    if algorithm == "dpo":
+        return DPO(envs, DPOConfig(seed=seed), progress=progress)
+    reinforce = {"rloo": dict(baseline="rloo"), "grpo": dict(baseline="rloo", group_norm=True),
+                 "reinforce_ma": dict(baseline="moving_average", samples_per_prompt=1),
+                 "reinforce_value": dict(baseline="value", samples_per_prompt=1)}
+    if algorithm in reinforce:
+        return Reinforce(envs, ReinforceConfig(seed=seed, **reinforce[algorithm]), progress=progress)
+    return None
+
+
+def training_curve(history: list[dict], points: int = CURVE_POINTS) -> list[dict]:
+    """The per-update metrics in ≤ `points` windows of consecutive updates: each window's mean of `CURVE_KEYS`, its
+    last ``timesteps`` and the training wall time (seconds) at its end."""
+    if not history:
+        return []
+    seconds = np.cumsum([h["time/update_seconds"] for h in history])
+    curve = []
+    for window in np.array_split(np.arange(len(history)), min(points, len(history))):
+        end = int(window[-1])
+        point = {"updates": end + 1, "timesteps": history[end]["time/timesteps"], "seconds": float(seconds[end])}
+        for key in CURVE_KEYS:
+            values = [history[i][key] for i in window if key in history[i]]
+            if values:
+                point[key] = float(np.mean(values))
+        curve.append(point)
+    return curve
+
+
+class Checkpoints:
+    """A `learn` callback that evaluates the policy on `episodes` held-out episodes whenever training has taken
+    another 1/`count` of `budget` (and once before training): the policy's path through (KL, gold, proxy score).
+
+    `agents.evaluate.evaluate` uses its own seed and restores the KL controller, so these evaluations do not change
+    the course of training (tests check a run with and without them ends bit-identical).
+    """
+
+    KEYS = ("objective/gold_score", "objective/score", "objective/kl", "episode/well_formed", "objective/win_rate")
+
+    def __init__(self, envs, budget: int, seed: int, count: int = CHECKPOINTS, episodes: int = CHECKPOINT_EPISODES):
+        self.envs, self.seed, self.episodes = envs, seed, episodes
+        self.thresholds = [budget * (i + 1) / count for i in range(count)]
+        self.seconds = 0.0  # training time so far, evaluations excluded
+        self.points: list[dict] = []
+        self._record(0, 0)
+
+    def _record(self, timesteps: int, updates: int) -> None:
+        from agents.evaluate import evaluate
+
+        metrics = evaluate(self.envs, self.episodes, seed=self.seed)
+        self.points.append({"timesteps": timesteps, "updates": updates, "seconds": round(self.seconds, 2),
+                            **{key: metrics[key] for key in self.KEYS}})
+
+    def __call__(self, agent, metrics: dict) -> None:
+        self.seconds += metrics["time/update_seconds"]
+        if self.thresholds and agent.num_timesteps >= self.thresholds[0]:
+            while self.thresholds and agent.num_timesteps >= self.thresholds[0]:
+                self.thresholds.pop(0)
+            self._record(agent.num_timesteps, agent.num_updates)
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def run_cell(config: CellConfig, progress: bool = True) -> dict:
+    """Train and evaluate one cell; returns its record (what `main` writes as JSON)."""
+    import gymnasium as gym
+    import torch
+
+    import rlhf_env
+    from agents.evaluate import best_of_n, evaluate, kl_regularised_optimum
+    from benchmarks.report import git_commit
+    from rlhf_env.build.sft import heldout_perplexity
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    task = rlhf_env.tasks.get_task(config.task)
+    kwargs = dict(beta=config.beta, device=config.device)
+    if config.reward == "gold":
+        kwargs["reward_fn"] = task.gold
+    envs = gym.make_vec(rlhf_env.env_id(config.task), num_envs=config.num_envs, **kwargs)
+    world = envs.unwrapped.world
+    eval_seed = 10_000 + config.seed
+    start = time.perf_counter()
+    agent, curve, checkpoints, metrics = None, [], None, {}
+    if config.algorithm == "optimum":
+        metrics = kl_regularised_optimum(envs, None, config.beta, n_prompts=config.eval_episodes,
+                                         n_samples=config.budget, seed=config.seed)
+    elif config.algorithm == "best_of_n":
+        metrics = best_of_n(envs, config.budget, config.eval_episodes, seed=eval_seed)
+    else:
+        agent = make_agent(config, envs, progress)
+        if agent is not None:
+            checkpoints = Checkpoints(envs, config.budget, seed=20_000 + config.seed)
+            agent.learn(config.budget, callback=checkpoints)
+            curve = training_curve(agent.logger.history)
+    # Training alone (the updates, checkpoint evaluations excluded); for best-of-n, its sampling and scoring.
+    train_seconds = checkpoints.seconds if checkpoints else time.perf_counter() - start
+    if config.algorithm not in ("optimum", "best_of_n"):
+        metrics = evaluate(envs, config.eval_episodes, seed=eval_seed)
+        if config.algorithm == "dpo":
+            metrics.update(agent.evaluate_preferences())
+    if config.algorithm != "optimum":  # best-of-n and sft: π_SFT's own perplexity
+        metrics["perplexity"] = heldout_perplexity(world.policy, world.tokenizer, task)["perplexity"]
+    wall_seconds = time.perf_counter() - start
+    memory = {"peak_rss_mib": round(peak_memory_mib(), 1)}
+    if world.device.type == "cuda":
+        memory["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(world.device) / 2**20, 1)
+    return {"name": config.name, "config": asdict(config), "commit": git_commit(), "metrics": metrics,
+            "timing": {"train_seconds": round(train_seconds, 1), "wall_seconds": round(wall_seconds, 1),
+                       "updates": getattr(agent, "num_updates", 0), "timesteps": getattr(agent, "num_timesteps", 0)},
+            "memory": memory, "curve": curve, "checkpoints": checkpoints.points if checkpoints else [],
+            "machine": {"device": str(world.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "python": platform.python_version(), "platform": platform.platform()}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m benchmarks.cell CONFIG.json OUT.json``: run the cell CONFIG describes, write its record to OUT
+    (atomically: a cell whose OUT exists is finished)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        raise SystemExit("usage: python -m benchmarks.cell CONFIG.json OUT.json")
+    config = CellConfig(**json.loads(Path(argv[0]).read_text()))
+    result = run_cell(config)
+    out = Path(argv[1])
+    partial = out.with_suffix(".partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    partial.replace(out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The grid's cells → ``results.md`` (mean ± std over seeds), ``results.json`` and the plots (`benchmarks.plots`).
+
+Rows are grouped by (task, reward, β); within a group, one row per (algorithm, budget), over its seeds. The
+objective E[r] − β·KL is given as a share of the KL-regularised optimum β·log E_{π_ref}[exp(r/β)] of the same
+reward, estimated by importance sampling from π_ref (its effective sample size is printed next to it: a small ESS
+means the estimate is low, so shares above 100% are possible and say the estimate, not the agent, is off).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ORDER = ["sft", "best_of_n", "ppo", "rloo", "grpo", "reinforce_ma", "reinforce_value", "dpo"]
+LABELS = {"sft": "π_SFT (floor)", "best_of_n": "best-of-{n}", "ppo": "PPO", "rloo": "REINFORCE + RLOO (K=4)",
+          "grpo": "REINFORCE, GRPO-style (K=4)", "reinforce_ma": "REINFORCE + moving average",
+          "reinforce_value": "REINFORCE + value head", "dpo": "DPO"}
+
+
+def label(algorithm: str, budget: int) -> str:
+    return LABELS[algorithm].format(n=budget)
+
+
+def load_cells(out: Path) -> list[dict]:
+    """Every finished cell record in ``out/cells``."""
+    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))
+            if not p.name.endswith(".config.json")]
+
+
+def aggregate(cells: list[dict]) -> list[dict]:
+    """One entry per (task, reward, β): the optimum, and a row per (algorithm, budget) with every metric's seeds."""
+    groups: dict[tuple, dict] = defaultdict(lambda: {"optimum": None, "rows": defaultdict(list)})
+    for cell in cells:
+        c = cell["config"]
+        group = groups[(c["task"], c["reward"], c["beta"])]
+        if c["algorithm"] == "optimum":
+            group["optimum"] = cell["metrics"]
+        else:
+            group["rows"][(c["algorithm"], c["budget"])].append(cell)
+    result = []
+    for (task, reward, beta), group in sorted(groups.items()):
+        rows = []
+        for (algorithm, budget), runs in sorted(group["rows"].items(),
+                                                key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1])):
+            rows.append({"algorithm": algorithm, "budget": budget, "label": label(algorithm, budget),
+                         "seeds": sorted(r["config"]["seed"] for r in runs), "runs": runs,
+                         "commits": sorted({str(r["commit"]) for r in runs})})
+        result.append({"task": task, "reward": reward, "beta": beta, "optimum": group["optimum"], "rows": rows})
+    return result
+
+
+def values(row: dict, key: str) -> np.ndarray:
+    """`key` of each seed's run: a metric name, or "train_seconds" / "peak_rss_mib"."""
+    out = []
+    for run in row["runs"]:
+        source = run["timing"] if key in run["timing"] else run["memory"] if key in run["memory"] else run["metrics"]
+        out.append(source.get(key, np.nan))
+    return np.array(out, dtype=float)
+
+
+def mean_std(x: np.ndarray, digits: int = 3, scale: float = 1.0, suffix: str = "") -> str:
+    x = x[np.isfinite(x)] * scale
+    if len(x) == 0:
+        return "–"
+    text = f"{x.mean():.{digits}f}"
+    return text + (f" ± {x.std(ddof=1):.{digits}f}" if len(x) > 1 else "") + suffix
+
+
+COLUMNS = ("algorithm", "budget", "gold", "RM score" , "KL (nats)", "E[r] − β·KL", "% of optimum",
+           "win rate vs π_SFT", "well-formed", "length", "perplexity", "train time (s)", "peak memory (MiB)", "seeds")
+
+
+def table_rows(group: dict) -> list[list[str]]:
+    """The results table of one (task, reward, β) group, as strings."""
+    optimum = group["optimum"]["optimum"] if group["optimum"] else None
+    lines = []
+    for row in group["rows"]:
+        objective = values(row, "objective/rlhf_reward")  # E[r] − β·KL with r the cell's reward
+        share = mean_std(100 * objective / optimum, 0, suffix="%") if optimum else "–"
+        budget = {"sft": "", "best_of_n": f"n = {row['budget']}", "dpo": f"{row['budget']:,} pairs"}.get(
+            row["algorithm"], f"{row['budget']:,} steps")
+        lines.append([row["label"], budget, mean_std(values(row, "objective/gold_score")),
+                      mean_std(values(row, "objective/score"), 2), mean_std(values(row, "objective/kl"), 2),
+                      mean_std(objective), share, mean_std(values(row, "objective/win_rate"), 2),
+                      mean_std(values(row, "episode/well_formed"), 1, 100, "%"),
+                      mean_std(values(row, "episode/length"), 1), mean_std(values(row, "perplexity"), 1),
+                      mean_std(values(row, "train_seconds"), 0), mean_std(values(row, "peak_rss_mib"), 0),
+                      ", ".join(map(str, row["seeds"]))])
+    return lines
+
+
+def markdown(groups: list[dict], cells: list[dict], command: str, plots: list[Path]) -> str:
+    commits = sorted({str(c["commit"]) for c in cells})
+    machines = sorted({f"{m['device']}, {m['threads']} threads, torch {m['torch']}"
+                       for m in (c["machine"] for c in cells)})
+    lines = ["# Benchmark results", "",
+             f"`{command}` — {len(cells)} cells, commit {', '.join(commits)}; {'; '.join(machines)}.", "",
+             "Held-out prompts; mean ± std over seeds (sample std). **gold**: the task's true reward; **RM score**: "
+             "the reward the agent optimised (the learned reward model, or the gold itself for reward = gold); "
+             "**KL**: log π(y|x) − log π_ref(y|x) per response, summed over tokens (best-of-n: the analytic bound "
+             "log n − (n−1)/n); **E[r] − β·KL** and its share of the KL-regularised optimum β·log E_π_ref[exp(r/β)]; "
+             "**win rate**: gold beats one π_SFT sample of the same prompt (ties half); **well-formed**: the task's "
+             "grammar check; **perplexity**: of held-out demonstrations under the policy (π_SFT ≈ the data's floor); "
+             "**train time**: the updates alone (best-of-n: its sampling and scoring); **peak memory**: the cell "
+             "process's peak resident set.", ""]
+    for group in groups:
+        lines.append(f"## {group['task']}, reward = {group['reward']}, β = {group['beta']:g}")
+        lines.append("")
+        optimum = group["optimum"]
+        if optimum:
+            lines.append(f"KL-regularised optimum of the {group['reward']} reward: **{optimum['optimum']:.3f}** "
+                         f"(β·log-mean-exp over {optimum['n_samples']} π_ref samples per prompt, "
+                         f"{optimum['n_prompts']} held-out prompts; effective sample size {optimum['ess_mean']:.1f} "
+                         f"per prompt, so if anything an underestimate).")
+            lines.append("")
+        lines.append("| " + " | ".join(COLUMNS) + " |")
+        lines.append("|" + "---|" * len(COLUMNS))
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows(group)]
+        lines.append("")
+    if plots:
+        lines.append("## Plots")
+        lines.append("")
+        lines += [f"![{p.stem}]({p.name})" for p in plots]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, command: str) -> list[Path]:
+    """Write results.md, results.json and the plots for the cells in `out`; returns the files written."""
+    from benchmarks.plots import plot_all
+
+    out = Path(out)
+    cells = load_cells(out)
+    if not cells:
+        raise SystemExit(f"no finished cells in {out / 'cells'}")
+    groups = aggregate(cells)
+    plots = plot_all(groups, out)
+    (out / "results.md").write_text(markdown(groups, cells, command, plots))
+    summary = [{**{k: g[k] for k in ("task", "reward", "beta", "optimum")},
+                "rows": [{"algorithm": r["algorithm"], "budget": r["budget"], "seeds": r["seeds"],
+                          "commits": r["commits"], "metrics": {key: values(r, key).tolist() for key in (
+                              "objective/gold_score", "objective/score", "objective/kl", "objective/rlhf_reward",
+                              "objective/win_rate", "episode/well_formed", "episode/length", "perplexity",
+                              "train_seconds", "peak_rss_mib")}} for r in g["rows"]]} for g in groups]
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return [out / "results.md", out / "results.json", *plots]
