@@ -108,6 +108,8 @@ def _overoptimisation_panels(axes, groups: list[dict]) -> None:
 
 
 def _learning_panels(axes, groups: list[dict]) -> None:
+    from matplotlib.ticker import EngFormatter
+
     many = len(groups) > 1
     panels = ((axes[0], "timesteps", "objective/gold_score", "env steps (generated tokens)", "gold reward"),
               (axes[1], "timesteps", "objective/kl", "env steps (generated tokens)", "KL to π_ref (nats)"),
@@ -126,6 +128,8 @@ def _learning_panels(axes, groups: list[dict]) -> None:
                 if len(y) > 1:
                     ax.fill_between(x, y.mean(0) - y.std(0, ddof=1), y.mean(0) + y.std(0, ddof=1), color=color,
                                     alpha=0.15, lw=0)
+        if x_key == "timesteps":
+            ax.xaxis.set_major_formatter(EngFormatter())  # 100k, not 100000
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{y_label} (training batches)")
         ax.grid(alpha=0.3)

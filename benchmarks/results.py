@@ -65,11 +65,13 @@ def mean_std(x: np.ndarray, digits: int = 3, scale: float = 1.0, suffix: str = "
     x = x[np.isfinite(x)] * scale
     if len(x) == 0:
         return "–"
-    text = f"{x.mean():.{digits}f}"
-    return text + (f" ± {x.std(ddof=1):.{digits}f}" if len(x) > 1 else "") + suffix
+    def number(v: float) -> str:
+        return f"{v:.{digits}f}".replace("-", "−") if round(v, digits) != 0 else f"{0:.{digits}f}"  # no "−0.00"
+
+    return number(x.mean()) + (f" ± {number(x.std(ddof=1))}" if len(x) > 1 else "") + suffix
 
 
-COLUMNS = ("algorithm", "budget", "gold", "RM score" , "KL (nats)", "E[r] − β·KL", "% of optimum",
+COLUMNS = ("algorithm", "budget", "gold", "RM score", "KL (nats)", "E[r] − β·KL", "% of optimum",
            "win rate vs π_SFT", "well-formed", "length", "perplexity", "train time (s)", "peak memory (MiB)", "seeds")
 
 
@@ -92,12 +94,13 @@ def table_rows(group: dict) -> list[list[str]]:
     return lines
 
 
-def markdown(groups: list[dict], cells: list[dict], command: str, plots: list[Path]) -> str:
+def markdown(groups: list[dict], cells: list[dict], commands: list[str], plots: list[Path]) -> str:
     commits = sorted({str(c["commit"]) for c in cells})
     machines = sorted({f"{m['device']}, {m['threads']} threads, torch {m['torch']}"
                        for m in (c["machine"] for c in cells)})
     lines = ["# Benchmark results", "",
-             f"`{command}` — {len(cells)} cells, commit {', '.join(commits)}; {'; '.join(machines)}.", "",
+             f"{len(cells)} cells from {', '.join(f'`{c}`' for c in commands) or 'unrecorded commands'}; "
+             f"commit {', '.join(commits)}; {'; '.join(machines)}.", "",
              "Held-out prompts; mean ± std over seeds (sample std). **gold**: the task's true reward; **RM score**: "
              "the reward the agent optimised (the learned reward model, or the gold itself for reward = gold); "
              "**KL**: log π(y|x) − log π_ref(y|x) per response, summed over tokens (best-of-n: the analytic bound "
@@ -128,7 +131,7 @@ def markdown(groups: list[dict], cells: list[dict], command: str, plots: list[Pa
     return "\n".join(lines)
 
 
-def write_report(out: Path, command: str) -> list[Path]:
+def write_report(out: Path) -> list[Path]:
     """Write results.md, results.json and the plots for the cells in `out`; returns the files written."""
     from benchmarks.plots import plot_all
 
@@ -138,7 +141,9 @@ def write_report(out: Path, command: str) -> list[Path]:
         raise SystemExit(f"no finished cells in {out / 'cells'}")
     groups = aggregate(cells)
     plots = plot_all(groups, out)
-    (out / "results.md").write_text(markdown(groups, cells, command, plots))
+    log = out / "commands.txt"
+    commands = list(dict.fromkeys(log.read_text().splitlines())) if log.is_file() else []
+    (out / "results.md").write_text(markdown(groups, cells, commands, plots))
     summary = [{**{k: g[k] for k in ("task", "reward", "beta", "optimum")},
                 "rows": [{"algorithm": r["algorithm"], "budget": r["budget"], "seeds": r["seeds"],
                           "commits": r["commits"], "metrics": {key: values(r, key).tolist() for key in (

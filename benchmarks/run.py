@@ -62,8 +62,8 @@ class Grid:
 # ~10 minutes on 2 CPU cores (budgets measured on this machine: RLOO ~8.5k env steps/s, PPO ~2.4k, DPO ~700 pairs/s).
 QUICK = Grid(seeds=(0, 1), budgets={"sft": 0, "rloo": 400_000, "ppo": 250_000, "dpo": 48_000}, best_of=(2, 8, 32),
              optimum_samples=128, optimum_prompts=100)
-# The README's learning budgets for every algorithm, two tasks, three β, three seeds: ~2 hours per (task, β, seed)
-# on 2 CPU cores, so ~36 hours in all; narrow it with the flags.
+# The README's learning budgets for every algorithm, two tasks, three β, three seeds: ~30 minutes per (task, β,
+# seed) on 2 CPU cores (PPO ~9, DPO ~6, each REINFORCE ~3), so ~9 hours in all; narrow it with the flags.
 FULL = Grid(tasks=("sentiment", "verbose"), betas=(0.05, 0.1, 0.25), seeds=(0, 1, 2),
             budgets={"sft": 0, "rloo": 1_300_000, "grpo": 1_300_000, "reinforce_ma": 1_300_000,
                      "reinforce_value": 1_300_000, "ppo": 1_300_000, "dpo": 256_000},
@@ -110,6 +110,8 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every training budget")
     parser.add_argument("--best-of", nargs="+", type=int, help="n of the best-of-n cells")
     parser.add_argument("--eval-episodes", type=int)
+    parser.add_argument("--optimum-samples", type=int, help="π_ref samples per prompt for the optimum estimate")
+    parser.add_argument("--optimum-prompts", type=int, help="held-out prompts for the optimum estimate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: one per core)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--list", action="store_true", help="print the cells and exit")
@@ -127,7 +129,8 @@ def grid_from_args(args) -> Grid:
         best_of = best_of if "best_of_n" in args.algorithms else ()
     budgets = {a: round(b * args.budget_scale) if a != "sft" else 0 for a, b in budgets.items()}
     overrides = {"tasks": args.tasks, "rewards": args.rewards, "betas": args.betas, "seeds": args.seeds,
-                 "eval_episodes": args.eval_episodes}
+                 "eval_episodes": args.eval_episodes, "optimum_samples": args.optimum_samples,
+                 "optimum_prompts": args.optimum_prompts}
     return replace(grid, budgets=budgets, best_of=tuple(best_of),
                    **{k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
 
@@ -147,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         failed = run_grid(cells, out, progress=not args.no_progress)
         print(f"grid: {len(cells)} cells, {time.perf_counter() - start:.0f} s this run")
-    written = write_report(out, command=" ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None
-                                                                                else argv)]))
+    command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+    if not args.report_only:  # results.md lists every command whose cells the folder holds
+        with (out / "commands.txt").open("a") as f:
+            f.write(command + "\n")
+    written = write_report(out)
     print("wrote " + ", ".join(str(p) for p in written))
     if failed:
         print(f"{len(failed)} cells failed: {', '.join(failed)}", file=sys.stderr)

@@ -7,7 +7,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_states_the_two_setup_commands():
     text = README.read_text()
-    assert 'pip install -e ".[dev]" && python -m rlhf_env.assets build' in text
+    assert 'pip install -e ".[dev]" && python -m benchmarks.run --quick' in text
     assert "\npython -m pytest\n" in text
 
 
