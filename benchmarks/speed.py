@@ -10,9 +10,17 @@
   the same reward model (TRL calls it as a reward function on the decoded text, as its API requires) and take one
   Adam step. TRL's gradient (activation) checkpointing, on by default, is turned off (it measured within 3% either way).
 
+* ``grpo``: the RLOO row's work with GRPO's advantages (each return minus its group's mean, divided by the group's
+  std): our `Reinforce` (baseline "rloo", ``group_norm=True``) against TRL's `GRPOTrainer` (β = 0.05 so that it
+  runs the reference model, as we do; one step per batch).
+* ``scaling``: our RLOO update and TRL's as the response length grows (16, 64, 256 new tokens on the 0.48M model)
+  and as the model grows (~0.5M, ~4M, ~30M parameters at 32 new tokens), a few updates per point.
 * ``ppo``: our `PPO` on the RLOO row's work (TRL deleted its PPO): per update the same rollout, then 4 epochs × 2
   minibatches (8 optimizer steps, the default shape) or 1 epoch × 1 minibatch (RLOO's one step), with the value head
-  on the shared trunk; reported as the ratio to our RLOO per update (= per sample: both take 32 episodes).
+  on the shared trunk; reported as the ratio to our RLOO per update (= per sample: both take 32 episodes). Next
+  to it TRL's last PPO (``trl.experimental.ppo``, TRL ≤ 1.12, deleted since) in the default shape, when the
+  installed TRL has it: it needs its own environment (``pip install "trl==1.12.0"``), as ``[compare]`` pins a
+  newer TRL.
 
 What an update includes on each side: sampling (ours: the env's KV-cached policy forward, plus the reference forward
 and the per-token KL it pays; TRL: `generate`, then a reference forward over the batch), the reward model, the
@@ -38,11 +46,14 @@ TRL_HINT = 'TRL is not installed: pip install -e ".[compare]"'
 
 
 def build_tiny_world(directory: Path, seed: int = 0, vocab_size: int = 512, prompt_tokens: int = 16,
-                     n_prompts: int = 2000) -> dict:
+                     n_prompts: int = 2000, shape: dict | None = None, n_positions: int = 64) -> dict:
     """The peers' measurement shape (../MEASUREMENTS.md): a byte-level BPE tokenizer with `vocab_size` tokens trained
     on the sentiment corpus, a random 0.48M-parameter GPT-2 policy (also the reference), a random reward model of
-    the same size, and a prompts file of `n_prompts` prompts of `prompt_tokens` tokens each. Returns the paths."""
-    from transformers import GPT2Model
+    the same size, and a prompts file of `n_prompts` prompts of `prompt_tokens` tokens each. Returns the paths.
+
+    `shape` (``n_embd``, ``n_layer``, ``n_head``) sizes both models instead (see `MODEL_SIZES`); `n_positions` is
+    their context (prompt + response)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
     from rlhf_env.build.reward_model import RewardModel
     from rlhf_env.models import build_policy
@@ -60,7 +71,10 @@ def build_tiny_world(directory: Path, seed: int = 0, vocab_size: int = 512, prom
             prompts.append(prompt)
         if len(prompts) == n_prompts:
             break
-    policy = build_policy(tokenizer, "tiny", n_positions=64, seed=seed)
+    policy = build_policy(tokenizer, "tiny", n_positions=n_positions, seed=seed)
+    if shape is not None:
+        torch.manual_seed(seed)
+        policy = GPT2LMHeadModel(GPT2Config(**{**policy.config.to_dict(), **shape}))
     torch.manual_seed(seed + 1)
     reward_model = RewardModel(GPT2Model(policy.config))
     paths = {"tokenizer": directory / "tokenizer", "policy": directory / "policy", "reward_model": directory / "rm",
@@ -85,6 +99,18 @@ def ours_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warm
     def make(envs):
         return Reinforce(envs, ReinforceConfig(episodes_per_update=prompts * k, samples_per_prompt=k,
                                                learning_rate=1e-6), progress=False)
+
+    return _time_our_agent(world, make, prompts * k, length, updates, warmup)
+
+
+def ours_grpo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int) -> dict:
+    """Our group-normalised REINFORCE (leave-one-out baseline, advantages divided by the group's std): GRPO's
+    advantage, with the env's per-token KL in the return instead of GRPO's KL term in the loss."""
+    from agents.reinforce import Reinforce, ReinforceConfig
+
+    def make(envs):
+        return Reinforce(envs, ReinforceConfig(episodes_per_update=prompts * k, samples_per_prompt=k,
+                                               group_norm=True, learning_rate=1e-6), progress=False)
 
     return _time_our_agent(world, make, prompts * k, length, updates, warmup)
 
@@ -123,9 +149,25 @@ def _time_our_agent(world: dict, make_agent, episodes: int, length: int, updates
 
 
 def trl_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int) -> dict:
+    from trl import RLOOConfig, RLOOTrainer
+
+    return _trl_online(RLOOTrainer, RLOOConfig, world, prompts, k, length, updates, warmup)
+
+
+def trl_grpo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int) -> dict:
+    """TRL's `GRPOTrainer` on the RLOO row's work; β = 0.05 > 0 so that it loads and runs the reference model (its
+    default β = 0 skips it), the one step per batch of `num_iterations=1`."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    return _trl_online(GRPOTrainer, GRPOConfig, world, prompts, k, length, updates, warmup)
+
+
+def _trl_online(trainer_cls, config_cls, world: dict, prompts: int, k: int, length: int, updates: int,
+                warmup: int) -> dict:
+    """Seconds per optimizer step of TRL's `trainer_cls` (RLOO or GRPO): `prompts` × `k` samples of ≤ `length`
+    tokens, the same reward model as a reward function, a reference model (β = 0.05), one step per batch."""
     from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import RLOOConfig, RLOOTrainer
 
     from rlhf_env.build.reward_model import RewardModel
 
@@ -142,18 +184,64 @@ def trl_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmu
     pool = _task(world).train_prompts()
     dataset = Dataset.from_dict({"prompt": pool[: prompts * (warmup + updates + 2)]})
     with tempfile.TemporaryDirectory() as out:
-        config = RLOOConfig(output_dir=out, per_device_train_batch_size=prompts * k, num_generations=k,
+        config = config_cls(output_dir=out, per_device_train_batch_size=prompts * k, num_generations=k,
                             max_completion_length=length, beta=0.05, learning_rate=1e-6, num_iterations=1,
                             max_steps=warmup + updates, logging_steps=1, save_strategy="no", report_to="none",
                             use_cpu=True, bf16=False, activation_checkpointing=False, disable_dropout=True,
                             dataloader_num_workers=0, seed=0)
         timer = _timer()
-        trainer = RLOOTrainer(model=str(world["policy"]), reward_funcs=reward, args=config, train_dataset=dataset,
+        trainer = trainer_cls(model=str(world["policy"]), reward_funcs=reward, args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[timer])
         trainer.train()
     lengths = [log["completions/mean_length"] for log in trainer.state.log_history
                if "completions/mean_length" in log]
     return _summary(timer.seconds[warmup:], lengths[warmup:], prompts * k)
+
+
+def trl_ppo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int, epochs: int = 4,
+            minibatch: int = 16) -> dict:
+    """TRL's last PPO (``trl.experimental.ppo``, shipped up to TRL 1.12 and deleted in 1.13) on the PPO row's work:
+    `prompts` × `k` episodes of ≤ `length` tokens, a reference model, `epochs` × minibatches of `minibatch`. TRL's
+    PPO takes its reward and value models as sequence classifiers and keeps the critic as a separate model: both are
+    GPT-2s of the policy's size with a scalar head (random, like everything here). ``{"skipped": why}`` when the
+    installed TRL has no PPO (``pip install "trl==1.12.0"`` in a separate environment)."""
+    try:
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+    except ImportError:
+        return {"skipped": "this TRL has no trl.experimental.ppo (TRL <= 1.12 has)"}
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+
+    def scalar_model(seed: int):
+        torch.manual_seed(seed)
+        config = GPT2Config.from_pretrained(world["policy"], num_labels=1, pad_token_id=tokenizer.pad_token_id)
+        return GPT2ForSequenceClassification(config)
+
+    episodes = prompts * k
+    pool = _task(world).train_prompts()[: episodes * (warmup + updates + 1)]
+    dataset = Dataset.from_dict({"input_ids": [tokenizer(p, add_special_tokens=False)["input_ids"] for p in pool]})
+    with tempfile.TemporaryDirectory() as out:
+        # TRL's PPO: episodes per update = per_device_train_batch_size × gradient_accumulation_steps, split into
+        # num_mini_batches minibatches.
+        config = PPOConfig(output_dir=out, per_device_train_batch_size=episodes, gradient_accumulation_steps=1,
+                           num_mini_batches=episodes // minibatch, num_ppo_epochs=epochs,
+                           total_episodes=episodes * (warmup + updates), response_length=length,
+                           local_rollout_forward_batch_size=episodes, kl_coef=0.05, learning_rate=1e-6,
+                           num_sample_generations=0, logging_steps=1, save_strategy="no", report_to="none",
+                           use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0)
+        timer = _timer()
+        trainer = PPOTrainer(args=config, processing_class=tokenizer,
+                             model=AutoModelForCausalLM.from_pretrained(world["policy"]),
+                             ref_model=AutoModelForCausalLM.from_pretrained(world["policy"]),
+                             reward_model=scalar_model(1), value_model=scalar_model(2), train_dataset=dataset,
+                             callbacks=[timer])
+        trainer.train()
+    # TRL's PPO loop calls only on_step_end per update: time between consecutive ends (the first from train begin).
+    ends = np.array(timer.ends)
+    seconds = np.diff(np.concatenate([[timer.begin], ends])).tolist()
+    return _summary(seconds[warmup:], [float(length)], episodes)
 
 
 def _timer():
@@ -162,13 +250,18 @@ def _timer():
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.seconds = []
+            self.seconds, self.ends = [], []
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kwargs):
-            self.seconds.append(time.perf_counter() - self.start)
+            self.ends.append(time.perf_counter())
+            if hasattr(self, "start"):
+                self.seconds.append(self.ends[-1] - self.start)
 
     return Timer()
 
@@ -237,10 +330,45 @@ def _summary(seconds: list[float], lengths: list[float], episodes: int) -> dict:
             "tokens_per_s": round(episodes * mean_length / median, 1), "updates_timed": len(seconds)}
 
 
+# Model sizes of the scaling rows (GPT-2 shapes; parameters with the 512-token vocabulary are printed by the run).
+MODEL_SIZES = {"0.5M": dict(n_embd=128, n_layer=2, n_head=4), "4M": dict(n_embd=256, n_layer=5, n_head=4),
+               "30M": dict(n_embd=512, n_layer=9, n_head=8)}
+SCALING_LENGTHS = (16, 64, 256)
+ROWS = ("rloo", "grpo", "ppo", "dpo", "scaling")
+
+
+def _versus(ours: dict, theirs: dict | None, work: str) -> dict:
+    row = {"work": work, "ours": ours, "trl": theirs}
+    if theirs is not None:
+        row["speedup"] = round(theirs["seconds_per_update"] / ours["seconds_per_update"], 2)
+    return row
+
+
+def scaling(directory: Path, updates: int, warmup: int, with_trl: bool = True) -> dict:
+    """Our RLOO update (and TRL's, `with_trl`) on the RLOO row's 8 × 4 samples as the response length grows
+    (`SCALING_LENGTHS`, the 0.48M model) and as the model grows (`MODEL_SIZES`, 32 new tokens)."""
+    out = {"response_length": [], "model_size": []}
+    world = build_tiny_world(directory / "lengths", n_positions=16 + max(SCALING_LENGTHS) + 16)
+    world.pop("parameters")
+    for length in SCALING_LENGTHS:
+        work = dict(prompts=8, k=4, length=length, updates=updates, warmup=warmup)
+        row = _versus(ours_rloo(world, **work), trl_rloo(world, **work) if with_trl else None, f"{length} tokens")
+        out["response_length"].append({"max_new_tokens": length, **row})
+    for name, shape in MODEL_SIZES.items():
+        world = build_tiny_world(directory / name, shape=shape)
+        parameters = world.pop("parameters")
+        work = dict(prompts=8, k=4, length=32, updates=updates, warmup=warmup)
+        row = _versus(ours_rloo(world, **work), trl_rloo(world, **work) if with_trl else None, f"{name} model")
+        out["model_size"].append({"model": name, "parameters": parameters, **row})
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="what to time (default: all)")
     parser.add_argument("--updates", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--scaling-updates", type=int, default=3, help="timed updates per scaling point")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -249,29 +377,41 @@ def main(argv: list[str] | None = None) -> dict:
         import trl
     except ImportError as error:
         raise SystemExit(TRL_HINT) from error
-    commit = git_commit()
-    results = {"commit": commit, "threads": args.threads, "machine": platform.processor() or platform.machine(),
+    results = {"commit": git_commit(), "threads": args.threads, "machine": platform.processor() or platform.machine(),
                "torch": torch.__version__, "trl": trl.__version__}
+    rows = set(args.rows)
     with tempfile.TemporaryDirectory() as directory:
         world = build_tiny_world(Path(directory))
         results["policy_parameters"] = world.pop("parameters")
         work = dict(prompts=8, k=4, length=32, updates=args.updates, warmup=args.warmup)
-        ours, theirs = ours_rloo(world, **work), trl_rloo(world, **work)
-        results["rloo"] = {"work": "8 prompts x 4 samples, <= 32 new tokens, reference + reward model",
-                           "ours": ours, "trl": theirs,
-                           "speedup": round(theirs["seconds_per_update"] / ours["seconds_per_update"], 2)}
-        ppo, ppo_one_epoch = ours_ppo(world, **work), ours_ppo(world, **work, epochs=1, minibatch=32)
-        results["ppo"] = {"work": "the RLOO row's rollout; PPO: 4 epochs x 2 minibatches of 16 (8 optimizer steps) "
-                                  "or 1 epoch x 1 minibatch of 32 (RLOO's one step), value head on the shared trunk",
-                          "ours_ppo": ppo, "ours_ppo_1_epoch": ppo_one_epoch,
-                          "ppo_over_rloo": round(ppo["seconds_per_update"] / ours["seconds_per_update"], 2),
-                          "ppo_1_epoch_over_rloo": round(ppo_one_epoch["seconds_per_update"]
-                                                         / ours["seconds_per_update"], 2)}
-        work = dict(pairs=16, updates=args.updates, warmup=args.warmup)
-        ours, theirs = ours_dpo(world, **work), trl_dpo(world, **work)
-        results["dpo"] = {"work": "16 pairs, 16-token prompts, ~32-token responses, reference log-probs precomputed",
-                          "ours": ours, "trl": theirs,
-                          "speedup": round(theirs["seconds_per_step"] / ours["seconds_per_step"], 2)}
+        described = "8 prompts x 4 samples, <= 32 new tokens, reference + reward model, one optimizer step"
+        ours = ours_rloo(world, **work) if rows & {"rloo", "ppo"} else None
+        if "rloo" in rows:
+            results["rloo"] = _versus(ours, trl_rloo(world, **work), described)
+        if "grpo" in rows:
+            results["grpo"] = _versus(ours_grpo(world, **work), trl_grpo(world, **work),
+                                      described + "; advantages divided by the group's std")
+        if "ppo" in rows:
+            ppo, ppo_one_epoch = ours_ppo(world, **work), ours_ppo(world, **work, epochs=1, minibatch=32)
+            theirs = trl_ppo(world, **work)
+            results["ppo"] = {"work": "the RLOO row's rollout; PPO: 4 epochs x 2 minibatches of 16 (8 optimizer "
+                                      "steps) or 1 epoch x 1 minibatch of 32 (RLOO's one step), value head on the "
+                                      "shared trunk", "ours_rloo": ours, "ours_ppo": ppo,
+                              "ours_ppo_1_epoch": ppo_one_epoch,
+                              "ppo_over_rloo": round(ppo["seconds_per_update"] / ours["seconds_per_update"], 2),
+                              "ppo_1_epoch_over_rloo": round(ppo_one_epoch["seconds_per_update"]
+                                                             / ours["seconds_per_update"], 2),
+                              "trl_ppo": theirs, "trl_ppo_over_ours": round(theirs["seconds_per_update"]
+                                                                            / ppo["seconds_per_update"], 2)
+                              if "seconds_per_update" in theirs else None}
+        if "dpo" in rows:
+            work = dict(pairs=16, updates=args.updates, warmup=args.warmup)
+            ours, theirs = ours_dpo(world, **work), trl_dpo(world, **work)
+            results["dpo"] = {"work": "16 pairs, 16-token prompts, ~32-token responses, reference log-probs "
+                                      "precomputed", "ours": ours, "trl": theirs,
+                              "speedup": round(theirs["seconds_per_step"] / ours["seconds_per_step"], 2)}
+        if "scaling" in rows:
+            results["scaling"] = scaling(Path(directory), args.scaling_updates, 1)
     return report(results, args.out)
 
 

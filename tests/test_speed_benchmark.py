@@ -2,7 +2,17 @@
 
 import pytest
 
-from benchmarks.speed import build_tiny_world, ours_dpo, ours_ppo, ours_rloo, trl_dpo, trl_rloo
+from benchmarks.speed import (
+    MODEL_SIZES,
+    build_tiny_world,
+    ours_dpo,
+    ours_grpo,
+    ours_ppo,
+    ours_rloo,
+    trl_dpo,
+    trl_grpo,
+    trl_rloo,
+)
 
 
 def test_ours_rloo_times_updates_of_the_stated_work(tmp_path):
@@ -15,6 +25,14 @@ def test_ours_rloo_times_updates_of_the_stated_work(tmp_path):
     assert dpo["steps_timed"] == 2 and dpo["pairs_per_s"] > 0
     ppo = ours_ppo(world, prompts=2, k=4, length=8, updates=2, warmup=1, epochs=1, minibatch=8)
     assert ppo["updates_timed"] == 2 and 1 <= ppo["mean_response_tokens"] <= 8
+    grpo = ours_grpo(world, prompts=2, k=4, length=8, updates=1, warmup=1)
+    assert grpo["updates_timed"] == 1 and grpo["tokens_per_s"] > 0
+
+
+def test_scaling_worlds_have_the_stated_sizes(tmp_path):
+    sizes = {name: build_tiny_world(tmp_path / name, n_prompts=50, shape=shape)["parameters"]
+             for name, shape in MODEL_SIZES.items()}
+    assert 0.4e6 < sizes["0.5M"] < 0.6e6 and 3e6 < sizes["4M"] < 5e6 and 25e6 < sizes["30M"] < 35e6
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL 1.16 calls transformers' deprecated checkpointing API
@@ -24,5 +42,7 @@ def test_trl_rloo_runs_on_the_same_world(tmp_path):
     world.pop("parameters")
     result = trl_rloo(world, prompts=2, k=4, length=8, updates=1, warmup=1)
     assert result["updates_timed"] == 1 and 1 <= result["mean_response_tokens"] <= 8
+    grpo = trl_grpo(world, prompts=2, k=4, length=8, updates=1, warmup=1)
+    assert grpo["updates_timed"] == 1 and 1 <= grpo["mean_response_tokens"] <= 8
     dpo = trl_dpo(world, pairs=4, updates=1, warmup=1)
     assert dpo["steps_timed"] == 1 and dpo["seconds_per_step"] > 0
