@@ -24,7 +24,8 @@
 
 What an update includes on each side: sampling (ours: the env's KV-cached policy forward, plus the reference forward
 and the per-token KL it pays; TRL: `generate`, then a reference forward over the batch), the reward model, the
-advantages and one forward/backward/step. Timings skip warm-up updates and report the median.
+advantages and one forward/backward/step. Timings skip warm-up updates and report the median. Each side of each row
+runs in a fresh process of its own, which also reports its peak resident memory (``peak_rss_mib``).
 
 Run it alone on the machine (two torch processes on 2 cores slow each other 25–45×).
 """
@@ -32,7 +33,10 @@ Run it alone on the machine (two torch processes on 2 cores slow each other 25�
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -337,6 +341,34 @@ SCALING_LENGTHS = (16, 64, 256)
 ROWS = ("rloo", "grpo", "ppo", "dpo", "scaling")
 
 
+SIDES = ("ours_rloo", "trl_rloo", "ours_grpo", "trl_grpo", "ours_ppo", "trl_ppo", "ours_dpo", "trl_dpo")
+
+
+def side(name: str, world: dict, **work) -> dict:
+    """Time one side of a row (`name` is one of `SIDES`) in a fresh process, alone: its result plus that process's
+    peak resident memory (``peak_rss_mib``: imports, models, optimizer and activations — comparable between the two
+    sides of a row because each starts from nothing)."""
+    with tempfile.TemporaryDirectory() as directory:
+        request, result = Path(directory) / "request.json", Path(directory) / "result.json"
+        request.write_text(json.dumps({"name": name, "world": {k: str(v) for k, v in world.items()}, "work": work,
+                                       "threads": torch.get_num_threads()}))
+        subprocess.run([sys.executable, "-m", "benchmarks.speed", "--side", str(request), str(result)], check=True)
+        return json.loads(result.read_text())
+
+
+def _run_side(request_path: str, result_path: str) -> None:
+    """The child of `side`: run the requested side and write its result with the process's peak memory."""
+    from benchmarks.cell import peak_memory_mib
+
+    request = json.loads(Path(request_path).read_text())
+    if request["name"] not in SIDES:
+        raise ValueError(f"unknown side {request['name']!r}; expected one of {SIDES}")
+    torch.set_num_threads(request["threads"])
+    result = globals()[request["name"]](request["world"], **request["work"])
+    result["peak_rss_mib"] = round(peak_memory_mib(), 1)
+    Path(result_path).write_text(json.dumps(result))
+
+
 def _versus(ours: dict, theirs: dict | None, work: str) -> dict:
     row = {"work": work, "ours": ours, "trl": theirs}
     if theirs is not None:
@@ -352,18 +384,23 @@ def scaling(directory: Path, updates: int, warmup: int, with_trl: bool = True) -
     world.pop("parameters")
     for length in SCALING_LENGTHS:
         work = dict(prompts=8, k=4, length=length, updates=updates, warmup=warmup)
-        row = _versus(ours_rloo(world, **work), trl_rloo(world, **work) if with_trl else None, f"{length} tokens")
+        row = _versus(side("ours_rloo", world, **work), side("trl_rloo", world, **work) if with_trl else None,
+                      f"{length} tokens")
         out["response_length"].append({"max_new_tokens": length, **row})
     for name, shape in MODEL_SIZES.items():
         world = build_tiny_world(directory / name, shape=shape)
         parameters = world.pop("parameters")
         work = dict(prompts=8, k=4, length=32, updates=updates, warmup=warmup)
-        row = _versus(ours_rloo(world, **work), trl_rloo(world, **work) if with_trl else None, f"{name} model")
+        row = _versus(side("ours_rloo", world, **work), side("trl_rloo", world, **work) if with_trl else None,
+                      f"{name} model")
         out["model_size"].append({"model": name, "parameters": parameters, **row})
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--side"]:  # a child started by `side`
+        return _run_side(*argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="what to time (default: all)")
     parser.add_argument("--updates", type=int, default=10)
@@ -385,15 +422,16 @@ def main(argv: list[str] | None = None) -> dict:
         results["policy_parameters"] = world.pop("parameters")
         work = dict(prompts=8, k=4, length=32, updates=args.updates, warmup=args.warmup)
         described = "8 prompts x 4 samples, <= 32 new tokens, reference + reward model, one optimizer step"
-        ours = ours_rloo(world, **work) if rows & {"rloo", "ppo"} else None
+        ours = side("ours_rloo", world, **work) if rows & {"rloo", "ppo"} else None
         if "rloo" in rows:
-            results["rloo"] = _versus(ours, trl_rloo(world, **work), described)
+            results["rloo"] = _versus(ours, side("trl_rloo", world, **work), described)
         if "grpo" in rows:
-            results["grpo"] = _versus(ours_grpo(world, **work), trl_grpo(world, **work),
+            results["grpo"] = _versus(side("ours_grpo", world, **work), side("trl_grpo", world, **work),
                                       described + "; advantages divided by the group's std")
         if "ppo" in rows:
-            ppo, ppo_one_epoch = ours_ppo(world, **work), ours_ppo(world, **work, epochs=1, minibatch=32)
-            theirs = trl_ppo(world, **work)
+            ppo = side("ours_ppo", world, **work)
+            ppo_one_epoch = side("ours_ppo", world, **work, epochs=1, minibatch=32)
+            theirs = side("trl_ppo", world, **work)
             results["ppo"] = {"work": "the RLOO row's rollout; PPO: 4 epochs x 2 minibatches of 16 (8 optimizer "
                                       "steps) or 1 epoch x 1 minibatch of 32 (RLOO's one step), value head on the "
                                       "shared trunk", "ours_rloo": ours, "ours_ppo": ppo,
@@ -406,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
                               if "seconds_per_update" in theirs else None}
         if "dpo" in rows:
             work = dict(pairs=16, updates=args.updates, warmup=args.warmup)
-            ours, theirs = ours_dpo(world, **work), trl_dpo(world, **work)
+            ours, theirs = side("ours_dpo", world, **work), side("trl_dpo", world, **work)
             results["dpo"] = {"work": "16 pairs, 16-token prompts, ~32-token responses, reference log-probs "
                                       "precomputed", "ours": ours, "trl": theirs,
                               "speedup": round(theirs["seconds_per_step"] / ours["seconds_per_step"], 2)}

@@ -1,5 +1,7 @@
 """The speed benchmark's own side runs on its tiny world (TRL's side needs the optional `compare` extra)."""
 
+import subprocess
+
 import pytest
 
 from benchmarks.speed import (
@@ -9,6 +11,7 @@ from benchmarks.speed import (
     ours_grpo,
     ours_ppo,
     ours_rloo,
+    side,
     trl_dpo,
     trl_grpo,
     trl_rloo,
@@ -27,6 +30,15 @@ def test_ours_rloo_times_updates_of_the_stated_work(tmp_path):
     assert ppo["updates_timed"] == 2 and 1 <= ppo["mean_response_tokens"] <= 8
     grpo = ours_grpo(world, prompts=2, k=4, length=8, updates=1, warmup=1)
     assert grpo["updates_timed"] == 1 and grpo["tokens_per_s"] > 0
+
+
+def test_each_side_runs_alone_and_reports_its_peak_memory(tmp_path):
+    world = build_tiny_world(tmp_path)
+    world.pop("parameters")
+    result = side("ours_rloo", world, prompts=2, k=4, length=8, updates=1, warmup=1)
+    assert result["updates_timed"] == 1 and 100 < result["peak_rss_mib"] < 10_000
+    with pytest.raises(subprocess.CalledProcessError):  # the child refuses a name that is not a side
+        side("build_tiny_world", world)
 
 
 def test_scaling_worlds_have_the_stated_sizes(tmp_path):
