@@ -20,8 +20,9 @@ from agents.rollout import Episodes, collect_episodes, episode_stats
 from rlhf_env.lm import sample
 from rlhf_env.vector_env import RLHFVectorEnv
 
-# The π_SFT samples a win rate compares against come from their own stream: with the evaluation's own seed they
-# would repeat the rollout's samples (same generator, same draws), and π_SFT would tie itself every time.
+# The π_SFT samples a win rate compares against are drawn with a seed of their own, so that they never share a
+# random stream with the rollout they are compared to (with the evaluation's seed they happen not to coincide — the
+# rollout samples by Gumbel-max, `sample` otherwise — but nothing would keep that true).
 REFERENCE_SEED_OFFSET = 1_000_003
 
 

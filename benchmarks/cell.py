@@ -140,9 +140,9 @@ class Checkpoints:
 
     def __call__(self, agent, metrics: dict) -> None:
         self.seconds += metrics["time/update_seconds"]
-        if self.thresholds and agent.num_timesteps >= self.thresholds[0]:
-            while self.thresholds and agent.num_timesteps >= self.thresholds[0]:
-                self.thresholds.pop(0)
+        passed = [t for t in self.thresholds if agent.num_timesteps >= t]
+        if passed:  # one evaluation, however many thresholds this update crossed
+            self.thresholds = self.thresholds[len(passed):]
             self._record(agent.num_timesteps, agent.num_updates)
 
 

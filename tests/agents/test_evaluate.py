@@ -6,7 +6,7 @@ import pytest
 
 import agents.evaluate
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
-from agents.evaluate import evaluate, kl_regularised_optimum
+from agents.evaluate import best_of_n, evaluate, kl_regularised_optimum
 from agents.rollout import collect_episodes
 
 
@@ -39,3 +39,25 @@ def test_evaluate_uses_held_out_prompts_and_leaves_beta_alone(monkeypatch):
     assert len(seen) == 8 and set(seen) <= set(envs.unwrapped.task.eval_prompts())
     assert stats["episodes"] == 8 and envs.unwrapped.beta == beta
     assert np.isfinite(stats["objective/gold_score"])
+
+
+def test_best_of_n_keeps_the_sample_the_reward_prefers():
+    task = rlhf_env.tasks.get_task("sentiment")
+    envs = gym.make_vec("RLHF-v0", num_envs=8, reward_fn=task.gold)  # select by gold: score is the gold itself
+    one = best_of_n(envs, 1, 128, seed=0)
+    eight = best_of_n(envs, 8, 128, seed=0)
+    assert one["objective/kl"] == 0.0 and eight["objective/kl"] == pytest.approx(np.log(8) - 7 / 8)
+    assert eight["objective/score"] == pytest.approx(eight["objective/gold_score"])
+    assert eight["objective/gold_score"] > one["objective/gold_score"] + 0.3  # π_SFT ~0, best of 8 ~0.5
+    assert eight["objective/win_rate"] > 0.7
+    with pytest.raises(ValueError, match="n must be"):
+        best_of_n(envs, 0, 8)
+
+
+def test_win_rate_of_the_reference_against_itself_is_one_half():
+    # π_SFT against fresh π_SFT samples: 0.5 in expectation (ties count half). Counting ties as wins, or comparing
+    # the rollout with itself (every prompt a tie, exactly 0.5 at every seed), fails here.
+    envs = gym.make_vec("RLHF-v0", num_envs=64)
+    rates = [evaluate(envs, 128, seed=seed)["objective/win_rate"] for seed in (1, 2, 3)]
+    assert any(rate != 0.5 for rate in rates)
+    assert 0.45 < np.mean(rates) < 0.55  # ties are ~13% here: counted as wins, the mean is ~0.56
