@@ -6,7 +6,8 @@ Hugging Face forward spends most of its time in Python: mask construction, outpu
 cache, for M models of one shape at once (the env's policy and reference: every matrix product is one batched
 product over both, so a step costs one set of operations instead of two). Parameters are read live (an agent
 training the policy in place is seen at the next step). The env's decoders use it for GPT-2s in eval mode and the
-reward model scores with it; any other model goes through its own ``forward``. Log-probs match the Hugging Face
+reward model scores with it; agents train through `gpt2_response_forward` (the same blocks with autograd, the LM
+head on response columns only); any other model goes through its own ``forward``. Log-probs match the Hugging Face
 forward to float rounding, and identical models stacked together give identical bits (tested).
 
 Legend: ``B`` rows, ``W`` positions fed in this call, ``L`` cached positions, ``H`` heads, ``D`` head width,
@@ -16,19 +17,56 @@ Legend: ``B`` rows, ``W`` positions fed in this call, ``L`` cached positions, ``
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
-from rlhf_env.lm import position_ids
+from rlhf_env.lm import position_ids, response_columns
 
 
 class KVLayer:
-    """One layer's keys and values, ``(B, H, L, D)`` each (the attribute names of transformers' cache layers)."""
+    """One layer's keys and values, ``(B, H, L, D)`` each (the attribute names of transformers' cache layers).
+
+    They are views of buffers with spare columns, so a decoding step `append`s its column in place instead of
+    copying the whole cache (a `torch.cat` per layer per step cost ~12% of a decoding step). Assigning ``keys`` or
+    ``values`` replaces that buffer (the decoder does so when it compacts or widens the cache).
+    """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         self.keys, self.values = keys, values
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:, :, : self._keys_width]
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor) -> None:
+        self._keys, self._keys_width = tensor, tensor.shape[2]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values[:, :, : self._values_width]
+
+    @values.setter
+    def values(self, tensor: torch.Tensor) -> None:
+        self._values, self._values_width = tensor, tensor.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add ``W`` columns after the cached ones; new buffers (with room for as many columns again) when full."""
+        start, end = self._keys_width, self._keys_width + keys.shape[2]
+        if self._values_width != start:
+            raise RuntimeError(f"keys hold {start} columns but values {self._values_width}")
+        if end > self._keys.shape[2]:
+            room = max(end, 2 * start)
+            old_keys, old_values = self.keys, self.values
+            self._keys = old_keys.new_empty((*old_keys.shape[:2], room, old_keys.shape[3]))
+            self._values = old_values.new_empty((*old_values.shape[:2], room, old_values.shape[3]))
+            self._keys[:, :, :start], self._values[:, :, :start] = old_keys, old_values
+        self._keys[:, :, start:end], self._values[:, :, start:end] = keys, values
+        self._keys_width = self._values_width = end
 
 
 class KVCache:
@@ -40,10 +78,12 @@ class KVCache:
 
 def supports_lean_forward(model: nn.Module) -> bool:
     """True for a plain GPT-2 (an LM, or a bare trunk such as a reward model's) with no dropout active: the
-    architecture `GPT2Stack` implements."""
+    architecture `GPT2Stack` implements. Plain means transformers' own modules and no hooks: a model with adapter
+    layers swapped in (LoRA), a subclass, a compiled wrapper or a forward hook goes through its own ``forward``,
+    since the lean path reads the parameters and would silently skip whatever those add."""
     config = getattr(model, "config", None)
     lm_or_trunk = hasattr(model, "transformer") and hasattr(model, "lm_head") or hasattr(model, "wte")
-    if getattr(config, "model_type", None) != "gpt2" or not lm_or_trunk:
+    if getattr(config, "model_type", None) != "gpt2" or not lm_or_trunk or not _plain_modules(model):
         return False
     dropout = config.resid_pdrop or config.embd_pdrop or config.attn_pdrop
     return (
@@ -52,6 +92,19 @@ def supports_lean_forward(model: nn.Module) -> bool:
         and not config.add_cross_attention
         and not config.reorder_and_upcast_attn
     )
+
+
+_PLAIN_MODULES = ("transformers.models.gpt2.", "transformers.pytorch_utils", "transformers.activations",
+                  "torch.nn.modules.")
+
+
+def _plain_modules(model: nn.Module) -> bool:
+    """Every submodule is one of transformers' GPT-2 building blocks or a torch layer, and no hook is registered."""
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return False
+    return all(type(module).__module__.startswith(_PLAIN_MODULES) and not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+        for module in model.modules())
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +116,8 @@ _ACTIVATIONS = {"gelu_new": _gelu_new, "gelu_pytorch_tanh": _gelu_new, "gelu": F
 
 def gpt2_forward(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                  cache: KVCache | None) -> tuple[KVCache, torch.Tensor]:
-    """Feed ``ids (B, W)`` after ``cache``; return the new cache and the logits at the last position ``(B, V)``.
+    """Feed ``ids (B, W)`` after ``cache``; return the cache (``cache`` itself, extended in place, or a new one)
+    and the logits at the last position ``(B, V)``.
 
     ``attention_mask (B, L + W)`` covers the cached and the new positions (0 = padding or a dead column);
     ``positions (B, W)`` are the new tokens' position ids. Padding positions attend to themselves only, so every
@@ -71,6 +125,18 @@ def gpt2_forward(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tens
     """
     cache, logits = GPT2Stack([model]).forward(ids, attention_mask, positions, cache)
     return cache, logits[:, 0]
+
+
+def gpt2_response_forward(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor,
+                          query_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training forward of a GPT-2 LM over left-padded queries followed by right-padded responses, with
+    autograd: the logits that predict each response token ``(B, T, V)`` and the final (layer-normed) hidden states
+    of every column ``(B, P + T, E)`` (a value head reads them). The LM head runs on the response columns only."""
+    stack = GPT2Stack([model], trainable=True)
+    weights = stack.weights()
+    hidden = stack._final_hidden(weights, ids, attention_mask)[0]  # (B, P + T, E)
+    logits = torch.matmul(response_columns(hidden, query_width), weights["lm_head"][0])  # (B, T, V)
+    return logits, hidden
 
 
 def can_stack(models: list[nn.Module]) -> bool:
@@ -102,16 +168,24 @@ class GPT2Stack:
     has the layout of a single model with M·H heads and row-wise bookkeeping works unchanged.
     """
 
-    def __init__(self, models: list[nn.Module]):
-        self.models = list(models)
-        self.config = self.models[0].config
+    def __init__(self, models: list[nn.Module], trainable: bool = False):
+        if trainable and len(models) != 1:
+            raise ValueError("a trainable GPT2Stack runs one model (gradients reach its own parameters)")
+        self.models, self.trainable = list(models), trainable
+        # The values the forward reads, as plain attributes (a transformers config's attribute access costs ~1 µs).
+        self.config = SimpleNamespace(**{key: getattr(self.models[0].config, key) for key in (
+            "n_embd", "n_layer", "n_head", "activation_function", "layer_norm_epsilon", "scale_attn_weights",
+            "scale_attn_by_inverse_layer_idx")})
         # A GPT2LMHeadModel keeps its trunk under "transformer."; a bare GPT2Model (a reward model's trunk) is one.
         self._trunk = "transformer." if hasattr(self.models[0], "transformer") else ""
         self._parameters = [p for m in self.models for p in m.parameters()]
         self._stamp, self._weights = None, None
 
     def weights(self) -> dict:
-        """Stacked parameters: matrices ``(M, in, out)`` (Conv1D layout), vectors ``(M, 1, n)``."""
+        """Stacked parameters: matrices ``(M, in, out)`` (Conv1D layout), vectors ``(M, 1, n)``. A trainable
+        stack's are views of the live parameters, taken afresh at every call (autograd reaches the parameters)."""
+        if self.trainable:
+            return self._stack()
         stamp = tuple((p.data_ptr(), p._version) for p in self._parameters)
         if stamp != self._stamp:
             self._weights, self._stamp = self._stack(), stamp
@@ -119,7 +193,8 @@ class GPT2Stack:
 
     def _stack(self) -> dict:
         def stacked(path: str, vector: bool = False) -> torch.Tensor:
-            tensors = [m.get_parameter(path).detach() for m in self.models]
+            tensors = [m.get_parameter(path) if self.trainable else m.get_parameter(path).detach()
+                       for m in self.models]
             weight = tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
             return weight[:, None] if vector else weight
 
@@ -139,36 +214,51 @@ class GPT2Stack:
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache | None) -> tuple[KVCache, torch.Tensor]:
-        """`gpt2_forward` for every model at once: the new cache and the last position's logits ``(B, M, V)``."""
+        """`gpt2_forward` for every model at once: the cache (extended in place) and the last position's logits
+        ``(B, M, V)``."""
         w = self.weights()
-        cache, x = self._blocks(w, ids, attention_mask, positions, cache)  # x: (M, B, W, E)
+        last = None if ids.shape[1] == 1 else torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
+        cache, x = self._blocks(w, ids, attention_mask, positions, cache, last)  # x: (M, B, 1, E)
         logits = torch.bmm(_layer_norm(x[:, :, -1], *w["ln_f"], self.config.layer_norm_epsilon), w["lm_head"])
         return cache, logits.transpose(0, 1)  # (B, M, V)
 
-    def hidden_states(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor, attention_mask: torch.Tensor,
+                      columns: torch.Tensor | None = None) -> torch.Tensor:
         """The final (layer-normed) hidden states of every position ``(M, B, W, E)`` of left- or right-padded
-        sequences, as transformers' ``last_hidden_state`` (a reward model reads them at the last real token)."""
-        w = self.weights()
-        _, x = self._blocks(w, ids, attention_mask, position_ids(attention_mask), None)
+        sequences, as transformers' ``last_hidden_state``; with ``columns (B,)`` only each row's column there,
+        ``(M, B, 1, E)`` (a reward model reads the last real token: the last block then runs on it alone)."""
+        return self._final_hidden(self.weights(), ids, attention_mask, columns)
+
+    def _final_hidden(self, w: dict, ids: torch.Tensor, attention_mask: torch.Tensor,
+                      columns: torch.Tensor | None = None) -> torch.Tensor:
+        _, x = self._blocks(w, ids, attention_mask, position_ids(attention_mask), None, columns)
         models, batch, width, embed = x.shape
         normed = _layer_norm(x.reshape(models, batch * width, embed), *w["ln_f"],
                              self.config.layer_norm_epsilon)
         return normed.view(x.shape)
 
-    def _blocks(self, w: dict, ids, attention_mask, positions, cache) -> tuple[KVCache, torch.Tensor]:
-        """The transformer blocks: the new cache and the residual stream ``(M, B, W, E)`` before the final norm."""
+    def _blocks(self, w: dict, ids, attention_mask, positions, cache,
+                columns: torch.Tensor | None = None) -> tuple[KVCache, torch.Tensor]:
+        """The transformer blocks: the cache (extended in place) and the residual stream ``(M, B, W, E)`` before
+        the final norm. With ``columns (B,)`` the caller reads one column per row: the last block computes keys
+        and values for every column but the rest (a quarter of its work) for that column only: ``(M, B, 1, E)``."""
         config, models = self.config, len(self.models)
         heads, (batch, width), embed = config.n_head, ids.shape, config.n_embd
         head_dim = embed // heads
         act = _ACTIVATIONS[config.activation_function]
         past = 0 if cache is None else cache.layers[0].keys.shape[2]
-        # (B, 1, W, L + W): key j is visible to query i when it is live and not in i's future.
-        keys_live = attention_mask.bool()[:, None, None, :]
-        query_index = torch.arange(width, device=ids.device)[:, None] + past
-        key_index = torch.arange(past + width, device=ids.device)[None, :]
-        visible = keys_live & (key_index <= query_index) | (key_index == query_index)
+        # (B, 1, W, L + W): key j is hidden from query i when it is dead or in i's future; a query always sees
+        # itself (a padding column too, so that no row of scores is all −inf).
+        keys_dead = attention_mask[:, None, None, :] == 0
+        if width == 1:  # one decoding step: no future columns
+            hidden = keys_dead.clone()
+            hidden[..., -1] = False
+        else:
+            query_index = torch.arange(width, device=ids.device)[:, None] + past
+            key_index = torch.arange(past + width, device=ids.device)[None, :]
+            hidden = (keys_dead | (key_index > query_index)) & (key_index != query_index)
         scale = 1.0 / math.sqrt(head_dim) if config.scale_attn_weights else 1.0
-        x = (w["wte"][:, ids] + w["wpe"][:, positions]).view(models, batch * width, embed)  # (M, B·W, E)
+        x = (_embed(w["wte"], ids) + _embed(w["wpe"], positions)).view(models, batch * width, embed)  # (M, B·W, E)
         layers = []
         for index, layer in enumerate(w["layers"]):
             qkv = torch.baddbmm(layer["c_attn"][1], _layer_norm(x, *layer["ln_1"], config.layer_norm_epsilon),
@@ -176,14 +266,21 @@ class GPT2Stack:
             # (M, B·W, E) -> (B, M·H, W, D): the models' heads side by side.
             q, k, v = (t.view(models, batch, width, heads, head_dim).permute(1, 0, 3, 2, 4)
                        .reshape(batch, models * heads, width, head_dim) for t in qkv.split(embed, 2))
-            if cache is not None:
-                k = torch.cat([cache.layers[index].keys, k], dim=2)
-                v = torch.cat([cache.layers[index].values, v], dim=2)
-            layers.append(KVLayer(k, v))
+            if cache is None:
+                layers.append(KVLayer(k, v))
+            else:  # written after the cached columns, in place
+                layers.append(cache.layers[index])
+                layers[-1].append(k, v)
+                k, v = layers[-1].keys, layers[-1].values
+            if columns is not None and index == len(w["layers"]) - 1:  # only `columns` go on from here
+                rows = torch.arange(batch, device=ids.device)
+                q, hidden = q[rows, :, columns][:, :, None], hidden[rows, :, columns][:, :, None]
+                x = x.view(models, batch, width, embed)[:, rows, columns]  # (M, B, E)
+                width = 1
             layer_scale = scale / (index + 1) if config.scale_attn_by_inverse_layer_idx else scale
             # Written out rather than F.scaled_dot_product_attention: its CPU kernel can round a head differently
             # depending on the thread it lands on, and identical models must give identical log-probs (KL = 0).
-            scores = torch.matmul(q, k.transpose(2, 3)).mul_(layer_scale).masked_fill_(~visible, float("-inf"))
+            scores = torch.matmul(q, k.transpose(2, 3)).mul_(layer_scale).masked_fill_(hidden, float("-inf"))
             y = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)  # (B, M·H, W, D)
             y = y.view(batch, models, heads, width, head_dim).permute(1, 0, 3, 2, 4).reshape(x.shape)
             x = x + torch.baddbmm(layer["c_proj"][1], y, layer["c_proj"][0])
@@ -191,6 +288,12 @@ class GPT2Stack:
             x = x + torch.baddbmm(layer["mlp_proj"][1], act(torch.baddbmm(layer["c_fc"][1], h, layer["c_fc"][0])),
                                   layer["mlp_proj"][0])
         return KVCache(layers), x.view(models, batch, width, embed)
+
+
+def _embed(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of per-model tables ``(M, N, E)`` for ids ``(B, W)``: ``(M, B, W, E)``. One model's lookup is
+    `F.embedding` (its backward is a dense scatter, not the advanced-indexing one: 15× faster when training)."""
+    return F.embedding(ids, table[0])[None] if table.shape[0] == 1 else table[:, ids]
 
 
 def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

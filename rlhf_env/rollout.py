@@ -108,7 +108,8 @@ class BatchedDecoder:
             new_caches.append(cache)
             logits.append(runner_logits)
         logits = logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
-        return new_caches, torch.log_softmax(logits.float() / self.temperature, dim=-1)
+        logits = logits.float() if self.temperature == 1.0 else logits.float() / self.temperature
+        return new_caches, torch.log_softmax(logits, dim=-1)
 
     def _layers(self):
         """Every layer of every cache (each has ``keys`` and ``values`` ``(B, heads, L, D)``)."""
@@ -124,16 +125,19 @@ class BatchedDecoder:
 
     def _decode(self, inputs, rows: list[int], logprobs):
         """One new column for every row; only `rows` hold a real token in it."""
-        ids = torch.full((self.batch, 1), self.pad_token_id, dtype=torch.long, device=self.device)
-        new_mask = torch.zeros((self.batch, 1), dtype=torch.long, device=self.device)
-        index = torch.tensor(rows, device=self.device)
-        ids[index, 0] = torch.tensor([inputs[row][0] for row in rows], device=self.device)
-        new_mask[index, 0] = 1
+        live = [0] * self.batch
+        for row in rows:
+            live[row] = 1
+        ids = torch.tensor([[inputs[row][0] if on else self.pad_token_id] for row, on in enumerate(live)],
+                           device=self.device)  # (B, 1)
+        new_mask = torch.tensor(live, device=self.device)[:, None]  # (B, 1)
         attention_mask = torch.cat([self.mask, new_mask], dim=1)  # (B, L + 1)
         self.caches, new = self._forward(ids, attention_mask, self.next_positions[:, None] * new_mask, self.caches)
         self.mask = attention_mask
         self.next_positions = self.next_positions + new_mask[:, 0]
-        return new if logprobs is None else torch.where(new_mask.bool()[:, :, None], new, logprobs)
+        if logprobs is None or len(rows) == self.batch:
+            return new
+        return torch.where(new_mask.bool()[:, :, None], new, logprobs)
 
     def _prefill_rows(self, rows: list[int], queries: list[list[int]], logprobs) -> torch.Tensor:
         """Prefill new queries for `rows` and write them over those rows' last columns (all dead after a restart)."""

@@ -212,18 +212,19 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
 
 def _stack(row_infos: dict[int, dict], num_envs: int) -> dict:
     """Per-row info dicts → Gymnasium's vector form: ``infos[key]`` an array, ``infos["_" + key]`` its row mask."""
-    keys = sorted({key for info in row_infos.values() for key in info})
+    infos = [row_infos.get(row, {}) for row in range(num_envs)]
+    keys = sorted({key for info in infos for key in info})
     out = {}
     for key in keys:
-        present = np.array([key in row_infos.get(row, {}) for row in range(num_envs)])
-        values = [row_infos.get(row, {}).get(key) for row in range(num_envs)]
+        present = [key in info for info in infos]
+        values = [info.get(key) for info in infos]
         sample = next(v for v in values if v is not None)
         if isinstance(sample, bool):
             array = np.array([bool(v) for v in values])
         elif isinstance(sample, (int, float)):
-            array = np.array([0 if v is None else v for v in values], dtype=np.float64 if isinstance(sample, float)
-                             else np.int64)
+            array = np.array([0 if v is None else v for v in values],
+                             dtype=np.float64 if isinstance(sample, float) else np.int64)
         else:
             array = np.array(values, dtype=object)
-        out[key], out[f"_{key}"] = array, present
+        out[key], out[f"_{key}"] = array, np.array(present)
     return out

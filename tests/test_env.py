@@ -36,9 +36,10 @@ def perturbed_policy(scale=0.05, seed=0):
     return policy
 
 
-def count_model_forwards(monkeypatch, models: dict) -> tuple[dict, dict]:
+def count_model_forwards(monkeypatch, models: dict, lean: bool = True) -> tuple[dict, dict]:
     """Count, per named model, the forwards it really runs and the real (unmasked) tokens fed to them: on the lean
-    path every `GPT2Stack.forward` runs each model it stacks; on any other path the model's token embedding runs."""
+    path every `GPT2Stack.forward` runs each model it stacks; on any other path (``lean=False``) the model's token
+    embedding runs (counted by a hook, which itself keeps a model off the lean path)."""
     calls, tokens = dict.fromkeys(models, 0), dict.fromkeys(models, 0)
     names = {id(model): name for name, model in models.items()}
     stacked_forward = GPT2Stack.forward
@@ -50,7 +51,7 @@ def count_model_forwards(monkeypatch, models: dict) -> tuple[dict, dict]:
         return stacked_forward(stack, ids, attention_mask, positions, cache)
 
     monkeypatch.setattr(GPT2Stack, "forward", counting_forward)
-    for name, model in models.items():
+    for name, model in models.items() if not lean else []:
         model.get_input_embeddings().register_forward_hook(
             lambda module, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
     return calls, tokens
@@ -134,7 +135,7 @@ def test_one_policy_and_one_reference_forward_per_token_one_rm_forward_per_episo
         monkeypatch.setattr(rlhf_env.rollout, "can_stack", lambda models: False)
         monkeypatch.setattr(rlhf_env.build.reward_model, "supports_lean_forward", lambda model: False)
     env = RLHFEnv()
-    calls, fed = count_model_forwards(monkeypatch, {"policy": env.policy, "reference": env.reference})
+    calls, fed = count_model_forwards(monkeypatch, {"policy": env.policy, "reference": env.reference}, lean)
     rm_calls = []
     env.reward_model.register_forward_hook(lambda *a: rm_calls.append(1))
     steps = 0

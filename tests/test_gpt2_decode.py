@@ -45,6 +45,52 @@ def test_lean_path_is_taken_only_where_it_computes_the_same_thing(policy, tokeni
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     assert not supports_lean_forward(llama)
+    hooked = build_policy(tokenizer, "tiny", seed=0)
+    handle = hooked.lm_head.register_forward_hook(lambda module, args, out: out + 1)  # a hook must still run
+    assert not supports_lean_forward(hooked)
+    handle.remove()
+    assert supports_lean_forward(hooked)
+
+    class Adapter(torch.nn.Module):  # a layer swapped in (as LoRA does): the lean path would skip it
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    hooked.transformer.h[0].mlp.c_fc = Adapter(hooked.transformer.h[0].mlp.c_fc)
+    assert not supports_lean_forward(hooked)
+
+
+def test_lean_training_forward_matches_the_hugging_face_forward_and_its_gradients(policy, tokenizer):
+    from agents.policy import ActorCritic, response_logits
+
+    queries = [tokenizer(t)["input_ids"] for t in ["the food was", "it is not", "the plot of the film"]]
+    responses = [tokenizer(t)["input_ids"] for t in ["great .", "bad at all and dull", "fine"]]
+    batch = (*pad_left(queries, tokenizer.pad_token_id), *pad_right(responses, tokenizer.pad_token_id))
+    model = ActorCritic(perturbed_policy(), value_init="small").train()
+    results = {}
+    for lean in (True, False):
+        if not lean:  # a hook keeps the model on its own (transformers') forward
+            model.lm.transformer.wte.register_forward_hook(lambda *args: None)
+        model.zero_grad()
+        logits, values = model(*batch, temperature=0.7)
+        reference_logits, hidden = response_logits(model.lm, *batch, temperature=0.7, output_hidden_states=True)
+        mask = batch[3].bool()
+        loss = logits.log_softmax(-1).gather(-1, batch[2][..., None])[..., 0][mask].sum() + values[mask].sum()
+        loss.backward()
+        results[lean] = (logits.detach(), values.detach(), hidden.detach(),
+                         {name: p.grad.clone() for name, p in model.named_parameters()})
+    (lean_logits, lean_values, lean_hidden, lean_grads), (logits, values, hidden, grads) = results[True], results[False]
+    real = torch.cat([batch[1], batch[3]], dim=1).bool()  # padding columns compute nothing anyone reads
+    assert torch.allclose(lean_logits[mask], logits[mask], atol=1e-5)
+    assert torch.allclose(lean_values[mask], values[mask], atol=1e-5)
+    assert torch.allclose(lean_hidden[real], hidden[real], atol=1e-5)
+    assert lean_grads.keys() == grads.keys() and len(grads) > 20
+    for name, grad in grads.items():  # every parameter's gradient, the tied embedding included
+        assert torch.allclose(lean_grads[name], grad, atol=1e-5, rtol=1e-4), name
+        assert grad.abs().sum() > 0, name
 
 
 def _rollout(envs, steps, seed):
@@ -169,7 +215,7 @@ def test_lean_reward_model_scores_match_the_hugging_face_trunk(tokenizer, monkey
     response_ids, response_mask = pad_right(responses, tokenizer.pad_token_id, device=torch.device("cpu"))
     lean_calls = []
     hidden_states = GPT2Stack.hidden_states
-    monkeypatch.setattr(GPT2Stack, "hidden_states", lambda *a: lean_calls.append(1) or hidden_states(*a))
+    monkeypatch.setattr(GPT2Stack, "hidden_states", lambda *a, **k: lean_calls.append(1) or hidden_states(*a, **k))
     with torch.no_grad():
         lean = model.score(query_ids, query_mask, response_ids, response_mask)
     assert lean_calls == [1]  # scoring without gradients really took the lean path

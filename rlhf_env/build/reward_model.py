@@ -63,14 +63,14 @@ class RewardModel(nn.Module):
 
         Scoring without gradients on a GPT-2 trunk takes the lean path of `rlhf_env.gpt2_decode` (same arithmetic,
         a fraction of the Python; the env scores every finished episode this way)."""
+        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * columns).argmax(-1)  # (B,) index of the last real token
         if not torch.is_grad_enabled() and supports_lean_forward(self.trunk):
-            hidden = GPT2Stack([self.trunk]).hidden_states(input_ids, attention_mask)[0]  # (B, L, H)
+            h_last = GPT2Stack([self.trunk]).hidden_states(input_ids, attention_mask, columns=last)[0, :, 0]  # (B, H)
         else:
             hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids(attention_mask)).last_hidden_state  # (B, L, H)
-        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last = (attention_mask * columns).argmax(-1)  # (B,) index of the last real token
-        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+            h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.head(h_last.to(self.head.weight.dtype))[:, 0].float() - self.offset  # (B,)
 
     def score(self, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
