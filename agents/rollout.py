@@ -76,27 +76,28 @@ def collect_episodes(envs: RLHFVectorEnv, seed: int, generator: torch.Generator,
     options = {"split": split} if prompts is None else {"prompts": prompts}
     _, infos = envs.reset(seed=seed, options=options)
     batch = Episodes(prompts=list(infos["prompt"]), queries=[list(q) for q in envs._batch.queries])
-    responses, logprobs, ref_logprobs, rewards = ([[] for _ in range(n)] for _ in range(4))
+    steps = []  # per step: which rows were still in their episode, and what they did and got
+    done = np.zeros(n, dtype=bool)
     ends: dict[int, dict] = {}
-    while len(ends) < n:
+    while not done.all():
         next_logprobs = torch.from_numpy(envs.next_token_logprobs)  # (B, V)
         if not torch.isfinite(next_logprobs).any(-1).all():
             raise NonFiniteLogits("the policy's next-token log-probs are NaN/inf: refusing to sample from them")
         actions = sample_tokens(next_logprobs, generator).numpy()  # (B,)
         _, step_rewards, terminated, _, infos = envs.step(actions)
         batch.tokens += n
-        for row in range(n):
-            if row in ends:
-                continue
-            responses[row].append(int(actions[row]))
-            logprobs[row].append(float(infos["logprob"][row]))
-            ref_logprobs[row].append(float(infos["ref_logprob"][row]))
-            rewards[row].append(float(step_rewards[row]))
-            if terminated[row]:
-                ends[row] = {key: infos[key][row] for key in ("score", "gold_score", "kl_sum", "finished",
-                                                               "response_text")}
-    batch.responses, batch.logprobs, batch.ref_logprobs, batch.rewards = responses, logprobs, ref_logprobs, rewards
+        steps.append((~done, actions, infos["logprob"], infos["ref_logprob"], step_rewards))
+        for row in np.flatnonzero(terminated & ~done):
+            ends[row] = {key: infos[key][row] for key in ("score", "gold_score", "kl_sum", "finished",
+                                                           "response_text")}
+        done |= terminated
+    running, actions, logprobs, ref_logprobs, rewards = (np.stack(column, axis=1) for column in zip(*steps))  # (B, S)
     for row in range(n):
+        taken = running[row]
+        batch.responses.append(actions[row, taken].tolist())
+        batch.logprobs.append(logprobs[row, taken].tolist())
+        batch.ref_logprobs.append(ref_logprobs[row, taken].tolist())
+        batch.rewards.append(rewards[row, taken].tolist())
         end = ends[row]
         batch.scores.append(float(end["score"]))
         batch.gold_scores.append(float(end["gold_score"]))

@@ -323,7 +323,8 @@ def trl_dpo(world: dict, pairs: int, updates: int, warmup: int) -> dict:
 def _pairs_summary(seconds: list[float], pairs: int) -> dict:
     median = float(np.median(seconds))
     return {"seconds_per_step": round(median, 4), "seconds_min": round(float(np.min(seconds)), 4),
-            "pairs_per_s": round(pairs / median, 1), "steps_timed": len(seconds)}
+            "pairs_per_s": round(pairs / median, 1), "steps_timed": len(seconds), "pairs": pairs,
+            "seconds": [round(s, 5) for s in seconds]}
 
 
 def _summary(seconds: list[float], lengths: list[float], episodes: int) -> dict:
@@ -331,7 +332,24 @@ def _summary(seconds: list[float], lengths: list[float], episodes: int) -> dict:
     mean_length = float(np.mean(lengths)) if lengths else float("nan")
     return {"seconds_per_update": round(median, 4), "seconds_min": round(float(np.min(seconds)), 4),
             "mean_response_tokens": round(mean_length, 2),
-            "tokens_per_s": round(episodes * mean_length / median, 1), "updates_timed": len(seconds)}
+            "tokens_per_s": round(episodes * mean_length / median, 1), "updates_timed": len(seconds),
+            "episodes": episodes, "seconds": [round(s, 5) for s in seconds], "lengths": lengths}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One side's runs (fresh processes of `side`) as one summary: every timed update pooled, the median of each
+    run in ``run_medians``, the largest peak memory."""
+    if len(runs) == 1 or "seconds" not in runs[0]:
+        return runs[0]
+    seconds = [s for run in runs for s in run["seconds"]]
+    if "pairs" in runs[0]:
+        summary = _pairs_summary(seconds, runs[0]["pairs"])
+        summary["run_medians"] = [run["seconds_per_step"] for run in runs]
+    else:
+        summary = _summary(seconds, [x for run in runs for x in run["lengths"]], runs[0]["episodes"])
+        summary["run_medians"] = [run["seconds_per_update"] for run in runs]
+    summary["peak_rss_mib"] = max(run["peak_rss_mib"] for run in runs)
+    return summary
 
 
 # Model sizes of the scaling rows (GPT-2 shapes; parameters with the 512-token vocabulary are printed by the run).
@@ -369,10 +387,23 @@ def _run_side(request_path: str, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(result))
 
 
+def alternate(names: list[str], world: dict, rounds: int, **work) -> list[dict]:
+    """Each side of `names` run `rounds` times in turn (A, B, A, B, …), each run a fresh process, pooled per side:
+    this machine's speed drifts by ±15% over minutes, and alternating spreads the drift over both sides alike."""
+    runs = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            runs[name].append(side(name, world, **work))
+    return [pooled(runs[name]) for name in names]
+
+
 def _versus(ours: dict, theirs: dict | None, work: str) -> dict:
     row = {"work": work, "ours": ours, "trl": theirs}
     if theirs is not None:
-        row["speedup"] = round(theirs["seconds_per_update"] / ours["seconds_per_update"], 2)
+        key = "seconds_per_update" if "seconds_per_update" in ours else "seconds_per_step"
+        row["speedup"] = round(theirs[key] / ours[key], 2)
+        if "run_medians" in ours:  # the ratio within each round, next to the pooled one
+            row["speedup_per_round"] = [round(t / o, 2) for o, t in zip(ours["run_medians"], theirs["run_medians"])]
     return row
 
 
@@ -406,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--updates", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--scaling-updates", type=int, default=3, help="timed updates per scaling point")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each side of the rloo, grpo and dpo rows, alternating (pooled per side)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -422,13 +455,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         results["policy_parameters"] = world.pop("parameters")
         work = dict(prompts=8, k=4, length=32, updates=args.updates, warmup=args.warmup)
         described = "8 prompts x 4 samples, <= 32 new tokens, reference + reward model, one optimizer step"
-        ours = side("ours_rloo", world, **work) if rows & {"rloo", "ppo"} else None
+        ours = None
         if "rloo" in rows:
-            results["rloo"] = _versus(ours, side("trl_rloo", world, **work), described)
+            ours, theirs = alternate(["ours_rloo", "trl_rloo"], world, args.rounds, **work)
+            results["rloo"] = _versus(ours, theirs, described)
         if "grpo" in rows:
-            results["grpo"] = _versus(side("ours_grpo", world, **work), side("trl_grpo", world, **work),
+            results["grpo"] = _versus(*alternate(["ours_grpo", "trl_grpo"], world, args.rounds, **work),
                                       described + "; advantages divided by the group's std")
         if "ppo" in rows:
+            ours = ours or side("ours_rloo", world, **work)
             ppo = side("ours_ppo", world, **work)
             ppo_one_epoch = side("ours_ppo", world, **work, epochs=1, minibatch=32)
             theirs = side("trl_ppo", world, **work)
@@ -444,10 +479,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                               if "seconds_per_update" in theirs else None}
         if "dpo" in rows:
             work = dict(pairs=16, updates=args.updates, warmup=args.warmup)
-            ours, theirs = side("ours_dpo", world, **work), side("trl_dpo", world, **work)
-            results["dpo"] = {"work": "16 pairs, 16-token prompts, ~32-token responses, reference log-probs "
-                                      "precomputed", "ours": ours, "trl": theirs,
-                              "speedup": round(theirs["seconds_per_step"] / ours["seconds_per_step"], 2)}
+            results["dpo"] = _versus(*alternate(["ours_dpo", "trl_dpo"], world, args.rounds, **work),
+                                     "16 pairs, 16-token prompts, ~32-token responses, reference log-probs "
+                                     "precomputed")
         if "scaling" in rows:
             results["scaling"] = scaling(Path(directory), args.scaling_updates, 1)
     return report(results, args.out)

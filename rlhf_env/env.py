@@ -149,10 +149,6 @@ class RLHFWorld:
     def beta(self) -> float:
         return self.kl_controller.beta
 
-    def kl(self, logprob: float, ref_logprob: float) -> float:
-        """The per-token KL estimate of the chosen token."""
-        return kl_estimate(logprob, ref_logprob, self.kl_estimator)
-
     def prompt_pool(self, split: str = "train") -> list[str]:
         """The task's prompts of `split` ("train" or "eval"), in the order the env draws from."""
         if split not in ("train", "eval"):
@@ -371,9 +367,12 @@ class RLHFEnv(WorldParts, gym.Env):
         logprobs, ref_logprobs = self._batch.token_logprobs([token])
         if self.world.kl_mode == "agent":
             logprobs = self.world.agent_logprobs(self._batch.observation(slice(0, 1)), [token], [0])
-        info = self._batch.append(0, token, logprobs[0], ref_logprobs[0])
+        info = {key: values[0].item() for key, values in
+                self._batch.append([0], [token], logprobs[:1], ref_logprobs[:1]).items()}
         if info["terminated"]:
-            self._batch.finish([0], {0: info})
+            (end,), (score_reward,) = self._batch.finish([0], [info["finished"]])
+            info.update(end)
+            info["reward"] += score_reward
         else:
             self._batch.feed([[token]], restart=[False])
         reward, terminated = info.pop("reward"), info.pop("terminated")

@@ -22,9 +22,6 @@ KL_ESTIMATORS = ("k1", "k3")
 
 def kl_estimate(logprob: float | np.ndarray, ref_logprob: float | np.ndarray, estimator: str = "k1"):
     """Per-token KL estimate from the sampled token's log-probs under π and π_ref."""
-    if type(logprob) is float and type(ref_logprob) is float and estimator in KL_ESTIMATORS:  # one env step
-        d = logprob - ref_logprob
-        return d if estimator == "k1" else math.expm1(-d) + d
     d = np.asarray(logprob, dtype=np.float64) - np.asarray(ref_logprob, dtype=np.float64)
     if estimator == "k1":
         out = d

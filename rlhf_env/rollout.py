@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rlhf_env.gpt2_decode import GPT2Stack, can_stack
+from rlhf_env.kl import kl_estimate
 from rlhf_env.lm import pad_left, position_ids
 
 
@@ -241,36 +242,47 @@ class RolloutBatch:
                                  "next_token_logprobs (the agent samples from its own policy)")
         return self.decoder.logprobs[:, 0]
 
-    def append(self, row: int, token: int, logprob: float, ref_logprob: float) -> dict:
-        """Record `token` in `row` with its log-probs under π and π_ref and return the step's info.
+    def append(self, rows: list[int], tokens: list[int], logprobs: list[float],
+               ref_logprobs: list[float]) -> dict[str, np.ndarray]:
+        """Record ``tokens[i]`` in ``rows[i]`` with its log-probs under π and π_ref; return the step's info of those
+        rows as arrays, one entry per row: ``logprob``, ``ref_logprob``, ``kl``, ``beta``, ``non_score_reward``,
+        ``reward`` (−β·KL_t), ``terminated`` (EOS or the token cap) and ``finished`` (EOS).
 
-        ``terminated`` is set when the token is EOS or fills the cap. The caller feeds the token to the decoders
-        afterwards if the row goes on.
+        The caller feeds the tokens of the rows that go on afterwards.
         """
         world = self.world
-        kl = world.kl(logprob, ref_logprob)
-        self.responses[row].append(token)
-        self.logprobs[row].append(logprob)
-        self.ref_logprobs[row].append(ref_logprob)
-        column = self.width_prompt + len(self.responses[row]) - 1
-        self.obs_ids[row, column], self.obs_mask[row, column] = token, 1
-        eos = token == world.eos_token_id
-        terminated = eos or len(self.responses[row]) == world.max_new_tokens
-        self.active[row] = not terminated
+        logprob, ref_logprob = np.array(logprobs, dtype=np.float64), np.array(ref_logprobs, dtype=np.float64)
+        kl = kl_estimate(logprob, ref_logprob, world.kl_estimator)
+        lengths = np.empty(len(rows), dtype=np.int64)
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            self.responses[row].append(token)
+            self.logprobs[row].append(logprobs[i])
+            self.ref_logprobs[row].append(ref_logprobs[i])
+            lengths[i] = len(self.responses[row])
+        columns = self.width_prompt + lengths - 1
+        self.obs_ids[rows, columns], self.obs_mask[rows, columns] = tokens, 1
+        finished = np.array(tokens, dtype=np.int64) == world.eos_token_id
+        terminated = finished | (lengths == world.max_new_tokens)
+        for row, done in zip(rows, terminated.tolist()):
+            self.active[row] = not done
         reward = -world.beta * kl
-        return {"logprob": logprob, "ref_logprob": ref_logprob, "kl": kl, "beta": world.beta,
-                "non_score_reward": reward, "reward": reward, "terminated": terminated, "finished": eos}
+        return {"logprob": logprob, "ref_logprob": ref_logprob, "kl": kl, "beta": np.full(len(rows), world.beta),
+                "non_score_reward": reward, "reward": reward.copy(), "terminated": terminated, "finished": finished}
 
-    def finish(self, rows: list[int], infos: dict[int, dict]) -> None:
-        """Score the finished `rows` (one batched RM forward) and add the score parts to their infos."""
+    def finish(self, rows: list[int], finished: list[bool]) -> tuple[list[dict], list[float]]:
+        """Score the finished `rows` (one batched RM forward): each row's end-of-episode info (score, gold score,
+        text, length, KL sum) and the reward its last step adds (the score, less the missing-EOS penalty when the
+        row was cut off at the token cap)."""
         texts = [self.response_text(row) for row in rows]
         scores = self.world.score([self.prompts[r] for r in rows], [self.queries[r] for r in rows],
                                   [self.responses[r] for r in rows], texts)
-        for row, text, score in zip(rows, texts, scores):
-            info = infos[row]
-            info.update(self.world.end_of_episode(self.prompts[row], text, score, info["finished"],
-                                                  self.logprobs[row], self.ref_logprobs[row]))
-            info["reward"] += info["score"] - (0.0 if info["finished"] else self.world.missing_eos_penalty)
+        infos, rewards = [], []
+        for row, text, score, eos in zip(rows, texts, scores, finished):
+            info = self.world.end_of_episode(self.prompts[row], text, score, eos, self.logprobs[row],
+                                             self.ref_logprobs[row])
+            infos.append(info)
+            rewards.append(info["score"] - (0.0 if eos else self.world.missing_eos_penalty))
+        return infos, rewards
 
     def response_text(self, row: int) -> str:
         return self.world.tokenizer.decode(self.responses[row], skip_special_tokens=True)

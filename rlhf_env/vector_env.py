@@ -132,39 +132,39 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         if not self._started:
             raise ResetNeeded("step() called before reset(); call reset()")
         tokens = self._check_actions(actions)
-        rewards = np.zeros(self.num_envs)
-        terminated = np.zeros(self.num_envs, dtype=bool)
-        row_infos: dict[int, dict] = {}
-        inputs: list[list[int] | None] = []
-        restart: list[bool] = []
-        ended = []
+        n = self.num_envs
+        rewards, terminated = np.zeros(n), np.zeros(n, dtype=bool)
+        stepping = [row for row in range(n) if not self._autoreset[row]]
         logprobs, ref_logprobs = self._batch.token_logprobs(tokens)
         if self.world.kl_mode == "agent":
-            stepping = [row for row in range(self.num_envs) if not self._autoreset[row]]
             logprobs = self.world.agent_logprobs(self._observations(), tokens, stepping)
-        for row in range(self.num_envs):
+        row_infos: dict[int, dict] = {}  # per row: a new episode's prompt, a finished one's end-of-episode info
+        inputs: list[list[int] | None] = [None] * n
+        restart = [False] * n
+        for row in range(n):
             if self._autoreset[row]:  # NEXT_STEP autoreset: this step starts the row's next episode
                 prompt, query = self.world.draw_prompt(None, self._rngs[row])
                 self._batch.start(row, prompt, query)
                 row_infos[row] = {"prompt": prompt}
-                inputs.append(query)
-                restart.append(True)
-                continue
-            info = self._batch.append(row, tokens[row], logprobs[row], ref_logprobs[row])
-            row_infos[row] = info
-            terminated[row] = info.pop("terminated")
-            if terminated[row]:
-                ended.append(row)
-            inputs.append(None if terminated[row] else [tokens[row]])
-            restart.append(False)
+                inputs[row], restart[row] = query, True
+        step = self._batch.append(stepping, [tokens[r] for r in stepping], [logprobs[r] for r in stepping],
+                                  [ref_logprobs[r] for r in stepping])  # arrays over `stepping`
+        terminated[stepping], rewards[stepping] = step.pop("terminated"), step.pop("reward")
+        index = {row: i for i, row in enumerate(stepping)}  # row -> its entry in the step's arrays
+        ended = [row for row in stepping if terminated[row]]
+        for row in stepping:
+            if not terminated[row]:
+                inputs[row] = [tokens[row]]
         if ended:
-            self._batch.finish(ended, row_infos)
-        for row, info in row_infos.items():
-            rewards[row] = info.pop("reward", 0.0)
+            ends, score_rewards = self._batch.finish(ended, [bool(step["finished"][index[row]]) for row in ended])
+            for row, end, score_reward in zip(ended, ends, score_rewards):
+                row_infos[row] = end
+                rewards[row] += score_reward
         final = {}
         if self.autoreset_mode == AutoresetMode.SAME_STEP:  # ended rows start their next episode in this forward
             for row in ended:
-                final[row] = (self._batch.observation(row), row_infos[row])
+                final[row] = (self._batch.observation(row),
+                              {**{key: values[index[row]].item() for key, values in step.items()}, **row_infos[row]})
                 prompt, query = self.world.draw_prompt(None, self._rngs[row])
                 self._batch.start(row, prompt, query)
                 row_infos[row] = {"prompt": prompt, "prompt_tokens": len(query)}
@@ -172,14 +172,23 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         else:
             self._autoreset = terminated.copy()
         self._batch.feed(inputs, restart)
-        infos = _stack(row_infos, self.num_envs)
+        infos = _stack(row_infos, n)
+        shown = [i for i, row in enumerate(stepping) if row not in final]  # restarted rows show their new episode
+        if shown:
+            rows = [stepping[i] for i in shown]
+            mask = np.zeros(n, dtype=bool)
+            mask[rows] = True
+            for key, values in step.items():
+                infos[key] = np.zeros(n, dtype=values.dtype)
+                infos[key][rows] = values[shown]
+                infos[f"_{key}"] = mask.copy()
         if final:
-            mask = np.isin(np.arange(self.num_envs), list(final))
-            final_obs = np.full(self.num_envs, None, dtype=object)
+            mask = np.isin(np.arange(n), list(final))
+            final_obs = np.full(n, None, dtype=object)
             for row, (obs, _) in final.items():
                 final_obs[row] = obs
             infos.update(final_obs=final_obs, _final_obs=mask, _final_info=mask,
-                         final_info=_stack({row: info for row, (_, info) in final.items()}, self.num_envs))
+                         final_info=_stack({row: info for row, (_, info) in final.items()}, n))
         return self._observations(), rewards, terminated, np.zeros(self.num_envs, dtype=bool), infos
 
     def render(self):

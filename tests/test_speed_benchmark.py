@@ -58,3 +58,25 @@ def test_trl_rloo_runs_on_the_same_world(tmp_path):
     assert grpo["updates_timed"] == 1 and 1 <= grpo["mean_response_tokens"] <= 8
     dpo = trl_dpo(world, pairs=4, updates=1, warmup=1)
     assert dpo["steps_timed"] == 1 and dpo["seconds_per_step"] > 0
+
+
+def test_alternating_rounds_pool_every_timed_update_per_side(monkeypatch):
+    import benchmarks.speed as speed
+
+    order = []
+
+    def fake_side(name, world, **work):  # each run times 2 updates; TRL's side twice as slow as ours
+        order.append(name)
+        scale = 2.0 if name.startswith("trl") else 1.0
+        seconds = [scale * (len(order) + i / 10) for i in range(2)]
+        return dict(speed._summary(seconds, [8.0, 8.0], 8), peak_rss_mib=100.0 * len(order))
+
+    monkeypatch.setattr(speed, "side", fake_side)
+    ours, theirs = speed.alternate(["ours_rloo", "trl_rloo"], {}, rounds=3, prompts=2, k=4, length=8)
+    assert order == ["ours_rloo", "trl_rloo"] * 3  # in turn, so drift reaches both sides alike
+    assert ours["updates_timed"] == theirs["updates_timed"] == 6
+    assert ours["run_medians"] == [1.05, 3.05, 5.05] and theirs["run_medians"] == [4.1, 8.1, 12.1]
+    assert ours["seconds_per_update"] == 3.05 and ours["peak_rss_mib"] == 500.0  # median of 6; largest peak
+    row = speed._versus(ours, theirs, "work")
+    assert row["speedup"] == round(theirs["seconds_per_update"] / 3.05, 2)
+    assert row["speedup_per_round"] == [round(4.1 / 1.05, 2), round(8.1 / 3.05, 2), round(12.1 / 5.05, 2)]
