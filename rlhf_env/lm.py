@@ -80,7 +80,7 @@ class IncrementalDecoder:
         self.model, self.temperature = model, temperature
         self.attention_mask: torch.Tensor | None = None  # (B, L) over everything consumed so far
         self.next_positions: torch.Tensor | None = None  # (B,)
-        self.past_key_values = None
+        self.cache = None  # transformers' Cache of everything consumed so far
 
     @torch.no_grad()
     def prefill(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class IncrementalDecoder:
         positions = position_ids(query_mask)
         out = self.model(input_ids=query_ids, attention_mask=query_mask, position_ids=positions, use_cache=True)
         self.attention_mask, self.next_positions = query_mask, positions[:, -1] + 1
-        self.past_key_values = out.past_key_values
+        self.cache = out.cache
         return self._logprobs(out.logits)
 
     @torch.no_grad()
@@ -96,9 +96,8 @@ class IncrementalDecoder:
         """Append one token per row ``(B,)``; return the next-token log-probs ``(B, V)``."""
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=1)
         out = self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
-                         position_ids=self.next_positions[:, None], past_key_values=self.past_key_values,
-                         use_cache=True)
-        self.past_key_values, self.next_positions = out.past_key_values, self.next_positions + 1
+                         position_ids=self.next_positions[:, None], cache=self.cache, use_cache=True)
+        self.cache, self.next_positions = out.cache, self.next_positions + 1
         return self._logprobs(out.logits)
 
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -104,8 +104,8 @@ class BatchedDecoder:
                 cache, runner_logits = runner.forward(ids, attention_mask, positions, cache)  # (B, m, V)
             else:
                 out = runner(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True)
-                cache, runner_logits = out.past_key_values, out.logits[:, -1, None]
+                             cache=cache, use_cache=True)
+                cache, runner_logits = out.cache, out.logits[:, -1, None]
             new_caches.append(cache)
             logits.append(runner_logits)
         logits = logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from gymnasium.error import InvalidAction, ResetNeeded
 from gymnasium.utils import seeding
@@ -211,7 +213,13 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         return [int(a) for a in array]
 
     def close_extras(self, **kwargs):
-        """Free the KV caches and end every episode (`close` then marks the env closed)."""
+        """Free the KV caches and end every episode (`close` then marks the env closed).
+
+        Gymnasium < 1.3 also calls `close` from ``__del__``: then it may run on an env whose constructor raised, or
+        at interpreter exit, where touching tensors aborts the process; there is nothing to free in either case.
+        """
+        if "_batch" not in vars(self) or sys.is_finalizing():
+            return
         self._batch.release()
         self._started = False
 

@@ -1,5 +1,7 @@
 """Shared fixtures: the sentiment task, its tokenizer and tiny random models (all built in well under a second)."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,33 @@ from rlhf_env.tokenizer import train_tokenizer
 
 transformers.utils.logging.disable_progress_bar()
 torch.set_num_threads(1)
+
+
+class _DeprecationRecords(logging.Handler):
+    """Collects transformers' logged deprecation notices: they go through `logging`, not `warnings`, so
+    ``filterwarnings = error`` alone would let a deprecated call pass (transformers logs each notice once)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecat" in message.lower():
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecations():
+    """Fail any test during which transformers logs that a call we made is deprecated."""
+    handler = _DeprecationRecords()
+    library_logger = logging.getLogger("transformers")
+    library_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        library_logger.removeHandler(handler)
+    assert not handler.messages, f"transformers says we call a deprecated API: {handler.messages}"
 
 
 @pytest.fixture(scope="session")

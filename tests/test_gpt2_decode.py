@@ -22,16 +22,16 @@ def test_lean_forward_matches_the_hugging_face_forward_over_padding_and_dead_col
     with torch.no_grad():
         hf = policy(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         cache, logits = gpt2_forward(policy, ids, mask, positions, None)
-        hf_cache, next_positions = hf.past_key_values, positions[:, -1] + 1
+        hf_cache, next_positions = hf.cache, positions[:, -1] + 1
         assert torch.allclose(logits, hf.logits[:, -1], atol=1e-5)
         for step in range(6):
             token = torch.randint(4, len(tokenizer), (3, 1), generator=generator)
             live = torch.tensor([[1], [step % 2], [1]])  # row 1 is idle every other step: a dead column
             mask = torch.cat([mask, live], dim=1)
             hf = policy(input_ids=token, attention_mask=mask, position_ids=next_positions[:, None] * live,
-                        past_key_values=hf_cache, use_cache=True)
+                        cache=hf_cache, use_cache=True)
             cache, logits = gpt2_forward(policy, token, mask, next_positions[:, None] * live, cache)
-            hf_cache, next_positions = hf.past_key_values, next_positions + live[:, 0]
+            hf_cache, next_positions = hf.cache, next_positions + live[:, 0]
             rows = live[:, 0].bool()
             assert torch.isfinite(logits).all()
             assert torch.allclose(logits[rows], hf.logits[rows, -1], atol=1e-5)
