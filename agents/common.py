@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -36,6 +37,34 @@ def exact_div(a: int, b: int, what: str) -> int:
     if b <= 0 or a % b:
         raise ValueError(f"{what}: {a} is not a multiple of {b}")
     return a // b
+
+
+def check_field(config, name: str, ok, expected: str) -> None:
+    """`ValueError` naming the config field `name` unless ``ok(value)``: configs refuse at construction what would
+    otherwise crash, or silently do nothing sensible, mid-training."""
+    value = getattr(config, name)
+    if not ok(value):
+        raise ValueError(f"{type(config).__name__}.{name} must be {expected}, got {value!r}")
+
+
+def positive(value) -> bool:
+    return value > 0 and math.isfinite(value)
+
+
+def non_negative(value) -> bool:
+    return value >= 0 and math.isfinite(value)
+
+
+def at_least_one(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def unit_interval(value) -> bool:
+    return 0 <= value <= 1
+
+
+def none_or(check):
+    return lambda value: value is None or check(value)
 
 
 # ---------------------------------------------------------------- training
@@ -84,12 +113,19 @@ def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True
 
 
 def rollout(agent, prompts: list[str] | None = None) -> Episodes:
-    """``config.episodes_per_update`` episodes from ``agent.envs``; `prompts` (one per episode) pins them."""
+    """``config.episodes_per_update`` episodes from ``agent.envs``; `prompts` (one per episode) pins them.
+
+    β is the same for every episode of the rollout and moves once after it, from these episodes' KL (the
+    discarded autoreset episodes of idle rows never move it): one KL-controller step per batch, as in Ziegler et
+    al. (2019, §2.2)."""
     envs, episodes = agent.envs, Episodes()
     n = envs.num_envs
-    for start in range(0, agent.config.episodes_per_update, n):
-        rows = None if prompts is None else prompts[start: start + n]
-        episodes.extend(collect_episodes(envs, int(agent.rng.integers(2**31 - 1)), agent.generator, prompts=rows))
+    with agent.world.beta_frozen():
+        for start in range(0, agent.config.episodes_per_update, n):
+            rows = None if prompts is None else prompts[start: start + n]
+            episodes.extend(collect_episodes(envs, int(agent.rng.integers(2**31 - 1)), agent.generator,
+                                             prompts=rows))
+    agent.world.update_beta(episodes.kls)
     return episodes
 
 
@@ -98,7 +134,8 @@ def batch_tensors(episodes: Episodes, pad_token_id: int, device: torch.device,
     """Episodes as padded tensors: queries ``(B, P)`` left-padded, responses and per-token floats ``(B, T)``.
 
     ``rewards`` are the env's per-token rewards (−β·KL_t, plus the score at the last token); with `score_clip`
-    only the score part of the last reward is clipped to ±score_clip (the KL part never is).
+    only the score part of the last reward is clipped to ±score_clip (the KL part never is). ``valid (B,)`` (bool)
+    is False for episodes whose score the env masked (``nonfinite_reward="mask"``): they carry no data for a loss.
     """
     query_ids, query_mask = pad_left(episodes.queries, pad_token_id, device)  # (B, P)
     responses, response_mask = pad_right(episodes.responses, pad_token_id, device=device)  # (B, T)
@@ -117,7 +154,8 @@ def batch_tensors(episodes: Episodes, pad_token_id: int, device: torch.device,
         clipped = scores.clamp(-score_clip, score_clip)
         rewards[torch.arange(len(scores), device=device), last] += clipped - scores
     return {"query_ids": query_ids, "query_mask": query_mask, "responses": responses,
-            "response_mask": response_mask, "rewards": rewards, "env_logprobs": floats(episodes.logprobs)}
+            "response_mask": response_mask, "rewards": rewards, "env_logprobs": floats(episodes.logprobs),
+            "valid": ~torch.tensor(episodes.score_nonfinite, dtype=torch.bool, device=device).reshape(-1)}
 
 
 def autocast(device: torch.device):

@@ -11,9 +11,15 @@ from __future__ import annotations
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over the entries where `mask` is 1 (a scalar)."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean of `x` over the entries where `mask` is 1 (a scalar).
+
+    `count` replaces ``mask.sum()`` as the denominator. When `x` is one micro-batch (or one rank's share) of a
+    larger batch, pass the whole batch's count, decided before the micro-batches run: the micro-batches' results
+    then add up to the batch's mean, every entry weighted 1/count however the batch is split. (A mean per
+    micro-batch, averaged, would weight the entries of short micro-batches up.)
+    """
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -31,10 +37,12 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Normalise `x` to unit variance (and zero mean unless ``shift_mean=False``) over the masked entries.
 
-    Padding stays 0. ``shift_mean=False`` is how rewards are whitened: their sign carries meaning.
+    Padding stays 0. ``shift_mean=False`` is how rewards are whitened: their sign carries meaning. With fewer than
+    two masked entries there is no variance to divide by: `x` is only centred (``shift_mean``) or left as it is.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    mean = masked_mean(x, mask)
+    scale = torch.rsqrt(masked_var(x, mask) + eps) if mask.sum() >= 2 else torch.ones_like(mean)
+    whitened = (x - mean) * scale
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
@@ -76,31 +84,34 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float) -> tuple[torch.Tensor, dict]:
+                clip_range: float, num_tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), a masked mean over tokens.
 
-    Returns ``(loss, stats)`` with ``clipfrac`` (share of tokens where the clipped term is the active one) and
-    ``approx_kl`` (the k3 estimate of KL(π_old ‖ π), as in CleanRL).
+    Returns ``(loss, stats)`` with ``clipfrac`` (share of tokens where the clipped term is the active one),
+    ``approx_kl`` (the k3 estimate of KL(π_old ‖ π), as in CleanRL) and ``ratio``. With `num_tokens`, the token
+    count of the whole minibatch this ``(b, T)`` micro-batch belongs to, the loss and the stats are the
+    micro-batch's share: summed over the micro-batches they are the minibatch's token means (`masked_mean`).
     """
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
-            "ratio": masked_mean(ratio, mask).item(),
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask, num_tokens).item(),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask, num_tokens).item(),
+            "ratio": masked_mean(ratio, mask, num_tokens).item(),
         }
     return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_range: float | None) -> tuple[torch.Tensor, dict]:
+               clip_range: float | None, num_tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped value loss ``½·max((v − R)², (v_clip − R)²)``, v_clip = v_old + clip(v − v_old, ±clip_range).
 
     The clipping follows OpenAI baselines' PPO2 (and lm-human-preferences); ``clip_range=None`` gives plain MSE.
+    `num_tokens`: as in `policy_loss` (the minibatch's token count, for a micro-batch's share).
     """
     unclipped = (values - returns) ** 2
     if clip_range is None:
@@ -109,8 +120,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
         clipped = (clipped_values - returns) ** 2
         per_token, clipped_more = torch.maximum(unclipped, clipped), clipped > unclipped
-    loss = 0.5 * masked_mean(per_token, mask)
-    return loss, {"clipfrac": masked_mean(clipped_more.float(), mask).item()}
+    loss = 0.5 * masked_mean(per_token, mask, num_tokens)
+    return loss, {"clipfrac": masked_mean(clipped_more.float(), mask, num_tokens).item()}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -137,33 +148,63 @@ def _groups(returns: torch.Tensor, k: int) -> torch.Tensor:
     return returns.view(-1, k)  # (N / k, k)
 
 
-def rloo_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
+def _group_valid(returns: torch.Tensor, k: int, valid: torch.Tensor | None) -> torch.Tensor:
+    """`valid (N,)` as ``(N / k, k)`` floats (all ones when None)."""
+    if valid is None:
+        return torch.ones_like(_groups(returns, k))
+    if valid.shape != returns.shape:
+        raise ValueError(f"valid {tuple(valid.shape)} must have the shape of returns {tuple(returns.shape)}")
+    return _groups(valid.to(returns.dtype), k)
+
+
+def group_counts(valid: torch.Tensor, k: int) -> torch.Tensor:
+    """For each sample, how many valid samples its group of k holds: ``(N,) bool -> (N,)`` (int64)."""
+    counts = _groups(valid.long(), k).sum(1, keepdim=True)  # (N / k, 1)
+    return counts.expand(-1, k).reshape(-1)
+
+
+def rloo_baseline(returns: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Leave-one-out baseline: for each sample, the mean return of the *other* k − 1 samples of its prompt.
 
     ``returns (N,)`` holds consecutive groups of k samples per prompt; returns ``(N,)``. Independent of the sample
     itself, so subtracting it keeps REINFORCE unbiased (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline
-    for free"; Ahmadian et al. 2024 for RLHF).
+    for free"; Ahmadian et al. 2024 for RLHF). With `valid (N,)` (bool) only valid others are averaged: a sample
+    whose return is not data (a masked score) is never anyone's baseline; a sample with no valid other gets 0
+    (it has no baseline: leave it out, `group_counts` < 2).
     """
-    groups = _groups(returns, k)
-    return ((groups.sum(1, keepdim=True) - groups) / (k - 1)).reshape(-1)
+    groups, valid = _groups(returns, k), _group_valid(returns, k, valid)
+    others = valid.sum(1, keepdim=True) - valid  # (N / k, k): valid samples besides this one
+    total = (groups * valid).sum(1, keepdim=True)
+    return ((total - groups * valid) / others.clamp(min=1)).reshape(-1)
 
 
-def group_std(returns: torch.Tensor, k: int) -> torch.Tensor:
-    """Each sample's group standard deviation (Bessel-corrected, as GRPO's ``torch.std``): ``(N,) -> (N,)``."""
-    return _groups(returns, k).std(1, keepdim=True).expand(-1, k).reshape(-1)
+def group_std(returns: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's group standard deviation (Bessel-corrected, as GRPO's ``torch.std``): ``(N,) -> (N,)``.
+
+    With `valid (N,)` (bool) over the valid samples of each group only (groups with fewer than two: 0).
+    """
+    groups, valid = _groups(returns, k), _group_valid(returns, k, valid)
+    n = valid.sum(1, keepdim=True)
+    mean = (groups * valid).sum(1, keepdim=True) / n.clamp(min=1)
+    var = (((groups - mean) ** 2) * valid).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    return var.sqrt().expand(-1, k).reshape(-1)
 
 
-def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   num_episodes: torch.Tensor | float | None = None) -> torch.Tensor:
     """The score-function surrogate −Σ_t A_t·log π(a_t|s_t), **summed** over each episode's tokens and averaged over
     episodes: its gradient is the REINFORCE estimator (Williams 1992) of −∇E[G] (with A_t = G − b or G_t − b_t).
 
     Summing, not averaging, over tokens is what makes it the gradient of the sequence's log-probability
-    log π(y|x) = Σ_t log π(a_t|s_t); a per-token mean would weight short responses up.
+    log π(y|x) = Σ_t log π(a_t|s_t); a per-token mean would weight short responses up. `num_episodes` replaces
+    the ``B`` of this call as the denominator: the episode count of the whole batch when these ``(B, T)`` rows
+    are one micro-batch of it, so that the micro-batches' losses add up to the batch's.
     """
     if not logprobs.shape == advantages.shape == mask.shape:
         raise ValueError(f"logprobs {tuple(logprobs.shape)}, advantages {tuple(advantages.shape)} and mask "
                          f"{tuple(mask.shape)} must have the same (B, T) shape")
-    return -(advantages.detach() * logprobs * mask).sum(1).mean()
+    per_episode = (advantages.detach() * logprobs * mask).sum(1)  # (B,)
+    return -(per_episode.mean() if num_episodes is None else per_episode.sum() / num_episodes)
 
 
 # ---------------------------------------------------------------- DPO

@@ -30,10 +30,15 @@ import torch
 
 from agents.common import (
     acting_world,
+    at_least_one,
     autocast,
+    check_field,
     checkpoint_config,
     exact_div,
     learn_loop,
+    non_negative,
+    none_or,
+    positive,
     predict,
     restore_agent,
     run_command,
@@ -76,8 +81,11 @@ class DPOConfig:
             raise ValueError(f"loss_type must be one of {DPO_LOSSES}, got {self.loss_type!r}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        check_field(self, "batch_size", at_least_one, "an integer ≥ 1")
+        check_field(self, "micro_batch_size", none_or(at_least_one), "None or an integer ≥ 1")
+        check_field(self, "learning_rate", non_negative, "a finite number ≥ 0")
+        for name in ("adam_eps", "max_grad_norm"):
+            check_field(self, name, positive, "a finite number > 0")
         if self.micro_batch_size is not None:
             exact_div(self.batch_size, self.micro_batch_size, "batch_size / micro_batch_size")
 
@@ -116,6 +124,8 @@ class DPO:
         self.config = config
         acting_world(self, env, "DPO", None)
         self.beta = float(self.world.beta)
+        if not self.beta > 0:
+            raise ValueError(f"DPO needs the env's beta > 0 (its loss is a function of β·log-ratio), got {self.beta}")
         tokenizer, reference = self.world.tokenizer, self.world.reference
         self.train_pairs = Preferences(self._pairs(config.pairs, "train"), tokenizer, reference, self.device)
         eval_pairs = self._pairs(config.eval_pairs, "eval", required=False)

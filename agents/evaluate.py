@@ -10,7 +10,6 @@ sample n responses from π_SFT, keep the one the reward prefers.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -29,21 +28,20 @@ REFERENCE_SEED_OFFSET = 1_000_003
 def evaluate(envs, n_episodes: int, seed: int = 10_000) -> dict:
     """Mean objective metrics of `n_episodes` on held-out prompts, sampled at the env's temperature.
 
-    Uses its own seed and generator, and restores the env's KL controller afterwards, so evaluating never changes
-    the course of training.
+    Uses its own seed and generator, and its episodes never move β, so evaluating never changes the course of
+    training.
     """
     envs = envs.unwrapped
-    controller = copy.deepcopy(envs.world.kl_controller)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     episodes = None
-    while episodes is None or len(episodes) < n_episodes:
-        batch = collect_episodes(envs, int(rng.integers(2**31 - 1)), generator, split="eval")
-        if episodes is None:
-            episodes = batch
-        else:
-            episodes.extend(batch)
-    envs.world.kl_controller = controller
+    with envs.beta_frozen():
+        while episodes is None or len(episodes) < n_episodes:
+            batch = collect_episodes(envs, int(rng.integers(2**31 - 1)), generator, split="eval")
+            if episodes is None:
+                episodes = batch
+            else:
+                episodes.extend(batch)
     stats = episode_stats(episodes, envs.world.beta, envs.world.task)
     stats["objective/win_rate"] = win_rate_vs_reference(envs.world, episodes, seed + REFERENCE_SEED_OFFSET)
     stats["episodes"] = len(episodes)
@@ -77,14 +75,18 @@ def best_of_n(envs, n: int, n_episodes: int, seed: int = 10_000, batch_size: int
                          temperature=world.temperature, generator=generator)
         responses = samples.response_lists()
         texts = world.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        scores = np.array(world.score(prompts, queries, responses, texts)).reshape(-1, n)
-        for group, best in enumerate(scores.argmax(1)):  # ties: the first sample
+        checked = [world.checked_score(score, prompt, text)  # NaN/inf: NonFiniteReward, or masked
+                   for score, prompt, text in zip(world.score(prompts, queries, responses, texts), prompts, texts)]
+        scores = np.array([score for score, _ in checked]).reshape(-1, n)
+        masked = np.array([flag for _, flag in checked]).reshape(-1, n)
+        for group, best in enumerate(np.where(masked, -np.inf, scores).argmax(1)):  # ties: the first sample
             row = group * n + int(best)
             episodes.prompts.append(prompts[row])
             episodes.queries.append(queries[row])
             episodes.responses.append(responses[row])
             episodes.texts.append(texts[row])
             episodes.scores.append(float(scores[group, best]))
+            episodes.score_nonfinite.append(bool(masked[group, best]))  # only when all n were masked
             episodes.gold_scores.append(float(world.task.gold(prompts[row], texts[row])))
             episodes.kls.append(kl)
             episodes.finished.append(bool(samples.finished[row]))
@@ -136,10 +138,15 @@ def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn=None, beta: float | No
             rewards = world.score([prompt] * n_samples, [query] * n_samples, responses, texts)
         else:
             rewards = [reward_fn(prompt, text) for text in texts]
-        logits = np.array(rewards) / beta
+        checked = [world.checked_score(float(r), prompt, text) for r, text in zip(rewards, texts)]
+        kept = [score for score, masked in checked if not masked]  # a masked sample is left out of the estimate
+        if not kept:
+            continue
+        logits = np.array(kept) / beta
         top = logits.max()
         weights = np.exp(logits - top)
         values.append(beta * (top + np.log(weights.mean())))
         ess.append(weights.sum() ** 2 / (weights**2).sum())
-    return {"optimum": float(np.mean(values)), "ess_mean": float(np.mean(ess)), "n_prompts": n_prompts,
-            "n_samples": n_samples, "beta": beta}
+    nan = float("nan")  # every sample of every prompt masked
+    return {"optimum": float(np.mean(values)) if values else nan, "ess_mean": float(np.mean(ess)) if ess else nan,
+            "n_prompts": n_prompts, "n_samples": n_samples, "beta": beta}

@@ -13,6 +13,7 @@ Legend: ``B`` episodes per update, ``P`` query tokens, ``T`` response tokens, ``
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +23,23 @@ import torch
 
 from agents.common import (
     acting_world,
+    at_least_one,
     autocast,
     batch_tensors,
+    check_field,
     checkpoint_config,
     exact_div,
     learn_loop,
+    non_negative,
+    none_or,
+    positive,
     predict,
     restore_agent,
     rollout,
     run_command,
     save_agent,
     start_training,
+    unit_interval,
 )
 from agents.core import (
     entropy_from_logits,
@@ -44,7 +51,7 @@ from agents.core import (
     policy_loss,
     value_loss,
 )
-from agents.policy import ActorCritic
+from agents.policy import VALUE_INITS, ActorCritic
 from agents.rollout import episode_stats
 from rlhf_env.build.common import encode_pairs
 from rlhf_env.build.sft import sft_loss
@@ -98,6 +105,22 @@ class PPOConfig:
     seed: int = 0
     """Seeds the value head, the rollouts' prompts and samples, the minibatch order and the ptx demonstrations."""
 
+    def __post_init__(self):
+        for name in ("episodes_per_update", "minibatch_size", "update_epochs", "ptx_batch_size",
+                     "gradient_accumulation_steps"):
+            check_field(self, name, at_least_one, "an integer ≥ 1")
+        for name in ("learning_rate", "vf_coef", "ptx_coef"):
+            check_field(self, name, non_negative, "a finite number ≥ 0")
+        for name in ("adam_eps", "clip_range", "max_grad_norm"):
+            check_field(self, name, positive, "a finite number > 0")
+        for name in ("clip_range_value", "target_kl", "score_clip"):
+            check_field(self, name, none_or(positive), "None or a finite number > 0")
+        for name in ("gamma", "lam"):
+            check_field(self, name, unit_interval, "in [0, 1]")
+        check_field(self, "ent_coef", math.isfinite, "finite")
+        check_field(self, "value_init", VALUE_INITS.__contains__, f"one of {VALUE_INITS}")
+        _ = self.num_minibatches, self.micro_batch_size  # the sizes must divide
+
     @property
     def num_minibatches(self) -> int:
         return exact_div(self.episodes_per_update, self.minibatch_size, "episodes_per_update / minibatch_size")
@@ -119,7 +142,6 @@ class PPO:
                  progress: bool = True):
         self.config = config
         acting_world(self, env, "PPO", config.episodes_per_update)
-        _ = config.num_minibatches, config.micro_batch_size  # raise now if the sizes do not divide
         torch.manual_seed(config.seed)  # the value head's init
         self.model = ActorCritic(self.lm, config.value_init, config.separate_critic, self.world.reward_model)
         start_training(self, [p for p in self.model.parameters() if p.requires_grad], out_dir, progress)
@@ -141,7 +163,9 @@ class PPO:
         rollout_seconds = time.perf_counter() - start
         stats = episode_stats(episodes, self.world.beta, self.world.task)
         b = batch_tensors(episodes, self.world.pad_token_id, self.device, cfg.score_clip)
-        mask = b["response_mask"].float()  # (B, T)
+        # Tokens that carry a loss: every response token, except those of episodes whose score the env masked
+        # (no value target, no advantage, in no whitening or mean).
+        mask = b["response_mask"].float() * b["valid"].float()[:, None]  # (B, T)
         # 2. old log-probs and values, in the training forward's layout: the first minibatch of epoch 0 repeats
         #    this computation exactly, so its ratio is exactly 1 (the env's incremental KV-cache log-probs agree
         #    with these only to ~1e-6, so they are used for the reward, not for the ratio).
@@ -160,45 +184,31 @@ class PPO:
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, T) each
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        # 4. K epochs × minibatches: clipped policy loss + c₁·clipped value loss − c₂·entropy (+ ptx).
+        # 4. K epochs × minibatches: clipped policy loss + c₁·clipped value loss − c₂·entropy (+ ptx). Each term is
+        #    a mean over the minibatch's tokens whatever the accumulation: its denominator is counted before the
+        #    micro-batches run, and each micro-batch adds its share (`agents.core.masked_mean`).
         self.model.train()
         log = {key: [] for key in ("loss/policy", "loss/value", "loss/ptx", "policy/entropy", "policy/clipfrac",
                                    "policy/approx_kl", "policy/ratio", "val/clipfrac", "train/grad_norm")}
-        skipped, epochs_run = 0, 0
+        skipped, empty, epochs_run = 0, 0, 0
         for order in orders:
             epoch_kl = []
             for minibatch in np.split(order, cfg.num_minibatches):
-                self.optimizer.zero_grad(set_to_none=True)
-                finite = True
-                for micro in np.split(minibatch, cfg.gradient_accumulation_steps):
-                    m = mask[micro]
-                    logits, values = self._forward(b, micro)
-                    logprobs = logprobs_from_logits(logits, b["responses"][micro])  # (b, T)
-                    entropy = masked_mean(entropy_from_logits(logits), m)
-                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[micro], advantages[micro], m,
-                                                    cfg.clip_range)
-                    vf_loss, vf_stats = value_loss(values, old_values[micro], returns[micro], m,
-                                                   cfg.clip_range_value)
-                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-                    ptx_loss = self._ptx_loss() if cfg.ptx_coef > 0 else torch.zeros((), device=self.device)
-                    loss = loss + cfg.ptx_coef * ptx_loss
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    (loss / cfg.gradient_accumulation_steps).backward()
-                    for key, value in (("loss/policy", pg_loss.item()), ("loss/value", vf_loss.item()),
-                                       ("loss/ptx", ptx_loss.item()), ("policy/entropy", entropy.item()),
-                                       ("policy/clipfrac", pg_stats["clipfrac"]),
-                                       ("policy/approx_kl", pg_stats["approx_kl"]), ("policy/ratio", pg_stats["ratio"]),
-                                       ("val/clipfrac", vf_stats["clipfrac"])):
-                        log[key].append(value)
-                    epoch_kl.append(pg_stats["approx_kl"])
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if finite else None
-                if not finite or not torch.isfinite(grad_norm):  # skip this step: parameters stay as they are
+                num_tokens = mask[minibatch].sum()
+                if num_tokens == 0:  # every episode of the minibatch masked: nothing to learn, no step
+                    empty += 1
+                    continue
+                sums = self._minibatch_gradients(b, minibatch, mask, num_tokens, old_logprobs, old_values,
+                                                 advantages, returns)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if sums else None
+                if not sums or not torch.isfinite(grad_norm):  # skip this step: parameters stay as they are
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     continue
+                for key, value in sums.items():
+                    log[key].append(value)
                 log["train/grad_norm"].append(grad_norm.item())
+                epoch_kl.append(sums["policy/approx_kl"])
                 self.optimizer.step()
             epochs_run += 1
             if cfg.target_kl is not None and epoch_kl and np.mean(epoch_kl) > cfg.target_kl:
@@ -214,10 +224,54 @@ class PPO:
                    "val/explained_variance": explained_variance(old_values, returns, mask),
                    "val/mean": float(masked_mean(old_values, mask)),
                    "train/epochs": epochs_run, "train/skipped_minibatches": skipped,
+                   "train/empty_minibatches": empty,
                    "train/rollout_logprob_mismatch": rollout_mismatch,
                    "time/tokens_per_s": episodes.tokens / rollout_seconds, "time/update_seconds": seconds}
         self.logger.log(metrics)
         return metrics
+
+    def _minibatch_gradients(self, b: dict, minibatch: np.ndarray, mask: torch.Tensor, num_tokens: torch.Tensor,
+                             old_logprobs: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor,
+                             returns: torch.Tensor) -> dict[str, float]:
+        """Accumulate one minibatch's gradient over its micro-batches (zeroed first); return the minibatch's loss
+        terms and stats, or ``{}`` if a loss was not finite (the caller then skips the step)."""
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        micro_batches = np.split(minibatch, cfg.gradient_accumulation_steps)
+        ptx_parts = self._ptx_parts(len(micro_batches)) if cfg.ptx_coef > 0 else [None] * len(micro_batches)
+        sums: dict[str, float] = {}
+        for micro, ptx in zip(micro_batches, ptx_parts):
+            m = mask[micro]
+            logits, values = self._forward(b, micro)
+            logprobs = logprobs_from_logits(logits, b["responses"][micro])  # (b, T)
+            entropy = masked_mean(entropy_from_logits(logits), m, num_tokens)
+            pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[micro], advantages[micro], m, cfg.clip_range,
+                                            num_tokens)
+            vf_loss, vf_stats = value_loss(values, old_values[micro], returns[micro], m, cfg.clip_range_value,
+                                           num_tokens)
+            ptx_loss = sft_loss(self.model.lm, *ptx) if ptx is not None else torch.zeros((), device=self.device)
+            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy + cfg.ptx_coef * ptx_loss
+            if not torch.isfinite(loss):
+                return {}
+            loss.backward()
+            for key, value in (("loss/policy", pg_loss.item()), ("loss/value", vf_loss.item()),
+                               ("loss/ptx", ptx_loss.item()), ("policy/entropy", entropy.item()),
+                               ("policy/clipfrac", pg_stats["clipfrac"]), ("policy/approx_kl", pg_stats["approx_kl"]),
+                               ("policy/ratio", pg_stats["ratio"]), ("val/clipfrac", vf_stats["clipfrac"])):
+                sums[key] = sums.get(key, 0.0) + value  # micro-batch shares add up to the minibatch's means
+        return sums
+
+    def _ptx_parts(self, n: int) -> list[tuple | None]:
+        """PPO-ptx: one batch of ``ptx_batch_size`` demonstrations for the minibatch, split into `n` parts, each
+        ``(rows, num_tokens)`` for `sft_loss` with the whole batch's token count (None: an empty part)."""
+        task, tokenizer = self.world.task, self.world.tokenizer
+        demos = task.demonstrations(self.config.ptx_batch_size, self.rng)
+        pairs = encode_pairs(tokenizer, [p for p, _ in demos], [r for _, r in demos],
+                             int(self.model.lm.config.max_position_embeddings)).to(self.device)
+        num_tokens = pairs.response_mask.sum()
+        parts = np.array_split(np.arange(len(pairs)), n)
+        return [(pairs.rows(torch.as_tensor(rows, device=self.device)), num_tokens) if len(rows) else None
+                for rows in parts]
 
     def _micro_batches(self, order: np.ndarray) -> list[np.ndarray]:
         return np.split(order, len(order) // self.config.micro_batch_size)
@@ -228,14 +282,6 @@ class PPO:
         args = (b["query_ids"][rows], b["query_mask"][rows], b["responses"][rows], b["response_mask"][rows])
         with autocast(self.device):
             return self.model(*args, temperature=self.world.temperature)
-
-    def _ptx_loss(self) -> torch.Tensor:
-        """PPO-ptx: the SFT negative log-likelihood of a batch of the task's demonstrations."""
-        task, tokenizer = self.world.task, self.world.tokenizer
-        demos = task.demonstrations(self.config.ptx_batch_size, self.rng)
-        pairs = encode_pairs(tokenizer, [p for p, _ in demos], [r for _, r in demos],
-                             int(self.model.lm.config.max_position_embeddings)).to(self.device)
-        return sft_loss(self.model.lm, pairs.rows(slice(None)))
 
     # ---------------------------------------------------------------- acting and checkpoints
     def predict(self, observation: dict, deterministic: bool = False) -> tuple[np.ndarray, None]:

@@ -40,11 +40,16 @@ import torch
 
 from agents.common import (
     acting_world,
+    at_least_one,
     autocast,
     batch_tensors,
+    check_field,
     checkpoint_config,
     exact_div,
     learn_loop,
+    non_negative,
+    none_or,
+    positive,
     predict,
     restore_agent,
     rollout,
@@ -55,6 +60,7 @@ from agents.common import (
 from agents.core import (
     entropy_from_logits,
     explained_variance,
+    group_counts,
     group_std,
     logprobs_from_logits,
     masked_mean,
@@ -101,6 +107,14 @@ class ReinforceConfig:
     """Seeds the value head, the prompts and samples of each rollout."""
 
     def __post_init__(self):
+        for name in ("episodes_per_update", "samples_per_prompt"):
+            check_field(self, name, at_least_one, "an integer ≥ 1")
+        check_field(self, "micro_batch_size", none_or(at_least_one), "None or an integer ≥ 1")
+        for name in ("learning_rate", "vf_coef"):
+            check_field(self, name, non_negative, "a finite number ≥ 0")
+        for name in ("adam_eps", "max_grad_norm", "group_norm_eps"):
+            check_field(self, name, positive, "a finite number > 0")
+        check_field(self, "value_init", ("zero", "small").__contains__, "'zero' or 'small'")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if (self.baseline == "rloo" or self.group_norm) and self.samples_per_prompt < 2:
@@ -144,57 +158,68 @@ class Reinforce:
         rollout_seconds = time.perf_counter() - start
         stats = episode_stats(episodes, self.world.beta, self.world.task)
         b = batch_tensors(episodes, self.world.pad_token_id, self.device)
-        mask = b["response_mask"].float()  # (B, T)
+        # Episodes that carry a loss: not those whose score the env masked (their return is not data), and, where
+        # group statistics are taken, not those left without another valid sample of their prompt (no baseline).
+        usable = b["valid"]  # (B,)
+        if cfg.baseline == "rloo" or cfg.group_norm:
+            usable = usable & (group_counts(usable, k) >= 2)
+        mask = b["response_mask"].float() * usable.float()[:, None]  # (B, T)
         # 2. returns: the env's per-token rewards (−β·KL_t, + the score at the last token), summed.
         episode_returns = b["rewards"].sum(1)  # (B,)  G
         returns = reward_to_go(b["rewards"], mask) if cfg.reward_to_go else episode_returns[:, None] * mask  # (B, T)
         # 3. baselines (b does not depend on the sample's own actions) and advantages A = G − b.
         if cfg.baseline == "rloo":
-            baseline = rloo_baseline(episode_returns, k)[:, None] * mask  # (B, T)
+            baseline = rloo_baseline(episode_returns, k, usable)[:, None] * mask  # (B, T)
         elif cfg.baseline == "moving_average":
             baseline = torch.full_like(mask, self.moving_average) * mask
-            self.moving_average = (cfg.ema_decay * self.moving_average
-                                   + (1 - cfg.ema_decay) * float(episode_returns.mean()))
+            if usable.any():
+                self.moving_average = (cfg.ema_decay * self.moving_average
+                                       + (1 - cfg.ema_decay) * float(episode_returns[usable].mean()))
         else:  # "none"; "value" subtracts V(s_t) in phase 4, from the same forward that trains it
             baseline = torch.zeros_like(mask)
         advantages = returns - baseline  # (B, T)
-        scale = (group_std(episode_returns, k) + cfg.group_norm_eps)[:, None] if cfg.group_norm else 1.0
-        # 4. one gradient step: −Σ_t A_t·log π(a_t|s_t), summed over tokens, averaged over the batch.
+        scale = (group_std(episode_returns, k, usable) + cfg.group_norm_eps)[:, None] if cfg.group_norm else 1.0
+        # 4. one gradient step: −Σ_t A_t·log π(a_t|s_t), summed over tokens, averaged over the usable episodes (and
+        #    the value loss averaged over their tokens); both denominators are counted before the micro-batches
+        #    run, so the micro-batches' gradients add up to the whole batch's.
+        num_episodes, num_tokens = usable.sum(), mask.sum()
         train_module = self.model or self.lm
         train_module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        log = {key: [] for key in ("loss/policy", "loss/value", "policy/entropy")}
+        log = dict.fromkeys(("loss/policy", "loss/value", "policy/entropy"), 0.0)
         values_seen = torch.zeros_like(mask)
         finite, rows = True, np.arange(len(episodes))
-        no_signal = cfg.baseline != "value" and not advantages.abs().any()
+        no_signal = bool(num_episodes == 0) or (cfg.baseline != "value" and not advantages.abs().any())
         for micro in np.split(rows, len(rows) // (cfg.micro_batch_size or len(rows))):
             if no_signal:  # e.g. RLOO on groups with equal returns: nothing to learn, parameters stay put
                 break
-            m, weight = mask[micro], len(micro) / len(rows)
+            m = mask[micro]
             logits, values = self._forward(b, micro)
             logprobs = logprobs_from_logits(logits, b["responses"][micro])  # (b, T)
             micro_advantages = advantages[micro]
             vf_loss = torch.zeros((), device=self.device)
             if values is not None:
-                values_seen[micro] = values.detach()
+                values_seen[micro] = values.detach() * m
                 micro_advantages = micro_advantages - values.detach() * m
-                vf_loss = 0.5 * masked_mean((values - returns[micro]) ** 2, m)
+                vf_loss = 0.5 * masked_mean((values - returns[micro]) ** 2, m, num_tokens)
             micro_advantages = micro_advantages / (scale[micro] if cfg.group_norm else 1.0)
-            pg_loss = reinforce_loss(logprobs, micro_advantages, m)
-            loss = weight * (pg_loss + cfg.vf_coef * vf_loss)
+            pg_loss = reinforce_loss(logprobs, micro_advantages, m, num_episodes)
+            loss = pg_loss + cfg.vf_coef * vf_loss
             if not torch.isfinite(loss):
                 finite = False
                 break
             loss.backward()
-            log["loss/policy"].append(pg_loss.item())
-            log["loss/value"].append(vf_loss.item())
-            log["policy/entropy"].append(masked_mean(entropy_from_logits(logits.detach()), m).item())
+            for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
+                               ("policy/entropy", masked_mean(entropy_from_logits(logits.detach()), m, num_tokens))):
+                log[key] += value.item()  # micro-batch shares add up to the batch's values
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if finite and not no_signal else None
         skipped = not finite or no_signal or not torch.isfinite(grad_norm)
         if skipped:  # parameters stay as they are
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
+        if no_signal or not finite:
+            log = dict.fromkeys(log, float("nan"))
         # 5. stats
         self.num_updates += 1
         self.num_episodes += len(episodes)
@@ -202,8 +227,9 @@ class Reinforce:
         final_advantages = (advantages - values_seen) / scale
         metrics = {"time/updates": self.num_updates, "time/timesteps": self.num_timesteps,
                    "time/episodes": self.num_episodes, **stats,
-                   **{key: float(np.mean(values)) if values else float("nan") for key, values in log.items()},
-                   "policy/advantage_std": float(final_advantages[mask.bool()].std()),
+                   **log,
+                   "policy/advantage_std": float(final_advantages[mask.bool()].std()) if mask.sum() >= 2
+                   else float("nan"),
                    "val/baseline_mean": float(masked_mean(baseline + values_seen, mask)),
                    "val/explained_variance": explained_variance(baseline + values_seen, returns, mask),
                    "train/grad_norm": float("nan") if grad_norm is None else grad_norm.item(),

@@ -37,6 +37,7 @@ class Episodes:
     gold_scores: list[float] = field(default_factory=list)
     kls: list[float] = field(default_factory=list)  # Σ_t KL_t per episode
     finished: list[bool] = field(default_factory=list)  # ended with EOS (not the token cap)
+    score_nonfinite: list[bool] = field(default_factory=list)  # the reward was NaN/inf and the env masked it to 0
     texts: list[str] = field(default_factory=list)
     tokens: int = 0  # env steps taken, idle rows included: what the rollout cost
 
@@ -89,7 +90,7 @@ def collect_episodes(envs: RLHFVectorEnv, seed: int, generator: torch.Generator,
         steps.append((~done, actions, infos["logprob"], infos["ref_logprob"], step_rewards))
         for row in np.flatnonzero(terminated & ~done):
             ends[row] = {key: infos[key][row] for key in ("score", "gold_score", "kl_sum", "finished",
-                                                           "response_text")}
+                                                           "response_text", "score_nonfinite")}
         done |= terminated
     running, actions, logprobs, ref_logprobs, rewards = (np.stack(column, axis=1) for column in zip(*steps))  # (B, S)
     for row in range(n):
@@ -103,23 +104,31 @@ def collect_episodes(envs: RLHFVectorEnv, seed: int, generator: torch.Generator,
         batch.gold_scores.append(float(end["gold_score"]))
         batch.kls.append(float(end["kl_sum"]))
         batch.finished.append(bool(end["finished"]))
+        batch.score_nonfinite.append(bool(end["score_nonfinite"]))
         batch.texts.append(str(end["response_text"]))
     return batch
 
 
 def episode_stats(episodes: Episodes, beta: float, task) -> dict:
-    """The objective metrics of a batch (DESIGN.md §6 names)."""
+    """The objective metrics of a batch (names: docs/design.md).
+
+    A masked score (``nonfinite_reward="mask"``) is not data: ``objective/score`` and ``objective/rlhf_reward``
+    average the other episodes only (NaN if none is left) and ``episode/score_masked`` counts the masked ones. The
+    masked episodes' gold score, KL and length are real measurements of the policy and stay in those means.
+    """
     scores, kls = np.array(episodes.scores), np.array(episodes.kls)
+    valid = ~np.array(episodes.score_nonfinite, dtype=bool).reshape(-1)  # (B,)
     lengths = np.array([len(r) for r in episodes.responses])
     well_formed = [task.is_well_formed(p, t) for p, t in zip(episodes.prompts, episodes.texts)]
     return {
-        "objective/score": float(scores.mean()),
+        "objective/score": float(scores[valid].mean()) if valid.any() else float("nan"),
         "objective/gold_score": float(np.mean(episodes.gold_scores)),
         "objective/kl": float(kls.mean()),
-        "objective/rlhf_reward": float((scores - beta * kls).mean()),
+        "objective/rlhf_reward": float((scores - beta * kls)[valid].mean()) if valid.any() else float("nan"),
         "objective/beta": float(beta),
         "episode/length": float(lengths.mean()),
         "episode/length_p90": float(np.percentile(lengths, 90)),
         "episode/eos_rate": float(np.mean(episodes.finished)),
         "episode/well_formed": float(np.mean(well_formed)),
+        "episode/score_masked": int((~valid).sum()),
     }

@@ -12,7 +12,7 @@ from gymnasium.envs.registration import register
 
 from rlhf_env.tasks import DEFAULT_TASK, TASKS
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def env_id(task: str) -> str:

@@ -5,7 +5,9 @@ Legend: ``P`` query tokens (padded to the longest prompt of the task), ``T`` = m
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import gymnasium as gym
@@ -48,6 +50,7 @@ class RLHFWorld:
         beta: float = 0.1,
         kl_target: float | None = None,
         kl_horizon: int = 10000,
+        kl_batch_episodes: int = 1,
         kl_estimator: str = "k1",
         kl_mode: str = "policy",
         max_new_tokens: int | None = None,
@@ -76,16 +79,24 @@ class RLHFWorld:
             raise ValueError("reward_fn must be callable as reward_fn(prompt, response) -> float")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be None (the task's) or an integer ≥ 1, got {max_new_tokens!r}")
+        if isinstance(kl_batch_episodes, bool) or not isinstance(kl_batch_episodes, int) or kl_batch_episodes < 1:
+            raise ValueError(f"kl_batch_episodes must be a positive integer, got {kl_batch_episodes!r}")
         self.device = resolve_device(device)
         self.kl_estimator, self.kl_mode, self.temperature = kl_estimator, kl_mode, float(temperature)
         self.missing_eos_penalty, self.nonfinite_reward = float(missing_eos_penalty), nonfinite_reward
         self.kl_controller = (FixedKLController(beta) if kl_target is None
                               else AdaptiveKLController(beta, kl_target, kl_horizon))
+        self.kl_batch_episodes = kl_batch_episodes
+        self._kl_batch: list[float] = []  # KL sums of finished episodes that have not moved β yet
+        self._beta_frozen = False
         self.tokenizer, self.policy, self.reference, self.reward_model = self._load(
             policy, reference, reward_model if reward_fn is None else False, tokenizer, dtype)
         self.reward_fn = reward_fn
         self.agent = None  # kl_mode="agent": what reports log π(a|s) (`attach_agent`)
-        self.max_new_tokens = int(max_new_tokens or self.task.max_new_tokens)
+        self.max_new_tokens = self.task.max_new_tokens if max_new_tokens is None else max_new_tokens
         self.vocab_size = self.reference.get_output_embeddings().weight.shape[0]
         if self.policy is not None and self.policy.get_output_embeddings().weight.shape[0] != self.vocab_size:
             raise ValueError("policy and reference have different vocabularies")
@@ -148,6 +159,36 @@ class RLHFWorld:
     @property
     def beta(self) -> float:
         return self.kl_controller.beta
+
+    def update_beta(self, kls: Sequence[float]) -> None:
+        """One step of the KL controller for a batch of finished episodes, given their KL sums (nats): an adaptive
+        β moves by Ziegler et al.'s rule on the batch's mean KL with ``n_steps = len(kls)`` (`rlhf_env.kl`); a fixed
+        β stays. Agents call this once per rollout with the episodes they train on."""
+        kls = np.asarray(kls, dtype=np.float64)
+        if kls.ndim != 1 or len(kls) == 0 or not np.isfinite(kls).all():
+            raise ValueError(f"update_beta needs a non-empty list of finite episode KLs, got {kls.tolist()}")
+        self.kl_controller.update(float(kls.mean()), n_steps=len(kls))
+
+    def record_episode_kls(self, kls: Sequence[float]) -> None:
+        """Finished episodes' KL sums, as the envs see them end: β moves once per `kl_batch_episodes` of them
+        (unless inside `beta_frozen`)."""
+        if self._beta_frozen:
+            return
+        self._kl_batch.extend(kls)
+        n = self.kl_batch_episodes
+        while len(self._kl_batch) >= n:
+            batch, self._kl_batch = self._kl_batch[:n], self._kl_batch[n:]
+            self.update_beta(batch)
+
+    @contextlib.contextmanager
+    def beta_frozen(self):
+        """Episodes that finish inside this block do not move β: evaluation, and agents, which feed β once per
+        rollout with the episodes they keep (`update_beta`), not the discarded ones of idle rows."""
+        frozen, self._beta_frozen = self._beta_frozen, True
+        try:
+            yield
+        finally:
+            self._beta_frozen = frozen
 
     def prompt_pool(self, split: str = "train") -> list[str]:
         """The task's prompts of `split` ("train" or "eval"), in the order the env draws from."""
@@ -228,17 +269,22 @@ class RLHFWorld:
         response_ids, response_mask = pad_right(responses, pad, device=self.device)
         return self.reward_model.score(query_ids, query_mask, response_ids, response_mask).tolist()
 
+    def checked_score(self, score: float, prompt: str, text: str) -> tuple[float, bool]:
+        """``(score, False)`` for a finite score; for NaN/±inf `NonFiniteReward` (``nonfinite_reward="raise"``) or
+        ``(0.0, True)`` (``"mask"``: the flag tells agents and evaluations that this score is not data)."""
+        if math.isfinite(score):
+            return float(score), False
+        if self.nonfinite_reward == "raise":
+            raise NonFiniteReward(f"the reward {'function' if self.reward_fn else 'model'} returned {score} "
+                                  f"for prompt {prompt!r} and response {text!r}")
+        return 0.0, True
+
     def end_of_episode(self, prompt: str, text: str, score: float, finished: bool, logprobs: list[float],
                        ref_logprobs: list[float]) -> dict:
         """The end-of-episode info: score (checked finite), gold score, text, length and the episode's KL."""
-        info = {"score_nonfinite": not math.isfinite(score)}
-        if info["score_nonfinite"]:
-            if self.nonfinite_reward == "raise":
-                raise NonFiniteReward(f"the reward {'function' if self.reward_fn else 'model'} returned {score} "
-                                      f"for prompt {prompt!r} and response {text!r}")
-            score = 0.0
+        score, nonfinite = self.checked_score(score, prompt, text)
+        info = {"score_nonfinite": nonfinite}
         kl_sum = float(np.sum(kl_estimate(np.array(logprobs), np.array(ref_logprobs), self.kl_estimator)))
-        self.kl_controller.update(kl_sum, n_steps=1)  # an adaptive β moves once per finished episode
         info.update(score=float(score), gold_score=float(self.task.gold(prompt, text)), response_text=text,
                     length=len(logprobs), finished=finished, kl_sum=kl_sum)
         return info
@@ -254,6 +300,14 @@ class WorldParts:
     reference = property(lambda self: self.world.reference)
     reward_model = property(lambda self: self.world.reward_model)
     beta = property(lambda self: self.world.beta)
+
+    def update_beta(self, kls: Sequence[float]) -> None:
+        """One KL-controller step for a batch of finished episodes' KL sums (`RLHFWorld.update_beta`)."""
+        self.world.update_beta(kls)
+
+    def beta_frozen(self):
+        """A block in which finished episodes do not move β (`RLHFWorld.beta_frozen`)."""
+        return self.world.beta_frozen()
 
     def attach_agent(self, agent) -> None:
         """kl_mode="agent": the agent whose ``action_logprobs`` the env asks for log π(a|s) at every step."""
@@ -308,8 +362,10 @@ class RLHFEnv(WorldParts, gym.Env):
     ## Arguments
     ``task`` (name or `Task`), ``policy`` / ``reference`` (causal LM modules or local paths; default: the task's
     π_SFT), ``reward_model`` (module or path) or ``reward_fn(prompt, response) -> float`` (e.g. ``task.gold`` for
-    "PPO-GT" runs), ``tokenizer``, ``beta``, ``kl_target`` (adaptive β, updated after every finished episode from
-    its KL, when set), ``kl_horizon``, ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy", "agent" or
+    "PPO-GT" runs), ``tokenizer``, ``beta``, ``kl_target`` (adaptive β when set: Ziegler et al.'s controller, moved
+    once per ``kl_batch_episodes`` finished episodes (default 1 here, ``num_envs`` in the vector env) by the error
+    of their mean KL, see `rlhf_env.kl`; agents freeze it and move it once per rollout), ``kl_horizon`` (episodes),
+    ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy", "agent" or
     "reference", see above), ``max_new_tokens``, ``temperature``, ``device`` ("auto" picks CUDA), ``dtype``,
     ``missing_eos_penalty``, ``nonfinite_reward`` ("raise" or "mask"), ``render_mode`` ("ansi").
 
@@ -319,6 +375,8 @@ class RLHFEnv(WorldParts, gym.Env):
     reproduces this env exactly (same seed, same actions).
 
     ## Version History
+    * v0 (rlhf-gym 0.2): an adaptive β moves once per ``kl_batch_episodes`` finished episodes by the error of their
+      mean KL (it moved after each episode by that episode's); unseeded resets continue the seeded generators.
     * v0: initial version.
 
     >>> import gymnasium as gym

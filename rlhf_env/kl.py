@@ -8,7 +8,11 @@ With ``d = log π(a|s) − log π_ref(a|s)`` for the sampled token:
   KL divergence", 2020).
 
 The adaptive controller is Ziegler et al. (2019), §2.2: β ← β·(1 + K·clip((KL − target)/target, −0.2, 0.2)), with
-``K = n_steps / horizon`` for ``n_steps`` episodes since the last update. Its state belongs in every checkpoint.
+``K = n_steps / horizon``. It moves once per **batch** of finished episodes: KL is the batch's mean episode KL (the
+policy's KL, whose error the paper clips, not each episode's) and ``n_steps`` the number of episodes in the batch,
+so that over ``horizon`` episodes off target β moves by about e^{±0.2}. The envs feed it one batch per
+``kl_batch_episodes`` finished episodes; the agents here, one batch per rollout (`rlhf_env.env.RLHFWorld.update_beta`).
+Its state belongs in every checkpoint.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class AdaptiveKLController:
         self.beta, self.target, self.horizon = float(beta), float(target), int(horizon)
 
     def update(self, kl: float, n_steps: int) -> None:
-        """Move β after observing mean episode KL `kl` over `n_steps` episodes."""
+        """Move β once for a batch of `n_steps` episodes whose mean episode KL is `kl` (nats)."""
         error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
         self.beta *= 1 + error * n_steps / self.horizon
 

@@ -282,6 +282,7 @@ class RolloutBatch:
                                              self.ref_logprobs[row])
             infos.append(info)
             rewards.append(info["score"] - (0.0 if eos else self.world.missing_eos_penalty))
+        self.world.record_episode_kls([info["kl_sum"] for info in infos])  # once every row's end is known
         return infos, rewards
 
     def response_text(self, row: int) -> str:

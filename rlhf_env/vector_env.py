@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import numpy as np
@@ -34,7 +35,10 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
 
     ## Starting State
     ``reset(seed=s)`` seeds row i with ``s + i``, the convention of Gymnasium's `SyncVectorEnv`, so that row i
-    draws the same prompts as a single env seeded ``s + i``; ``options`` apply to every row, except
+    draws the same prompts as a single env seeded ``s + i``; ``reset()`` without a seed, and every autoreset,
+    continue each row's generator (Gymnasium's rule: no seed, no reseeding), so ``reset(seed=s); reset()`` draws
+    the same prompts on every run, and ``num_envs=1`` reproduces the single env (a list of seeds seeds each row;
+    ``None`` in it continues that row); ``options`` apply to every row, except
     ``{"prompts": [p_0, ..., p_{N-1}]}``, which pins one prompt per row (K samples of a prompt for RLOO).
 
     ## Episode End
@@ -47,9 +51,12 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
 
     ## Arguments
     ``num_envs``, ``autoreset_mode`` and every argument of `RLHFEnv` (with ``kl_mode="agent"`` the attached agent
-    is asked for the log-probs of all rows at once).
+    is asked for the log-probs of all rows at once; an adaptive β moves once per ``kl_batch_episodes`` finished
+    episodes, by default ``num_envs``).
 
     ## Version History
+    * v0 (rlhf-gym 0.2): an adaptive β moves once per ``kl_batch_episodes`` finished episodes by the error of their
+      mean KL (it moved after each episode by that episode's); unseeded resets continue the seeded generators.
     * v0: initial version.
 
     >>> import gymnasium as gym
@@ -68,7 +75,8 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi"]}
 
     def __init__(self, num_envs: int = 1, render_mode: str | None = None,
-                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, **world_kwargs):
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, kl_batch_episodes: int | None = None,
+                 **world_kwargs):
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         modes = (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP)
@@ -79,7 +87,8 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
         self.num_envs, self.render_mode = num_envs, render_mode
-        self.world = RLHFWorld(**world_kwargs)
+        batch = num_envs if kl_batch_episodes is None else kl_batch_episodes  # one episode per row on average
+        self.world = RLHFWorld(kl_batch_episodes=batch, **world_kwargs)
         self.single_action_space = self.world.action_space
         self.single_observation_space = self.world.observation_space
         self.action_space = batch_space(self.single_action_space, num_envs)
@@ -105,7 +114,10 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
             seeds = list(seed)
             if len(seeds) != self.num_envs:
                 raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
-        rngs = [seeding.np_random(s)[0] for s in seeds]
+        # Gymnasium's rule, row by row: a seed starts a new generator, no seed continues the row's own (seeded
+        # earlier, or from OS entropy when the env was made), as each sub-env of a SyncVectorEnv does. Drawn on
+        # copies, so that a rejected reset leaves every generator as it was.
+        rngs = [copy.deepcopy(rng) if s is None else seeding.np_random(s)[0] for s, rng in zip(seeds, self._rngs)]
         row_options = self._row_options(options)
         drawn = [self.world.draw_prompt(o, rng) for o, rng in zip(row_options, rngs)]  # checked before any change
         self._rngs = rngs

@@ -51,11 +51,14 @@ class SFTConfig:
     """Seeds the demonstrations, batch order and evaluation samples."""
 
 
-def sft_loss(model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean negative log-likelihood of the response tokens (prompt tokens carry no loss)."""
+def sft_loss(model, batch: tuple[torch.Tensor, ...], num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood of the response tokens (prompt tokens carry no loss).
+
+    `num_tokens` replaces the batch's response-token count as the denominator (a micro-batch's share of a larger
+    batch's mean)."""
     query_ids, query_mask, response_ids, response_mask = batch
     logprobs = response_logprobs(model, query_ids, query_mask, response_ids, response_mask)  # (B, T)
-    return -(logprobs.sum() / response_mask.sum())
+    return -(logprobs.sum() / (response_mask.sum() if num_tokens is None else num_tokens))
 
 
 def train_sft(model, tokenizer, task: Task, config: SFTConfig = SFTConfig(), progress: bool = True) -> dict:
