@@ -70,7 +70,9 @@ def evaluate_agent(envs, agent, episodes: int, split: str = "eval") -> dict:
     `envs` is an `RLHFVectorEnv` (either autoreset mode) built with ``kl_mode="agent"``; `agent` is attached for the
     duration (the previously attached one is restored). Each batch resets every row with its own prompt and steps
     until each row has finished once. Returns ``gold_score``, ``score``, ``kl_sum``, ``rlhf_reward`` (score −
-    β·kl_sum), ``length``, ``well_formed`` and ``episodes``.
+    β·kl_sum), ``length``, ``well_formed``, ``episodes`` and ``score_masked``: episodes whose score the env masked
+    (``nonfinite_reward="mask"``) are left out of ``score`` and ``rlhf_reward`` (NaN if none is left). Evaluation
+    episodes never move an adaptive β.
     """
     envs = envs.unwrapped
     world = envs.world
@@ -78,23 +80,28 @@ def evaluate_agent(envs, agent, episodes: int, split: str = "eval") -> dict:
     world.attach_agent(agent)
     finals: list[tuple[str, dict]] = []
     try:
-        while len(finals) < episodes:
-            prompts = [pool[(len(finals) + row) % len(pool)] for row in range(envs.num_envs)]
-            obs, _ = envs.reset(options={"prompts": prompts})
-            batch: dict[int, dict] = {}
-            while len(batch) < envs.num_envs:
-                obs, _, terminated, _, infos = envs.step(np.asarray(agent.predict(obs)[0]))
-                ended = infos.get("final_info", infos)
-                for row in set(np.flatnonzero(terminated)) - set(batch):
-                    batch[row] = {key: ended[key][row] for key in
-                                  ("gold_score", "score", "kl_sum", "length", "response_text")}
-            finals += [(prompts[row], batch[row]) for row in range(envs.num_envs)]
+        with world.beta_frozen():
+            while len(finals) < episodes:
+                prompts = [pool[(len(finals) + row) % len(pool)] for row in range(envs.num_envs)]
+                obs, _ = envs.reset(options={"prompts": prompts})
+                batch: dict[int, dict] = {}
+                while len(batch) < envs.num_envs:
+                    obs, _, terminated, _, infos = envs.step(np.asarray(agent.predict(obs)[0]))
+                    ended = infos.get("final_info", infos)
+                    for row in set(np.flatnonzero(terminated)) - set(batch):
+                        batch[row] = {key: ended[key][row] for key in ("gold_score", "score", "kl_sum", "length",
+                                                                      "response_text", "score_nonfinite")}
+                finals += [(prompts[row], batch[row]) for row in range(envs.num_envs)]
     finally:
         world.agent = previous
     finals = finals[:episodes]
     infos = [info for _, info in finals]
-    mean = {key: float(np.mean([info[key] for info in infos])) for key in ("gold_score", "score", "kl_sum", "length")}
-    mean["rlhf_reward"] = mean["score"] - world.beta * mean["kl_sum"]
+    mean = {key: float(np.mean([info[key] for info in infos])) for key in ("gold_score", "kl_sum", "length")}
+    scored = [info for info in infos if not info["score_nonfinite"]]  # a masked score is not data
+    mean["score"] = float(np.mean([info["score"] for info in scored])) if scored else float("nan")
+    mean["rlhf_reward"] = (float(np.mean([info["score"] - world.beta * info["kl_sum"] for info in scored]))
+                           if scored else float("nan"))
     mean["well_formed"] = float(np.mean([world.task.is_well_formed(p, i["response_text"]) for p, i in finals]))
     mean["episodes"] = len(finals)
+    mean["score_masked"] = len(infos) - len(scored)
     return mean
