@@ -33,6 +33,19 @@ def test_shipped_files_match_their_manifest(task):
         assert manifest["sha256"][name] == digest, name
 
 
+def test_file_hashes_ignore_the_library_release_that_wrote_a_config_and_nothing_else(tmp_path):
+    # transformers writes its own version into config.json: a rebuild under a newer release must still compare
+    # equal when every computed value is (the check failed on every config when 5.24 replaced 5.23).
+    config = {"n_embd": 128, "transformers_version": "5.23.0"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "weights.json").write_text(json.dumps({"transformers_version": "5.23.0", "w": [1.0]}))
+    before = file_hashes(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, transformers_version="5.99.0"), indent=4))
+    assert file_hashes(tmp_path) == before
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, n_embd=256)))
+    assert file_hashes(tmp_path)["config.json"] != before["config.json"]
+
+
 def test_shipped_build_met_the_targets(manifest):
     sft, rm = manifest["sft"], manifest["reward_model"]
     assert sft["perplexity_ratio"] <= 1.05

@@ -147,14 +147,33 @@ def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = Bu
     return manifest
 
 
+# Keys that record which library release wrote a file, not what the file holds: left out of its hash, so that a
+# rebuild under a newer transformers compares equal when everything it computed is equal.
+VERSION_KEYS = ("transformers_version",)
+
+
 def file_hashes(directory: str | Path) -> dict[str, str]:
-    """sha256 of every file below `directory` (the manifest excluded), keyed by relative path."""
+    """sha256 of every file below `directory` (the manifest excluded), keyed by relative path. A JSON object with a
+    `VERSION_KEYS` entry is hashed without it (keys sorted); every other file byte for byte."""
     directory = Path(directory)
     return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(directory)): hashlib.sha256(_content(p)).hexdigest()
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
+
+
+def _content(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix != ".json":
+        return data
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(value, dict) or not any(key in value for key in VERSION_KEYS):
+        return data
+    return json.dumps({k: v for k, v in value.items() if k not in VERSION_KEYS}, sort_keys=True).encode("utf-8")
 
 
 def asset_dir(task: str | Task) -> Path:
