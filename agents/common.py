@@ -77,6 +77,10 @@ def acting_world(agent, env, name: str, episodes_per_update: int | None):
         raise ValueError(f"{name} trains the env's acting policy: make the env with kl_mode='policy' (the default)")
     if episodes_per_update is not None:
         exact_div(episodes_per_update, agent.envs.num_envs, "episodes_per_update / num_envs")
+        horizon = getattr(world.kl_controller, "horizon", None)  # an adaptive β moves once per rollout
+        if horizon is not None and episodes_per_update > horizon:
+            raise ValueError(f"episodes_per_update ({episodes_per_update}) must not exceed the env's kl_horizon "
+                             f"({horizon}): β moves once per rollout by up to 0.2·episodes/horizon")
     agent.device, agent.lm = world.device, world.policy
 
 

@@ -50,7 +50,7 @@ class RLHFWorld:
         beta: float = 0.1,
         kl_target: float | None = None,
         kl_horizon: int = 10000,
-        kl_batch_episodes: int = 1,
+        kl_batch_episodes: int = 64,
         kl_estimator: str = "k1",
         kl_mode: str = "policy",
         max_new_tokens: int | None = None,
@@ -84,6 +84,9 @@ class RLHFWorld:
             raise ValueError(f"max_new_tokens must be None (the task's) or an integer ≥ 1, got {max_new_tokens!r}")
         if isinstance(kl_batch_episodes, bool) or not isinstance(kl_batch_episodes, int) or kl_batch_episodes < 1:
             raise ValueError(f"kl_batch_episodes must be a positive integer, got {kl_batch_episodes!r}")
+        if kl_target is not None and kl_batch_episodes > kl_horizon:
+            raise ValueError(f"kl_batch_episodes ({kl_batch_episodes}) must not exceed kl_horizon ({kl_horizon}): β "
+                             f"moves by up to 0.2·batch/horizon per batch")
         self.device = resolve_device(device)
         self.kl_estimator, self.kl_mode, self.temperature = kl_estimator, kl_mode, float(temperature)
         self.missing_eos_penalty, self.nonfinite_reward = float(missing_eos_penalty), nonfinite_reward
@@ -363,8 +366,8 @@ class RLHFEnv(WorldParts, gym.Env):
     ``task`` (name or `Task`), ``policy`` / ``reference`` (causal LM modules or local paths; default: the task's
     π_SFT), ``reward_model`` (module or path) or ``reward_fn(prompt, response) -> float`` (e.g. ``task.gold`` for
     "PPO-GT" runs), ``tokenizer``, ``beta``, ``kl_target`` (adaptive β when set: Ziegler et al.'s controller, moved
-    once per ``kl_batch_episodes`` finished episodes (default 1 here, ``num_envs`` in the vector env) by the error
-    of their mean KL, see `rlhf_env.kl`; agents freeze it and move it once per rollout), ``kl_horizon`` (episodes),
+    once per ``kl_batch_episodes`` finished episodes, default 64, by the error of their mean KL, see `rlhf_env.kl`;
+    our agents freeze it and move it once per rollout instead), ``kl_horizon`` (episodes),
     ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy", "agent" or
     "reference", see above), ``max_new_tokens``, ``temperature``, ``device`` ("auto" picks CUDA), ``dtype``,
     ``missing_eos_penalty``, ``nonfinite_reward`` ("raise" or "mask"), ``render_mode`` ("ansi").

@@ -67,7 +67,13 @@ class AdaptiveKLController:
         self.beta, self.target, self.horizon = float(beta), float(target), int(horizon)
 
     def update(self, kl: float, n_steps: int) -> None:
-        """Move β once for a batch of `n_steps` episodes whose mean episode KL is `kl` (nats)."""
+        """Move β once for a batch of `n_steps` episodes whose mean episode KL is `kl` (nats).
+
+        `ValueError` if the batch is longer than the horizon: K = n_steps / horizon above 1 could turn β negative.
+        """
+        if not 0 < n_steps <= self.horizon:
+            raise ValueError(f"a KL-controller batch of {n_steps} episodes must be ≥ 1 and ≤ the horizon "
+                             f"({self.horizon})")
         error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
         self.beta *= 1 + error * n_steps / self.horizon
 

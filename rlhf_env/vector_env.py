@@ -52,7 +52,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
     ## Arguments
     ``num_envs``, ``autoreset_mode`` and every argument of `RLHFEnv` (with ``kl_mode="agent"`` the attached agent
     is asked for the log-probs of all rows at once; an adaptive β moves once per ``kl_batch_episodes`` finished
-    episodes, by default ``num_envs``).
+    episodes of any rows).
 
     ## Version History
     * v0 (rlhf-gym 0.2): an adaptive β moves once per ``kl_batch_episodes`` finished episodes by the error of their
@@ -75,8 +75,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi"]}
 
     def __init__(self, num_envs: int = 1, render_mode: str | None = None,
-                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, kl_batch_episodes: int | None = None,
-                 **world_kwargs):
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, **world_kwargs):
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         modes = (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP)
@@ -87,8 +86,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
         self.num_envs, self.render_mode = num_envs, render_mode
-        batch = num_envs if kl_batch_episodes is None else kl_batch_episodes  # one episode per row on average
-        self.world = RLHFWorld(kl_batch_episodes=batch, **world_kwargs)
+        self.world = RLHFWorld(**world_kwargs)
         self.single_action_space = self.world.action_space
         self.single_observation_space = self.world.observation_space
         self.action_space = batch_space(self.single_action_space, num_envs)

@@ -153,7 +153,7 @@ def test_evaluate_agent_leaves_masked_scores_out_and_never_moves_beta():
         return float("nan") if len(response.split()) % 2 else 1.0
 
     envs = RLHFVectorEnv(num_envs=4, kl_mode="agent", max_new_tokens=6, reward_fn=odd_words_nan,
-                         nonfinite_reward="mask", beta=0.1, kl_target=0.01, kl_horizon=10)
+                         nonfinite_reward="mask", beta=0.1, kl_target=0.01, kl_horizon=10, kl_batch_episodes=4)
     stats = evaluate_agent(envs, RandomAgent(envs.single_action_space.n, seed=0), episodes=16)
     assert 0 < stats["score_masked"] < 16 and stats["score"] == 1.0
     assert envs.beta == 0.1  # 16 evaluation episodes far off the KL target, and β has not moved

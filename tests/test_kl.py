@@ -44,6 +44,8 @@ def test_fixed_controller_and_validation():
             FixedKLController(bad)
     with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(0.1, target=0.0)
+    with pytest.raises(ValueError, match="horizon"):  # K = n_steps / horizon > 1: at K > 5, β would turn negative
+        AdaptiveKLController(0.1, target=1.0, horizon=10).update(kl=100.0, n_steps=11)
 
 
 # ---------------------------------------------------------------- what the controller is fed
@@ -57,6 +59,7 @@ def adaptive_envs(num_envs=2, target=1.0, horizon=10, **kwargs):
 
     import rlhf_env  # noqa: F401
 
+    kwargs.setdefault("kl_batch_episodes", 2)
     return gym.make_vec("RLHF-v0", num_envs=num_envs, beta=0.1, kl_target=target, kl_horizon=horizon, **kwargs)
 
 
@@ -94,7 +97,7 @@ def two_row_episode_kls(target, **kwargs):
     return envs, infos["kl_sum"]
 
 
-def test_the_vector_env_moves_beta_once_per_step_worth_of_episodes_by_their_mean():
+def test_the_vector_env_moves_beta_once_per_batch_of_episodes_by_their_mean():
     _, kls = two_row_episode_kls(target=1.0)
     assert kls.min() > 0 and abs(kls[0] - kls[1]) > 0.1 * kls.max()  # two different, positive KLs (k3 ≥ 0)
     # Target = their mean: the batch's error is 0 and β must not move; per episode, the errors ±x move it.
@@ -120,6 +123,16 @@ def test_the_single_env_waits_for_kl_batch_episodes_episodes():
     assert betas == pytest.approx([0.1, 0.096, 0.096, 0.096 * 0.96], abs=1e-15)
     with pytest.raises(ValueError, match="kl_batch_episodes"):
         gym.make("RLHF-v0", kl_batch_episodes=0)
+    default = gym.make("RLHF-v0", beta=0.1, kl_target=0.001, kl_horizon=100)  # a batch is 64 episodes by default
+    for seed in range(63):
+        default.reset(seed=seed)
+        default.step(eos)
+    assert default.unwrapped.beta == 0.1
+    default.reset(seed=63)
+    default.step(eos)
+    assert default.unwrapped.beta == pytest.approx(0.1 * (1 - 0.2 * 64 / 100), abs=1e-15)
+    with pytest.raises(ValueError, match="kl_horizon"):  # a batch longer than the horizon could flip β's sign
+        gym.make("RLHF-v0", kl_target=1.0, kl_horizon=10)
 
 
 def test_an_agent_moves_beta_once_per_rollout_from_the_episodes_it_keeps(monkeypatch):

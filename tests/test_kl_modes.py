@@ -55,8 +55,8 @@ def test_reference_mode_rejects_what_it_cannot_honour(kwargs):
         RLHFEnv(**{"kl_mode": "reference", **kwargs})
 
 
-def test_adaptive_beta_moves_after_every_finished_episode_by_ziegler_rule():
-    env = RLHFEnv(policy=perturbed_policy(scale=0.05), beta=0.2, kl_target=1.0, kl_horizon=50)
+def test_adaptive_beta_with_batches_of_one_moves_after_every_finished_episode_by_ziegler_rule():
+    env = RLHFEnv(policy=perturbed_policy(scale=0.05), beta=0.2, kl_target=1.0, kl_horizon=50, kl_batch_episodes=1)
     rng = np.random.default_rng(0)
     betas = []
     for seed in range(4):

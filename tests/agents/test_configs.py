@@ -68,6 +68,9 @@ def test_refusals_that_depend_on_the_env_come_at_construction(tmp_path):
         DPO(gym.make_vec("RLHF-v0", num_envs=1, beta=0.0), DPOConfig(pairs=small_pairs(tmp_path, n=8)))
     with pytest.raises(ValueError, match="max_new_tokens"):
         gym.make_vec("RLHF-v0", num_envs=1, max_new_tokens=0)
+    with pytest.raises(ValueError, match="kl_horizon"):  # one rollout may move an adaptive β by at most 0.2·1
+        PPO(gym.make_vec("RLHF-v0", num_envs=4, kl_target=1.0, kl_horizon=32, kl_batch_episodes=4),
+            PPOConfig(episodes_per_update=64))
 
 
 DEGENERATE = [

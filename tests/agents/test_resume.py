@@ -18,7 +18,8 @@ from rlhf_env.models import load_causal_lm
 
 
 def make_envs():  # adaptive β: the controller's state must be saved too
-    return gym.make_vec("RLHF-v0", num_envs=8, max_new_tokens=8, beta=0.1, kl_target=2.0, kl_horizon=20)
+    return gym.make_vec("RLHF-v0", num_envs=8, max_new_tokens=8, beta=0.1, kl_target=2.0, kl_horizon=20,
+                        kl_batch_episodes=8)
 
 
 RESUME_SCRIPT = """
