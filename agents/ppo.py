@@ -142,6 +142,8 @@ class PPO:
                  progress: bool = True):
         self.config = config
         acting_world(self, env, "PPO", config.episodes_per_update)
+        if config.ptx_coef > 0:  # PPO-ptx needs the task's demonstrations: a task without them raises here
+            self.world.task.demonstrations(0, np.random.default_rng(0))
         torch.manual_seed(config.seed)  # the value head's init
         self.model = ActorCritic(self.lm, config.value_init, config.separate_critic, self.world.reward_model)
         start_training(self, [p for p in self.model.parameters() if p.requires_grad], out_dir, progress)

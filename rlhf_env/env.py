@@ -77,8 +77,12 @@ class RLHFWorld:
             raise ValueError("pass a reward_model or a reward_fn, not both")
         if reward_fn is not None and not callable(reward_fn):
             raise ValueError("reward_fn must be callable as reward_fn(prompt, response) -> float")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        if not math.isfinite(missing_eos_penalty):
+            raise ValueError(f"missing_eos_penalty must be finite, got {missing_eos_penalty}")
+        if isinstance(kl_horizon, bool) or not isinstance(kl_horizon, int) or kl_horizon < 1:
+            raise ValueError(f"kl_horizon must be a positive integer (episodes), got {kl_horizon!r}")
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                            or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be None (the task's) or an integer ≥ 1, got {max_new_tokens!r}")
@@ -168,8 +172,8 @@ class RLHFWorld:
         β moves by Ziegler et al.'s rule on the batch's mean KL with ``n_steps = len(kls)`` (`rlhf_env.kl`); a fixed
         β stays. Agents call this once per rollout with the episodes they train on."""
         kls = np.asarray(kls, dtype=np.float64)
-        if kls.ndim != 1 or len(kls) == 0 or not np.isfinite(kls).all():
-            raise ValueError(f"update_beta needs a non-empty list of finite episode KLs, got {kls.tolist()}")
+        if kls.ndim != 1 or len(kls) == 0:
+            raise ValueError(f"update_beta needs a non-empty list of episode KLs, got {kls.tolist()}")
         self.kl_controller.update(float(kls.mean()), n_steps=len(kls))
 
     def record_episode_kls(self, kls: Sequence[float]) -> None:
@@ -180,8 +184,8 @@ class RLHFWorld:
         self._kl_batch.extend(kls)
         n = self.kl_batch_episodes
         while len(self._kl_batch) >= n:
-            batch, self._kl_batch = self._kl_batch[:n], self._kl_batch[n:]
-            self.update_beta(batch)
+            self.update_beta(self._kl_batch[:n])  # if the controller refuses (a NaN KL), the batch stays pending
+            del self._kl_batch[:n]
 
     @contextlib.contextmanager
     def beta_frozen(self):

@@ -60,17 +60,21 @@ class AdaptiveKLController:
     def __init__(self, beta: float, target: float, horizon: int = 10000):
         if not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"the initial beta must be a finite number > 0, got {beta}")
-        if not target > 0:
-            raise ValueError(f"the KL target must be > 0, got {target}")
+        if not (target > 0 and math.isfinite(target)):
+            raise ValueError(f"the KL target must be a finite number > 0, got {target}")
         if horizon <= 0:
             raise ValueError(f"the horizon must be > 0, got {horizon}")
         self.beta, self.target, self.horizon = float(beta), float(target), int(horizon)
 
     def update(self, kl: float, n_steps: int) -> None:
-        """Move β once for a batch of `n_steps` episodes whose mean episode KL is `kl` (nats).
+        """Move β once for a batch of `n_steps` episodes whose mean episode KL is `kl` (nats; +inf counts as far
+        above target).
 
-        `ValueError` if the batch is longer than the horizon: K = n_steps / horizon above 1 could turn β negative.
+        `ValueError`, with β unchanged, for a NaN `kl` or a batch longer than the horizon: β moves by up to
+        ±0.2·n_steps/horizon at once, more than 20% beyond it (and at n_steps > 5·horizon it would turn negative).
         """
+        if math.isnan(kl):
+            raise ValueError("the batch's mean KL is NaN: β cannot follow it")
         if not 0 < n_steps <= self.horizon:
             raise ValueError(f"a KL-controller batch of {n_steps} episodes must be ≥ 1 and ≤ the horizon "
                              f"({self.horizon})")

@@ -46,6 +46,14 @@ def test_fixed_controller_and_validation():
         AdaptiveKLController(0.1, target=0.0)
     with pytest.raises(ValueError, match="horizon"):  # K = n_steps / horizon > 1: at K > 5, β would turn negative
         AdaptiveKLController(0.1, target=1.0, horizon=10).update(kl=100.0, n_steps=11)
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=10)
+    with pytest.raises(ValueError, match="NaN"):
+        ctl.update(kl=float("nan"), n_steps=2)
+    ctl.update(kl=float("inf"), n_steps=2)  # infinitely far above target: the clipped error, +0.2
+    assert ctl.beta == pytest.approx(0.104)
+    with pytest.raises(ValueError, match="target"):
+        AdaptiveKLController(0.1, target=float("inf"))
+    FixedKLController(0.1).update(kl=float("nan"), n_steps=1)  # a fixed β ignores what it is fed
 
 
 # ---------------------------------------------------------------- what the controller is fed
@@ -109,6 +117,14 @@ def test_the_vector_env_moves_beta_once_per_batch_of_episodes_by_their_mean():
     assert envs.unwrapped.beta != pytest.approx(0.1, abs=1e-9)
 
 
+def test_a_refused_batch_stays_pending_and_beta_unchanged():
+    envs = adaptive_envs(kl_batch_episodes=2)
+    world = envs.unwrapped.world
+    with pytest.raises(ValueError, match="NaN"):
+        world.record_episode_kls([0.5, float("nan")])
+    assert envs.unwrapped.beta == 0.1 and world._kl_batch == [0.5, pytest.approx(float("nan"), nan_ok=True)]
+
+
 def test_the_single_env_waits_for_kl_batch_episodes_episodes():
     import gymnasium as gym
 
@@ -131,7 +147,7 @@ def test_the_single_env_waits_for_kl_batch_episodes_episodes():
     default.reset(seed=63)
     default.step(eos)
     assert default.unwrapped.beta == pytest.approx(0.1 * (1 - 0.2 * 64 / 100), abs=1e-15)
-    with pytest.raises(ValueError, match="kl_horizon"):  # a batch longer than the horizon could flip β's sign
+    with pytest.raises(ValueError, match="kl_horizon"):  # a 64-episode batch would move β by up to 128% at once
         gym.make("RLHF-v0", kl_target=1.0, kl_horizon=10)
 
 

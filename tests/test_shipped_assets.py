@@ -44,6 +44,8 @@ def test_file_hashes_ignore_the_library_release_that_wrote_a_config_and_nothing_
     assert file_hashes(tmp_path) == before
     (tmp_path / "config.json").write_text(json.dumps(dict(config, n_embd=256)))
     assert file_hashes(tmp_path)["config.json"] != before["config.json"]
+    (tmp_path / "weights.json").write_text(json.dumps({"transformers_version": "5.23.0", "w": [2.0]}))
+    assert file_hashes(tmp_path)["weights.json"] != before["weights.json"]
 
 
 def test_shipped_build_met_the_targets(manifest):

@@ -94,17 +94,44 @@ def test_ppo_rollouts_here_have_unequal_lengths():
     {"baseline": "rloo"},
     {"baseline": "rloo", "group_norm": True},
     {"baseline": "moving_average"},
-], ids=["value", "value-reward_to_go", "rloo", "rloo-group_norm", "moving_average"])
+    {"baseline": "none"},
+], ids=["value", "value-reward_to_go", "rloo", "rloo-group_norm", "moving_average", "none"])
 def test_reinforce_micro_batches_equal_the_whole_batch(options):
     config = dict(episodes_per_update=8, samples_per_prompt=2, max_grad_norm=1e9, seed=0, **options)
-    whole = first_step_gradient(Reinforce(envs(beta=0.05), ReinforceConfig(**config), progress=False))
+    whole_agent = Reinforce(envs(beta=0.05), ReinforceConfig(**config), progress=False)
+    whole = first_step_gradient(whole_agent)
+    assert whole_agent.logger.history[-1]["episode/length"] != whole_agent.logger.history[-1]["episode/length_p90"]
     for micro in (1, 2, 4):
         split = first_step_gradient(Reinforce(envs(beta=0.05), ReinforceConfig(micro_batch_size=micro, **config),
                                               progress=False))
         assert relative_difference(split, whole) <= TOLERANCE, micro
 
 
+def odd_words_nan(prompt: str, response: str) -> float:
+    return float("nan") if len(response.split()) % 2 else float(len(response.split()))
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "value"])
+def test_split_batches_with_masked_episodes_equal_the_whole_batch(algorithm):
+    # Masked episodes leave the token and episode counts: the denominators must still be the whole batch's.
+    def agent(split: int):
+        world = envs(beta=0.05, reward_fn=odd_words_nan, nonfinite_reward="mask")
+        if algorithm == "ppo":
+            return PPO(world, PPOConfig(episodes_per_update=8, minibatch_size=8, update_epochs=1, max_grad_norm=1e9,
+                                        gradient_accumulation_steps=split, seed=0), progress=False)
+        return Reinforce(world, ReinforceConfig(episodes_per_update=8, samples_per_prompt=4, baseline=algorithm,
+                                                micro_batch_size=8 // split, max_grad_norm=1e9, seed=0),
+                         progress=False)
+
+    whole_agent = agent(1)
+    whole = first_step_gradient(whole_agent)
+    assert 0 < whole_agent.logger.history[-1]["episode/score_masked"] < 8
+    for split in (2, 4):
+        assert relative_difference(first_step_gradient(agent(split)), whole) <= TOLERANCE, split
+
+
 def test_dpo_micro_batches_equal_the_whole_batch(tmp_path):
+    # DPO already summed its per-pair losses over the whole batch: this guards that it stays so.
     pairs = small_pairs(tmp_path, n=64)
     config = dict(batch_size=8, max_grad_norm=1e9, pairs=pairs, eval_pairs=pairs, seed=0)
     whole = first_step_gradient(DPO(envs(beta=0.1), DPOConfig(**config), progress=False))
@@ -114,7 +141,7 @@ def test_dpo_micro_batches_equal_the_whole_batch(tmp_path):
         assert relative_difference(split, whole) <= TOLERANCE, micro
 
 
-def test_reinforce_value_loss_is_a_mean_over_the_batch_tokens(monkeypatch):
+def test_reinforce_value_loss_is_a_mean_over_the_batch_tokens():
     """The logged value loss of a split batch is the whole batch's token mean (not a mean of micro-batch means)."""
     config = dict(episodes_per_update=8, samples_per_prompt=2, baseline="value", seed=0)
     whole = Reinforce(envs(beta=0.05), ReinforceConfig(**config), progress=False).update()

@@ -68,6 +68,23 @@ def test_refusals_that_depend_on_the_env_come_at_construction(tmp_path):
         DPO(gym.make_vec("RLHF-v0", num_envs=1, beta=0.0), DPOConfig(pairs=small_pairs(tmp_path, n=8)))
     with pytest.raises(ValueError, match="max_new_tokens"):
         gym.make_vec("RLHF-v0", num_envs=1, max_new_tokens=0)
+    from rlhf_env.assets import asset_dir
+    from rlhf_env.tasks.custom import FileTask
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the movie was\nthe film is\nthe acting was\n" * 4)
+    task = FileTask(prompts, gold=lambda prompt, response: 0.0)  # no demonstrations file
+    assets = asset_dir("sentiment")
+    world = dict(task=task, policy=assets / "policy", reference=assets / "policy", tokenizer=assets / "tokenizer",
+                 reward_fn=task.gold)
+    with pytest.raises(ValueError, match="demonstrations"):  # PPO-ptx would fail at its first minibatch
+        PPO(gym.make_vec("RLHF-v0", num_envs=2, **world), PPOConfig(episodes_per_update=2, minibatch_size=2,
+                                                                    ptx_coef=0.1))
+    PPO(gym.make_vec("RLHF-v0", num_envs=2, **world), PPOConfig(episodes_per_update=2, minibatch_size=2)).update()
+    for bad in ({"temperature": float("nan")}, {"missing_eos_penalty": float("nan")}, {"kl_horizon": 0},
+                {"kl_target": float("inf")}):
+        with pytest.raises(ValueError, match="temperature|missing_eos_penalty|horizon|target"):
+            gym.make_vec("RLHF-v0", num_envs=1, **bad)
     with pytest.raises(ValueError, match="kl_horizon"):  # one rollout may move an adaptive β by at most 0.2·1
         PPO(gym.make_vec("RLHF-v0", num_envs=4, kl_target=1.0, kl_horizon=32, kl_batch_episodes=4),
             PPOConfig(episodes_per_update=64))

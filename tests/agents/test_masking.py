@@ -11,6 +11,7 @@ import torch
 from agent_helpers import digest
 
 import agents.ppo
+import agents.reinforce
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
 from agents.core import group_counts, group_std, rloo_baseline
 from agents.evaluate import best_of_n, evaluate
@@ -27,8 +28,8 @@ def always_nan(prompt: str, response: str) -> float:
     return math.nan
 
 
-def masked_envs(reward_fn=odd_words_nan, num_envs=16, **kwargs):
-    return gym.make_vec("RLHF-v0", num_envs=num_envs, max_new_tokens=10, beta=0.0, reward_fn=reward_fn,
+def masked_envs(reward_fn=odd_words_nan, num_envs=16, beta=0.0, **kwargs):
+    return gym.make_vec("RLHF-v0", num_envs=num_envs, max_new_tokens=10, beta=beta, reward_fn=reward_fn,
                         nonfinite_reward="mask", **kwargs)
 
 
@@ -62,16 +63,34 @@ def test_reinforce_learns_nothing_when_every_valid_return_is_equal():
 
 
 @pytest.mark.parametrize("baseline", ["moving_average", "none", "value"])
-def test_other_baselines_take_no_data_from_masked_episodes(baseline):
-    envs = masked_envs()
+def test_other_baselines_take_no_data_from_masked_episodes(baseline, monkeypatch):
+    calls = []
+    real = agents.reinforce.reinforce_loss
+
+    def recording_loss(logprobs, advantages, mask, num_episodes=None):
+        calls.append((mask.clone(), float(num_episodes)))
+        return real(logprobs, advantages, mask, num_episodes)
+
+    monkeypatch.setattr(agents.reinforce, "reinforce_loss", recording_loss)
+    envs = masked_envs(beta=0.05)  # β > 0: a masked episode's return (−β·KL) is not 0, so it would weigh in
     agent = Reinforce(envs, ReinforceConfig(episodes_per_update=16, samples_per_prompt=4, baseline=baseline),
                       progress=False)
+    episodes = []
+    real_rollout = agents.reinforce.rollout
+    monkeypatch.setattr(agents.reinforce, "rollout",
+                        lambda a, prompts: episodes.append(real_rollout(a, prompts)) or episodes[-1])
     metrics = agent.update()
-    assert 0 < metrics["episode/score_masked"] < 16
-    if baseline == "moving_average":  # the average moves toward the mean *valid* return, 1.0
-        assert agent.moving_average == pytest.approx(0.1 * 1.0)
-    if baseline == "value":  # the value head is fitted to valid returns (all 1.0): its baseline mean is finite
-        assert math.isfinite(metrics["loss/value"])
+    masked = np.array(episodes[0].score_nonfinite)
+    assert 0 < masked.sum() < 16 and metrics["episode/score_masked"] == masked.sum()
+    (mask, num_episodes), = calls
+    assert (mask[torch.from_numpy(masked)] == 0).all() and num_episodes == 16 - masked.sum()
+    if baseline == "moving_average":  # the average moves toward the mean *valid* return only
+        valid_returns = [sum(r) for r, m in zip(episodes[0].rewards, masked) if not m]
+        assert agent.moving_average == pytest.approx(0.1 * np.mean(valid_returns))
+    if baseline == "value":  # zero-initialised head: values 0, so the loss is ½·mean over valid tokens of G²
+        valid = [(sum(r), len(r)) for r, m in zip(episodes[0].rewards, masked) if not m]
+        expected = 0.5 * sum(g * g * n for g, n in valid) / sum(n for _, n in valid)
+        assert metrics["loss/value"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "reinforce-value", "reinforce-rloo"])
@@ -88,7 +107,10 @@ def test_a_batch_of_masked_episodes_changes_nothing(algorithm):
     metrics = agent.update()
     assert metrics["episode/score_masked"] == 8 and math.isnan(metrics["objective/score"])
     assert digest(trained) == before
-    assert metrics.get("train/empty_minibatches", 4) == 4 and metrics.get("train/no_signal", 1) == 1
+    if algorithm == "ppo":
+        assert metrics["train/empty_minibatches"] == 4  # 2 epochs × 2 minibatches, none with a valid token
+    else:
+        assert metrics["train/no_signal"] == 1
 
 
 def test_ppo_gives_masked_episodes_no_advantage_and_whitens_over_valid_tokens_only(monkeypatch):
