@@ -47,9 +47,9 @@ from agents.common import (
 )
 from agents.core import DPO_LOSSES, dpo_loss
 from rlhf_env.assets import asset_dir, load_preference_pairs
-from rlhf_env.build.common import PairedText, encode_pairs, model_max_length
-from rlhf_env.build.preferences import load_pairs
 from rlhf_env.lm import response_logprobs
+from rlhf_env.pipeline.preferences import load_pairs
+from rlhf_env.text import PairedText, encode_pairs, model_max_length
 
 
 @dataclass(frozen=True)

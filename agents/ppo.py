@@ -53,8 +53,8 @@ from agents.core import (
 )
 from agents.policy import VALUE_INITS, ActorCritic
 from agents.rollout import episode_stats
-from rlhf_env.build.common import encode_pairs
-from rlhf_env.build.sft import sft_loss
+from rlhf_env.pipeline.sft import sft_loss
+from rlhf_env.text import encode_pairs
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,7 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict:
     import rlhf_env
     from agents.evaluate import best_of_n, evaluate, kl_regularised_optimum
     from benchmarks.report import git_commit
-    from rlhf_env.build.sft import heldout_perplexity
+    from rlhf_env.pipeline.sft import heldout_perplexity
 
     if config.threads:
         torch.set_num_threads(config.threads)

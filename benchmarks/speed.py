@@ -59,10 +59,10 @@ def build_tiny_world(directory: Path, seed: int = 0, vocab_size: int = 512, prom
     their context (prompt + response)."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
-    from rlhf_env.build.reward_model import RewardModel
     from rlhf_env.models import build_policy
+    from rlhf_env.pipeline.tokenizer import train_tokenizer
+    from rlhf_env.reward_model import RewardModel
     from rlhf_env.tasks import get_task
-    from rlhf_env.tokenizer import train_tokenizer
 
     rng = np.random.default_rng(seed)
     corpus = get_task("sentiment").tokenizer_corpus(rng, n=4000)
@@ -173,7 +173,7 @@ def _trl_online(trainer_cls, config_cls, world: dict, prompts: int, k: int, leng
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from rlhf_env.build.reward_model import RewardModel
+    from rlhf_env.reward_model import RewardModel
 
     tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
     reward_model = RewardModel.from_pretrained(world["reward_model"])

@@ -16,13 +16,13 @@ import torch
 from gymnasium import spaces
 from gymnasium.error import InvalidAction, ResetNeeded
 
-from rlhf_env.build.common import encode_prompts
-from rlhf_env.build.reward_model import RewardModel
 from rlhf_env.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_env.lm import pad_left, pad_right
 from rlhf_env.models import load_causal_lm, resolve_device
+from rlhf_env.reward_model import RewardModel
 from rlhf_env.rollout import RolloutBatch
 from rlhf_env.tasks import DEFAULT_TASK, Task, get_task
+from rlhf_env.text import encode_prompts
 
 RESET_OPTIONS = frozenset({"prompt", "split"})
 KL_MODES = ("policy", "agent", "reference")

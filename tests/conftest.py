@@ -8,8 +8,8 @@ import torch
 import transformers
 
 from rlhf_env.models import build_policy
+from rlhf_env.pipeline.tokenizer import train_tokenizer
 from rlhf_env.tasks.sentiment import SentimentTask
-from rlhf_env.tokenizer import train_tokenizer
 
 transformers.utils.logging.disable_progress_bar()
 torch.set_num_threads(1)

@@ -3,11 +3,12 @@ import json
 import pytest
 import torch
 
-import rlhf_env.assets as assets
-from rlhf_env.assets import BuildConfig, build_assets, load_assets
+import rlhf_env.pipeline.assets as building
+from rlhf_env.assets import load_assets
 from rlhf_env.assets.__main__ import main as assets_main
-from rlhf_env.build.common import encode_pairs, encode_prompts
 from rlhf_env.lm import response_logprobs
+from rlhf_env.pipeline.assets import BuildConfig, build_assets
+from rlhf_env.text import encode_pairs, encode_prompts
 
 
 def test_bad_prompts_are_refused_by_name(tokenizer):
@@ -37,7 +38,7 @@ def test_built_assets_load_and_the_rm_is_centred_on_sft_samples(tmp_path):
     build_assets("sentiment", tmp_path / "a", BuildConfig.quick(), progress=False)
     tokenizer, policy, reward_model = load_assets(tmp_path / "a")
     groups = [json.loads(line) for line in (tmp_path / "a/preferences/groups_train.jsonl").read_text().splitlines()]
-    from rlhf_env.build.reward_model import score_texts
+    from rlhf_env.pipeline.reward_training import score_texts
 
     scores = score_texts(reward_model, tokenizer, [g["prompt"] for g in groups for _ in g["responses"]],
                          [r for g in groups for r in g["responses"]])
@@ -50,7 +51,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(assets, "train_reward_model", explode)
+    monkeypatch.setattr(building, "train_reward_model", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         build_assets("sentiment", tmp_path / "out", BuildConfig.quick(), progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -70,7 +71,7 @@ def test_loading_a_non_asset_directory_is_refused(tmp_path):
 
 def test_unshipped_pairs_are_rederived_bit_for_bit(tmp_path):
     from rlhf_env.assets import load_preference_pairs
-    from rlhf_env.build.preferences import load_pairs
+    from rlhf_env.pipeline.preferences import load_pairs
 
     build_assets("sentiment", tmp_path / "a", BuildConfig.quick(), progress=False)
     pairs_file = tmp_path / "a/preferences/pairs_train.jsonl"

@@ -133,7 +133,7 @@ def test_k3_estimator_is_never_negative():
 def test_one_policy_and_one_reference_forward_per_token_one_rm_forward_per_episode(monkeypatch, lean):
     if not lean:
         monkeypatch.setattr(rlhf_env.rollout, "can_stack", lambda models: False)
-        monkeypatch.setattr(rlhf_env.build.reward_model, "supports_lean_forward", lambda model: False)
+        monkeypatch.setattr(rlhf_env.reward_model, "supports_lean_forward", lambda model: False)
     env = RLHFEnv()
     calls, fed = count_model_forwards(monkeypatch, {"policy": env.policy, "reference": env.reference}, lean)
     rm_calls = []

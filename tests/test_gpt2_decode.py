@@ -206,7 +206,7 @@ def test_stacking_is_only_chosen_for_small_models_of_one_shape(monkeypatch):
 
 def test_lean_reward_model_scores_match_the_hugging_face_trunk(tokenizer, monkeypatch):
     from rlhf_env.assets import asset_dir
-    from rlhf_env.build.reward_model import RewardModel
+    from rlhf_env.reward_model import RewardModel
 
     model = RewardModel.from_pretrained(asset_dir("sentiment") / "reward_model")
     queries = [tokenizer(t)["input_ids"] for t in ["the food was", "it is not", "the plot of the film"]]

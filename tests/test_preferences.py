@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from rlhf_env.build.preferences import (
+from rlhf_env.jsonl import write_jsonl
+from rlhf_env.pipeline.preferences import (
     PreferenceConfig,
     label_groups,
     load_groups,
     load_pairs,
     plackett_luce_ranking,
 )
-from rlhf_env.jsonl import write_jsonl
 from rlhf_env.tasks.base import AnnotatorConfig
 
 

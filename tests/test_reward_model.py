@@ -3,15 +3,15 @@ import math
 import pytest
 import torch
 
-from rlhf_env.build.reward_model import (
-    RewardModel,
+from rlhf_env.lm import pad_left, pad_right
+from rlhf_env.pipeline.reward_training import (
     bradley_terry_loss,
     centering_loss,
     evaluate_reward_model,
     listwise_loss,
     pairwise_accuracy,
 )
-from rlhf_env.lm import pad_left, pad_right
+from rlhf_env.reward_model import RewardModel
 
 
 def test_bradley_terry_loss_hand_values():
@@ -109,7 +109,7 @@ def test_gold_accuracy_orders_by_gold_not_by_label(reward_model, tokenizer):
 
 
 def test_listwise_training_learns_the_ranking(policy, tokenizer):
-    from rlhf_env.build.reward_model import RewardConfig, train_reward_model
+    from rlhf_env.pipeline.reward_training import RewardConfig, train_reward_model
 
     groups = [{"prompt": "the plot was", "responses": ["bad", "good", "dull", "superb"], "gold": [-0.5, 0.5, -0.5, 0.5],
                "ranking": [3, 1, 0, 2]}] * 8
@@ -117,14 +117,14 @@ def test_listwise_training_learns_the_ranking(policy, tokenizer):
     report = train_reward_model(model, tokenizer, pairs=[], groups=groups,
                                 config=RewardConfig(loss="listwise", steps=30, batch_size=4, lr=3e-3))
     assert report["final_train_loss"] < 0.5 * math.log(4)  # from chance (ln 4) towards picking the best
-    from rlhf_env.build.reward_model import score_texts
+    from rlhf_env.pipeline.reward_training import score_texts
 
     scores = score_texts(model, tokenizer, ["the plot was"] * 4, groups[0]["responses"])
     assert int(scores.argmax()) == 3
 
 
 def test_listwise_training_needs_rankings(policy, tokenizer):
-    from rlhf_env.build.reward_model import RewardConfig, train_reward_model
+    from rlhf_env.pipeline.reward_training import RewardConfig, train_reward_model
 
     groups = [{"prompt": "it", "responses": ["is bad", "is good"], "gold": [-0.5, 0.5], "ranking": None}]
     with pytest.raises(ValueError, match="needs groups with a 'ranking'"):
@@ -132,7 +132,7 @@ def test_listwise_training_needs_rankings(policy, tokenizer):
 
 
 def test_training_without_pairs_is_a_clear_error(policy, tokenizer):
-    from rlhf_env.build.reward_model import train_reward_model
+    from rlhf_env.pipeline.reward_training import train_reward_model
 
     with pytest.raises(ValueError, match="no preference pairs"):
         train_reward_model(RewardModel(policy.transformer), tokenizer, pairs=[])

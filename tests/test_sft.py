@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from rlhf_env.build.common import encode_pairs
-from rlhf_env.build.sft import SFTConfig, sft_loss, train_sft
+from rlhf_env.pipeline.sft import SFTConfig, sft_loss, train_sft
+from rlhf_env.text import encode_pairs
 
 
 def test_loss_is_on_response_tokens_only(policy, tokenizer):
@@ -23,7 +23,7 @@ def test_loss_is_on_response_tokens_only(policy, tokenizer):
 
 
 def test_short_sft_lowers_held_out_perplexity(policy, tokenizer, task):
-    from rlhf_env.build.sft import evaluate_policy
+    from rlhf_env.pipeline.sft import evaluate_policy
 
     before = evaluate_policy(policy, tokenizer, task, n=64, seed=1)["perplexity"]
     report = train_sft(policy, tokenizer, task, SFTConfig(steps=40, n_demonstrations=2000, n_eval=64),

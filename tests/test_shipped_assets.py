@@ -12,7 +12,7 @@ import torch
 
 from rlhf_env.assets import MANIFEST, asset_dir, file_hashes, load_assets, load_preference_pairs
 from rlhf_env.assets.__main__ import main as assets_main
-from rlhf_env.build.reward_model import evaluate_reward_model
+from rlhf_env.pipeline.reward_training import evaluate_reward_model
 from rlhf_env.tasks import TASKS
 
 SHIPPED = asset_dir("sentiment")

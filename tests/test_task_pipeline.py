@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from rlhf_env.build.common import encode_pairs
+from rlhf_env.pipeline.tokenizer import train_tokenizer
 from rlhf_env.tasks import TASKS, get_task
-from rlhf_env.tokenizer import train_tokenizer
+from rlhf_env.text import encode_pairs
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from rlhf_env.tokenizer import train_tokenizer
+from rlhf_env.pipeline.tokenizer import train_tokenizer
 
 
 def test_special_tokens_are_distinct(tokenizer):

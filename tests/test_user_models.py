@@ -4,10 +4,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from rlhf_env.build.reward_model import RewardModel, score_texts
-from rlhf_env.build.sft import SFTConfig, train_sft
 from rlhf_env.lm import response_logprobs, sample
 from rlhf_env.models import load_causal_lm
+from rlhf_env.pipeline.reward_training import score_texts
+from rlhf_env.pipeline.sft import SFTConfig, train_sft
+from rlhf_env.reward_model import RewardModel
 
 
 @pytest.fixture

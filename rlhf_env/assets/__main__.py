@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from rlhf_env.assets import MANIFEST, BuildConfig, asset_dir, build_assets
+from rlhf_env.assets import MANIFEST, asset_dir
 from rlhf_env.models import PRESETS, resolve_device
+from rlhf_env.pipeline.assets import BuildConfig, build_assets
 from rlhf_env.tasks import DEFAULT_TASK, TASKS
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class AnnotatorConfig:
-    """How simulated annotators label preferences from the gold reward (see `rlhf_env.build.preferences`)."""
+    """How simulated annotators label preferences from the gold reward (see `rlhf_env.pipeline.preferences`)."""
 
     temperature: float = 0.0
     """Bradley–Terry / Plackett–Luce temperature on gold rewards; 0 means the annotator always sees the gold order."""

@@ -15,8 +15,8 @@ from agents.core import dpo_loss
 from agents.dpo import DPO, DPOConfig, sequence_logprobs
 from agents.evaluate import win_rate_vs_reference
 from agents.rollout import Episodes, collect_episodes
-from rlhf_env.build.common import encode_pairs
-from rlhf_env.build.preferences import load_pairs
+from rlhf_env.pipeline.preferences import load_pairs
+from rlhf_env.text import encode_pairs
 
 
 def make_envs(**kwargs):

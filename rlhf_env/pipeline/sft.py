@@ -17,16 +17,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_env.build.common import (
-    adamw_with_schedule,
-    decode_responses,
-    encode_pairs,
-    encode_prompts,
-    gradient_step,
-    model_max_length,
-)
 from rlhf_env.lm import response_logprobs, sample
+from rlhf_env.pipeline.optimization import adamw_with_schedule, gradient_step
 from rlhf_env.tasks.base import Task
+from rlhf_env.text import decode_responses, encode_pairs, encode_prompts, model_max_length
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_env.build.common import decode_responses, encode_prompts, model_max_length
 from rlhf_env.jsonl import read_jsonl
 from rlhf_env.lm import sample
 from rlhf_env.tasks.base import AnnotatorConfig, Task
+from rlhf_env.text import decode_responses, encode_prompts, model_max_length
 
 PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
 GROUP_FIELDS = {"prompt": str, "responses": list, "gold": list}

@@ -1,0 +1,85 @@
+"""The reward model: an LM trunk plus a scalar head read at the last real token (the response's EOS); loading,
+saving and scoring. Training lives in `rlhf_env.pipeline.reward_training`.
+
+Legend: ``B`` sequences, ``L`` tokens, ``H`` hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel
+
+from rlhf_env.gpt2_decode import GPT2Stack, supports_lean_forward
+from rlhf_env.lm import position_ids
+from rlhf_env.models import check_safe_weights, quiet_loading
+
+HEAD_FILE = "reward_head.safetensors"
+CONFIG_FILE = "reward_config.json"
+
+
+class RewardModel(nn.Module):
+    """Scalar reward r(x, y) = head(h_last) − offset, where h_last is the trunk's hidden state at the last real token.
+
+    The trunk is any transformers base model (`AutoModel`); ours is a tiny GPT-2.
+    """
+
+    def __init__(self, trunk: nn.Module, offset: float = 0.0):
+        super().__init__()
+        self.trunk = trunk
+        hidden = trunk.config.hidden_size
+        self.head = nn.Linear(hidden, 1)
+        # Small head init, as in openai/lm-human-preferences (std 1/sqrt(H + 1)): scores start near 0.
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("offset", torch.tensor(float(offset)))
+
+    @property
+    def config(self):
+        return self.trunk.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B,)`` for sequences ``(B, L)`` under any padding (read at each row's last real token).
+
+        Scoring without gradients on a GPT-2 trunk takes the lean path of `rlhf_env.gpt2_decode` (same arithmetic,
+        a fraction of the Python; the env scores every finished episode this way)."""
+        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * columns).argmax(-1)  # (B,) index of the last real token
+        if not torch.is_grad_enabled() and supports_lean_forward(self.trunk):
+            h_last = GPT2Stack([self.trunk]).hidden_states(input_ids, attention_mask, columns=last)[0, :, 0]  # (B, H)
+        else:
+            hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids(attention_mask)).last_hidden_state  # (B, L, H)
+            h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.head(h_last.to(self.head.weight.dtype))[:, 0].float() - self.offset  # (B,)
+
+    def score(self, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+        """Scores ``(B,)`` of left-padded queries followed by right-padded responses."""
+        return self(torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Trunk via `save_pretrained` (safetensors), head as safetensors, offset as JSON."""
+        directory = Path(directory)
+        self.trunk.save_pretrained(directory, safe_serialization=True)
+        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, directory / HEAD_FILE)
+        (directory / CONFIG_FILE).write_text(json.dumps({"offset": float(self.offset)}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device="cpu", dtype=None, trust_remote_code: bool = False):
+        """Load a reward model saved by `save_pretrained` (safetensors only), in eval mode."""
+        directory = Path(directory)
+        check_safe_weights(directory)
+        if not (directory / HEAD_FILE).is_file():
+            raise ValueError(f"{directory} has no {HEAD_FILE}: not a reward model saved by rlhf-gym")
+        with quiet_loading():
+            trunk = AutoModel.from_pretrained(directory, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                              dtype=dtype)
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        model = cls(trunk, offset=config["offset"])
+        model.head.load_state_dict(load_file(directory / HEAD_FILE))
+        return model.to(device).eval()
