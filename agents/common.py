@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from agents.checkpoint import load_training_state, save_training_state
 from agents.metrics import MetricsLogger, diagnose, read_history
-from agents.rollout import Episodes, collect_episodes, sample_tokens, unwrap_vector_env
+from agents.rollout import Episodes, collect_episodes, unwrap_vector_env
+from rlhf_env.decoding.sampling import gumbel_max
 from rlhf_env.lm import pad_left, pad_right
 from rlhf_env.models import load_causal_lm
 
@@ -180,7 +181,7 @@ def predict(agent, observation: dict, deterministic: bool = False) -> tuple[np.n
     logits = agent.lm(input_ids=ids, attention_mask=attention, position_ids=positions).logits
     last = (attention * torch.arange(ids.shape[1], device=device)).argmax(1)  # last real token
     logp = torch.log_softmax(logits[torch.arange(ids.shape[0]), last].float() / agent.world.temperature, -1)
-    actions = logp.argmax(-1) if deterministic else sample_tokens(logp.cpu(), agent.generator)
+    actions = logp.argmax(-1) if deterministic else gumbel_max(logp.cpu(), agent.generator)
     actions = actions.cpu().numpy()
     return (actions[0] if single else actions), None
 

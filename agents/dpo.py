@@ -45,9 +45,9 @@ from agents.common import (
     save_agent,
     start_training,
 )
-from agents.core import DPO_LOSSES, dpo_loss
+from agents.core import DPO_LOSSES, dpo_loss, logprobs_from_logits
+from agents.policy import response_logits
 from rlhf_env.assets import asset_dir, load_preference_pairs
-from rlhf_env.lm import response_logprobs
 from rlhf_env.pipeline.preferences import load_pairs
 from rlhf_env.text import PairedText, encode_pairs, model_max_length
 
@@ -94,7 +94,7 @@ class Preferences:
     """Pairs encoded for one forward over chosen and rejected together: rows ``0 … N−1`` are the chosen responses,
     rows ``N … 2N−1`` the rejected ones, with the reference's sequence log-probs of every row."""
 
-    def __init__(self, pairs: list[dict], tokenizer, reference: torch.nn.Module, device: torch.device,
+    def __init__(self, pairs: list[dict], tokenizer, reference: torch.nn.Module, backend: str, device: torch.device,
                  batch_size: int = 256):
         prompts = [p["prompt"] for p in pairs]
         responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
@@ -102,7 +102,7 @@ class Preferences:
                                              model_max_length(reference)).to(device)
         self.n = len(pairs)
         with torch.no_grad():
-            self.ref_logps = torch.cat([sequence_logprobs(reference, self.text, rows)
+            self.ref_logps = torch.cat([sequence_logprobs(reference, backend, self.text, rows)
                                         for rows in np.array_split(np.arange(2 * self.n),
                                                                    max(1, 2 * self.n // batch_size))])  # (2N,)
 
@@ -110,9 +110,12 @@ class Preferences:
         return self.n
 
 
-def sequence_logprobs(model: torch.nn.Module, text: PairedText, rows: np.ndarray) -> torch.Tensor:
-    """log π(y|x) of `rows` of `text`, summed over response tokens (padding contributes 0): ``(len(rows),)`` fp32."""
-    return response_logprobs(model, *text.rows(torch.as_tensor(rows, device=text.query_ids.device))).sum(1)
+def sequence_logprobs(model: torch.nn.Module, backend: str, text: PairedText, rows: np.ndarray) -> torch.Tensor:
+    """log π(y|x) of `rows` of `text`, summed over response tokens (padding contributes 0): ``(len(rows),)`` fp32,
+    through the agents' training forward (`agents.policy.response_logits`) with `backend`."""
+    query_ids, query_mask, responses, response_mask = text.rows(torch.as_tensor(rows, device=text.query_ids.device))
+    logits, _ = response_logits(model, query_ids, query_mask, responses, response_mask, backend)  # (n, T, V)
+    return (logprobs_from_logits(logits, responses) * response_mask).sum(1)
 
 
 class DPO:
@@ -126,10 +129,14 @@ class DPO:
         self.beta = float(self.world.beta)
         if not self.beta > 0:
             raise ValueError(f"DPO needs the env's beta > 0 (its loss is a function of β·log-ratio), got {self.beta}")
+        self.backend = self.world.backends["policy"]  # the training forward the env decided for its policy
         tokenizer, reference = self.world.tokenizer, self.world.reference
-        self.train_pairs = Preferences(self._pairs(config.pairs, "train"), tokenizer, reference, self.device)
+        reference_backend = self.world.backends["reference"]
+        self.train_pairs = Preferences(self._pairs(config.pairs, "train"), tokenizer, reference, reference_backend,
+                                       self.device)
         eval_pairs = self._pairs(config.eval_pairs, "eval", required=False)
-        self.eval_pairs = None if eval_pairs is None else Preferences(eval_pairs, tokenizer, reference, self.device)
+        self.eval_pairs = (None if eval_pairs is None
+                           else Preferences(eval_pairs, tokenizer, reference, reference_backend, self.device))
         start_training(self, [p for p in self.lm.parameters() if p.requires_grad], out_dir, progress)
         self.order = self.rng.permutation(len(self.train_pairs))  # this epoch's order of the pairs
         self.position, self.epoch = 0, 0
@@ -172,7 +179,7 @@ class DPO:
         for micro in np.split(batch, len(batch) // (cfg.micro_batch_size or len(batch))):
             rows = np.concatenate([micro, micro + data.n])  # chosen, then rejected: one forward
             with autocast(self.device):
-                logps = sequence_logprobs(self.lm, data.text, rows)  # (2m,) fp32
+                logps = sequence_logprobs(self.lm, self.backend, data.text, rows)  # (2m,) fp32
             chosen, rejected = logps[: len(micro)], logps[len(micro):]
             ref = data.ref_logps[torch.as_tensor(rows, device=self.device)]
             losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref[: len(micro)],
@@ -226,7 +233,7 @@ class DPO:
         parts = {key: [] for key in ("losses", "chosen", "rejected", "chosen_logps", "rejected_logps")}
         for chunk in np.array_split(indices, max(1, data.n // batch_size)):
             rows = np.concatenate([chunk, chunk + data.n])
-            logps = sequence_logprobs(self.lm, data.text, rows)
+            logps = sequence_logprobs(self.lm, self.backend, data.text, rows)
             ref = data.ref_logps[torch.as_tensor(rows, device=self.device)]
             losses, chosen, rejected = dpo_loss(logps[: len(chunk)], logps[len(chunk):], ref[: len(chunk)],
                                                 ref[len(chunk):], self.beta, self.config.loss_type,

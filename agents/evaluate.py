@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from agents.rollout import Episodes, collect_episodes, episode_stats
-from rlhf_env.lm import sample
+from rlhf_env.decoding.sampling import sample
 from rlhf_env.vector_env import RLHFVectorEnv
 
 # The π_SFT samples a win rate compares against are drawn with a seed of their own, so that they never share a
@@ -70,7 +70,8 @@ def best_of_n(envs, n: int, n_episodes: int, seed: int = 10_000, batch_size: int
                  for _ in range(min(per_batch, n_episodes - start))]
         prompts = [p for p, _ in drawn for _ in range(n)]
         queries = [q for _, q in drawn for _ in range(n)]
-        samples = sample(world.reference, queries, max_new_tokens=world.max_new_tokens,
+        samples = sample(world.reference, queries, backend=world.backends["reference"],
+                         max_new_tokens=world.max_new_tokens,
                          eos_token_id=world.eos_token_id, pad_token_id=world.pad_token_id,
                          temperature=world.temperature, generator=generator)
         responses = samples.response_lists()
@@ -101,7 +102,8 @@ def win_rate_vs_reference(world, episodes, seed: int) -> float:
     """P(gold(y) > gold(y_ref)) + ½·P(tie), where y is each episode's response and y_ref one sample of π_ref
     (π_SFT) on the same prompt: 0.5 when the policy is π_ref."""
     generator = torch.Generator(device=world.device).manual_seed(seed)
-    samples = sample(world.reference, episodes.queries, max_new_tokens=world.max_new_tokens,
+    samples = sample(world.reference, episodes.queries, backend=world.backends["reference"],
+                     max_new_tokens=world.max_new_tokens,
                      eos_token_id=world.eos_token_id, pad_token_id=world.pad_token_id,
                      temperature=world.temperature, generator=generator)
     texts = world.tokenizer.batch_decode(samples.response_lists(), skip_special_tokens=True)
@@ -129,7 +131,8 @@ def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn=None, beta: float | No
     generator = torch.Generator(device=world.device).manual_seed(seed)
     for prompt in prompts:
         query = world.draw_prompt({"prompt": prompt}, rng)[1]
-        samples = sample(reference, [query] * n_samples, max_new_tokens=world.max_new_tokens,
+        samples = sample(reference, [query] * n_samples, backend=world.backends["reference"],
+                         max_new_tokens=world.max_new_tokens,
                          eos_token_id=world.eos_token_id, pad_token_id=world.pad_token_id,
                          temperature=world.temperature, generator=generator)
         responses = samples.response_lists()

@@ -13,25 +13,27 @@ import math
 import torch
 from torch import nn
 
-from rlhf_env.gpt2_decode import gpt2_response_forward, supports_lean_forward
+from rlhf_env.decoding.gpt2 import gpt2_response_forward
 from rlhf_env.lm import position_ids, response_columns
 
 VALUE_INITS = ("zero", "small", "reward_model")
 
 
 def response_logits(lm: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
-                    response_mask: torch.Tensor, temperature: float = 1.0,
+                    response_mask: torch.Tensor, backend: str, temperature: float = 1.0,
                     output_hidden_states: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The logits that chose each response token, at the sampling temperature: ``(B, T, V)`` in fp32, and (when
-    asked, else None) the final hidden states ``(B, P + T, H)`` over the query + response layout.
+    """The training forward of every agent here: the logits that chose each response token, at the sampling
+    temperature, ``(B, T, V)`` in fp32, and (when asked, else None) the final hidden states ``(B, P + T, H)`` over
+    the query + response layout.
 
-    A plain GPT-2 trains through `rlhf_env.gpt2_decode.gpt2_response_forward` (transformers' arithmetic with a
-    fraction of its overhead: an RLOO update's forward + backward measured 27 ms against 33 ms); any other LM
-    through its own forward."""
+    `backend` is the one the env decided for its policy (``env.unwrapped.world.backends["policy"]``): ``"gpt2"``
+    trains through `rlhf_env.decoding.gpt2.gpt2_response_forward` (transformers' arithmetic with a fraction of its
+    overhead: an RLOO update's forward + backward measured 27 ms against 33 ms), ``"hf"`` through the model's own
+    forward."""
     input_ids = torch.cat([query_ids, responses], dim=1)  # (B, P + T)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (B, P + T)
     width = query_ids.shape[1]
-    if supports_lean_forward(lm) and hasattr(lm, "lm_head"):
+    if backend == "gpt2":
         logits, hidden = gpt2_response_forward(lm, input_ids, attention_mask, width)
     else:
         out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
@@ -46,6 +48,7 @@ class ActorCritic(nn.Module):
 
     Args:
         lm: the causal LM; pass ``env.unwrapped.policy`` so that the env acts with the weights being trained.
+        backend: how `lm` runs (``env.unwrapped.world.backends["policy"]``, see `response_logits`).
         value_init: ``"zero"`` (values start at 0), ``"small"`` (head ~ N(0, 1/(H+1)), as lm-human-preferences
             initialises reward heads) or ``"reward_model"`` (the critic starts as the reward model: its trunk and
             head, offset included; needs ``separate_critic=True`` and ``reward_model``).
@@ -54,7 +57,7 @@ class ActorCritic(nn.Module):
         reward_model: the env's `RewardModel`, only read for ``value_init="reward_model"``.
     """
 
-    def __init__(self, lm: nn.Module, value_init: str = "zero", separate_critic: bool = False,
+    def __init__(self, lm: nn.Module, backend: str, value_init: str = "zero", separate_critic: bool = False,
                  reward_model: nn.Module | None = None):
         super().__init__()
         if value_init not in VALUE_INITS:
@@ -62,7 +65,7 @@ class ActorCritic(nn.Module):
         if value_init == "reward_model" and (not separate_critic or reward_model is None):
             raise ValueError("value_init='reward_model' needs separate_critic=True and the env's reward model "
                              "(the reward model's trunk is not the policy's)")
-        self.lm = lm
+        self.lm, self.backend = lm, backend
         self.critic_trunk = None
         if separate_critic:
             source = reward_model.trunk if value_init == "reward_model" else lm.base_model
@@ -90,8 +93,9 @@ class ActorCritic(nn.Module):
         that choose token t).
         """
         shared = self.critic_trunk is None
-        logits, hidden = response_logits(self.lm, query_ids, query_mask, responses, response_mask, temperature,
-                                         output_hidden_states=shared)  # hidden: (B, P + T, H) after the final norm
+        # hidden: (B, P + T, H) after the final norm
+        logits, hidden = response_logits(self.lm, query_ids, query_mask, responses, response_mask, self.backend,
+                                         temperature, output_hidden_states=shared)
         width = query_ids.shape[1]
         if not shared:
             input_ids = torch.cat([query_ids, responses], dim=1)  # (B, P + T)

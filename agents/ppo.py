@@ -145,7 +145,8 @@ class PPO:
         if config.ptx_coef > 0:  # PPO-ptx needs the task's demonstrations: a task without them raises here
             self.world.task.demonstrations(0, np.random.default_rng(0))
         torch.manual_seed(config.seed)  # the value head's init
-        self.model = ActorCritic(self.lm, config.value_init, config.separate_critic, self.world.reward_model)
+        self.model = ActorCritic(self.lm, self.world.backends["policy"], config.value_init, config.separate_critic,
+                                 self.world.reward_model)
         start_training(self, [p for p in self.model.parameters() if p.requires_grad], out_dir, progress)
 
     # ---------------------------------------------------------------- training

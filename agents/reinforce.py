@@ -135,7 +135,8 @@ class Reinforce:
         self.config = config
         acting_world(self, env, "Reinforce", config.episodes_per_update)
         torch.manual_seed(config.seed)  # the value head's init
-        self.model = ActorCritic(self.lm, config.value_init) if config.baseline == "value" else None
+        backend = self.world.backends["policy"]
+        self.model = ActorCritic(self.lm, backend, config.value_init) if config.baseline == "value" else None
         start_training(self, [p for p in (self.model or self.lm).parameters() if p.requires_grad], out_dir, progress)
         self.moving_average = 0.0  # the "moving_average" baseline: EMA of past batches' mean return
 
@@ -246,7 +247,7 @@ class Reinforce:
         with autocast(self.device):
             if self.model is not None:
                 return self.model(*args, temperature=self.world.temperature)
-            return response_logits(self.lm, *args, temperature=self.world.temperature)[0], None
+            return response_logits(self.lm, *args, self.world.backends["policy"], self.world.temperature)[0], None
 
     # ---------------------------------------------------------------- acting and checkpoints
     def predict(self, observation: dict, deterministic: bool = False) -> tuple[np.ndarray, None]:

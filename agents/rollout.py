@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rlhf_env.decoding.sampling import gumbel_max
 from rlhf_env.vector_env import RLHFVectorEnv
 
 
@@ -60,13 +61,6 @@ def unwrap_vector_env(envs) -> RLHFVectorEnv:
     return inner
 
 
-def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from ``logprobs (B, V)`` by Gumbel-max (exact sampling, no softmax): ``(B,)``."""
-    uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
-    return (logprobs + gumbel).argmax(-1)
-
-
 def collect_episodes(envs: RLHFVectorEnv, seed: int, generator: torch.Generator, split: str = "train",
                      prompts: list[str] | None = None) -> Episodes:
     """Reset with `seed` and run every row to the end of one episode; returns ``envs.num_envs`` episodes.
@@ -76,15 +70,15 @@ def collect_episodes(envs: RLHFVectorEnv, seed: int, generator: torch.Generator,
     n = envs.num_envs
     options = {"split": split} if prompts is None else {"prompts": prompts}
     _, infos = envs.reset(seed=seed, options=options)
-    batch = Episodes(prompts=list(infos["prompt"]), queries=[list(q) for q in envs._batch.queries])
+    batch = Episodes(prompts=list(infos["prompt"]), queries=envs.queries())
     steps = []  # per step: which rows were still in their episode, and what they did and got
     done = np.zeros(n, dtype=bool)
     ends: dict[int, dict] = {}
     while not done.all():
-        next_logprobs = torch.from_numpy(envs.next_token_logprobs)  # (B, V)
+        next_logprobs = envs.next_token_distribution()  # (B, V), the env's own forward of the policy
         if not torch.isfinite(next_logprobs).any(-1).all():
             raise NonFiniteLogits("the policy's next-token log-probs are NaN/inf: refusing to sample from them")
-        actions = sample_tokens(next_logprobs, generator).numpy()  # (B,)
+        actions = gumbel_max(next_logprobs.cpu(), generator).numpy()  # (B,) the agent's generator is on the CPU
         _, step_rewards, terminated, _, infos = envs.step(actions)
         batch.tokens += n
         steps.append((~done, actions, infos["logprob"], infos["ref_logprob"], step_rewards))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from benchmarks.report import git_commit
+from rlhf_env.decoding.sampling import gumbel_max
 from rlhf_env.vector_env import RLHFVectorEnv
 
 
@@ -32,18 +33,16 @@ def env_tokens_per_second(batch: int, length: int, steps: int, device: str) -> f
     envs.reset(seed=0)
 
     def act():
-        logp = envs._batch.policy_logprobs().clone()  # (B, V) the distribution the env already computed
+        logp = envs.next_token_distribution().clone()  # (B, V) the distribution the env already computed
         logp[:, eos] = -float("inf")
-        gumbel = -torch.log(-torch.log(torch.rand(logp.shape, generator=generator, device=logp.device)))
-        return (logp + gumbel).argmax(-1).cpu().numpy()
+        return gumbel_max(logp, generator).cpu().numpy()
 
     for _ in range(length + 2):  # warm-up: one full episode per row
         envs.step(act())
     tokens, start = 0, time.perf_counter()
     for _ in range(steps):
-        resetting = envs._autoreset.copy()
-        envs.step(act())
-        tokens += int((~resetting).sum())
+        *_, infos = envs.step(act())
+        tokens += int(infos.get("_logprob", np.zeros(batch, bool)).sum())  # rows that took a token (not resetting)
     return tokens / (time.perf_counter() - start)
 
 

@@ -1,4 +1,5 @@
-"""Building tiny GPT-2-style models from config, and loading any local causal LM safely.
+"""Building tiny GPT-2-style models from config, loading any local causal LM safely, and deciding once how each
+model runs (its backend).
 
 Presets (parameter counts for the sentiment vocabulary of ~140 tokens):
 
@@ -7,6 +8,11 @@ Presets (parameter counts for the sentiment vocabulary of ~140 tokens):
 
 Loading is safetensors-only and `trust_remote_code` stays off unless the caller asks for it: a directory that
 holds only pickle weights (``pytorch_model.bin``) is refused, because unpickling runs arbitrary code.
+
+Backends (`choose_backend`): ``"gpt2"`` runs a plain GPT-2 through `rlhf_env.decoding.gpt2` (transformers'
+arithmetic with a fraction of its Python), ``"hf"`` through the model's own ``forward``; ``"auto"`` picks
+``"gpt2"`` when it can. The choice is made once, when a model is attached to an env or a sampler, and recorded
+(``env.unwrapped.world.backends``); a model decoded through ``"hf"`` is checked then (`check_decodable`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from rlhf_env.decoding.gpt2 import is_plain_gpt2
 
 PRESETS = {
     "tiny": dict(n_embd=128, n_layer=2, n_head=4),
@@ -94,3 +103,45 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+BACKENDS = ("auto", "gpt2", "hf")
+
+
+class UnsupportedModel(ValueError):
+    """A model the env cannot decode: its cache is not a stack of full-attention key/value layers (sliding-window
+    attention, state-space models), or its config gives no context length."""
+
+
+def choose_backend(model: torch.nn.Module, requested: str = "auto") -> str:
+    """``"gpt2"`` or ``"hf"``: how `model` runs (module docstring). ``"auto"`` takes ``"gpt2"`` for a plain GPT-2
+    without dropout (`rlhf_env.decoding.gpt2.is_plain_gpt2`); asking for ``"gpt2"`` for any other model raises
+    `ValueError`. Decided from the model's modules and config, not from its mode or the call."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    plain = is_plain_gpt2(model)
+    if requested == "gpt2" and not plain:
+        raise ValueError(f"backend='gpt2' runs plain GPT-2 models without dropout; {type(model).__name__} is not one "
+                         "(use 'hf' or 'auto')")
+    return "gpt2" if plain and requested != "hf" else "hf"
+
+
+@torch.no_grad()
+def check_decodable(model: torch.nn.Module, name: str = "model") -> None:
+    """Raise `UnsupportedModel` unless the env can decode `model` through its own forward: a context length in its
+    config, and a cache of full-attention layers whose keys and values grow by one column per token (what the
+    decoders splice, compact and pad row by row). One two-token forward, when the model is attached."""
+    config = getattr(model, "config", None)
+    if not isinstance(getattr(config, "max_position_embeddings", None), int):
+        raise UnsupportedModel(f"{name} ({type(model).__name__}): its config has no max_position_embeddings, so the "
+                               "env cannot size prompts and responses")
+    device = next(model.parameters()).device
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
+    layers = getattr(cache, "layers", None) if isinstance(cache, DynamicCache) else None
+    kinds = sorted({type(layer).__name__ for layer in layers or []})
+    if not layers or kinds != [DynamicLayer.__name__] or layers[0].keys.shape[2] != 2:
+        raise UnsupportedModel(
+            f"{name} ({type(model).__name__}) keeps a {type(cache).__name__} with {kinds or 'no'} layers; the env "
+            "decodes models whose cache is full-attention key/value layers (a sliding window no shorter than "
+            "prompt + response can be switched off with config.sliding_window = None)")

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel
 
-from rlhf_env.gpt2_decode import GPT2Stack, supports_lean_forward
+from rlhf_env.decoding.gpt2 import GPT2Stack
 from rlhf_env.lm import position_ids
-from rlhf_env.models import check_safe_weights, quiet_loading
+from rlhf_env.models import check_safe_weights, choose_backend, quiet_loading
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -29,7 +29,7 @@ class RewardModel(nn.Module):
     The trunk is any transformers base model (`AutoModel`); ours is a tiny GPT-2.
     """
 
-    def __init__(self, trunk: nn.Module, offset: float = 0.0):
+    def __init__(self, trunk: nn.Module, offset: float = 0.0, backend: str = "auto"):
         super().__init__()
         self.trunk = trunk
         hidden = trunk.config.hidden_size
@@ -38,29 +38,33 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1))
         nn.init.zeros_(self.head.bias)
         self.register_buffer("offset", torch.tensor(float(offset)))
+        self.backend = choose_backend(trunk, backend)  # how `score` runs the trunk (`forward` always runs its own)
 
     @property
     def config(self):
         return self.trunk.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scores ``(B,)`` for sequences ``(B, L)`` under any padding (read at each row's last real token).
+        """Scores ``(B,)`` for sequences ``(B, L)`` under any padding (read at each row's last real token), through
+        the trunk's own forward: differentiable, what training uses."""
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask)).last_hidden_state  # (B, L, H)
+        return self._head(hidden[torch.arange(hidden.shape[0], device=hidden.device), _last(attention_mask)])
 
-        Scoring without gradients on a GPT-2 trunk takes the lean path of `rlhf_env.gpt2_decode` (same arithmetic,
-        a fraction of the Python; the env scores every finished episode this way)."""
-        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last = (attention_mask * columns).argmax(-1)  # (B,) index of the last real token
-        if not torch.is_grad_enabled() and supports_lean_forward(self.trunk):
-            h_last = GPT2Stack([self.trunk]).hidden_states(input_ids, attention_mask, columns=last)[0, :, 0]  # (B, H)
-        else:
-            hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids(attention_mask)).last_hidden_state  # (B, L, H)
-            h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    @torch.no_grad()
+    def score(self, query_ids, query_mask, response_ids, response_mask, backend: str | None = None) -> torch.Tensor:
+        """Scores ``(B,)`` of left-padded queries followed by right-padded responses, without gradients. `backend`
+        (default: the one decided at construction): ``"gpt2"`` runs the trunk on the lean path of
+        `rlhf_env.decoding.gpt2` (same arithmetic, a fraction of the Python; the last block on the read column
+        only), ``"hf"`` through `forward`."""
+        input_ids, attention_mask = torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1)
+        if (backend or self.backend) == "hf":
+            return self(input_ids, attention_mask)
+        h_last = GPT2Stack([self.trunk]).hidden_states(input_ids, attention_mask, columns=_last(attention_mask))
+        return self._head(h_last[0, :, 0])  # (B, H) -> (B,)
+
+    def _head(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.head(h_last.to(self.head.weight.dtype))[:, 0].float() - self.offset  # (B,)
-
-    def score(self, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
-        """Scores ``(B,)`` of left-padded queries followed by right-padded responses."""
-        return self(torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Trunk via `save_pretrained` (safetensors), head as safetensors, offset as JSON."""
@@ -70,7 +74,8 @@ class RewardModel(nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps({"offset": float(self.offset)}, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device="cpu", dtype=None, trust_remote_code: bool = False):
+    def from_pretrained(cls, directory: str | Path, device="cpu", dtype=None, trust_remote_code: bool = False,
+                        backend: str = "auto"):
         """Load a reward model saved by `save_pretrained` (safetensors only), in eval mode."""
         directory = Path(directory)
         check_safe_weights(directory)
@@ -80,6 +85,12 @@ class RewardModel(nn.Module):
             trunk = AutoModel.from_pretrained(directory, use_safetensors=True, trust_remote_code=trust_remote_code,
                                               dtype=dtype)
         config = json.loads((directory / CONFIG_FILE).read_text())
-        model = cls(trunk, offset=config["offset"])
+        model = cls(trunk, offset=config["offset"], backend=backend)
         model.head.load_state_dict(load_file(directory / HEAD_FILE))
         return model.to(device).eval()
+
+
+def _last(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last real column ``(B,)`` under any padding."""
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask * columns).argmax(-1)

@@ -11,8 +11,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rlhf_env.env import RLHFWorld, WorldParts
-from rlhf_env.rollout import RolloutBatch
+from rlhf_env.world import RLHFWorld, WorldParts
 
 
 class RLHFVectorEnv(WorldParts, VectorEnv):
@@ -91,17 +90,27 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         self.single_observation_space = self.world.observation_space
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
-        self._batch = RolloutBatch(self.world, num_envs)
+        self._episodes = self.world.episode_batch(num_envs)
         self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
         self._autoreset = np.zeros(num_envs, dtype=bool)
         self._started = False
 
     @property
     def next_token_logprobs(self) -> np.ndarray:
-        """log π(· | state) of every row at the env's temperature, ``(num_envs, V)``."""
+        """log π(· | state) of every row at the env's temperature, ``(num_envs, V)`` (a copy)."""
+        return self.next_token_distribution().cpu().numpy().copy()
+
+    def next_token_distribution(self):
+        """The same log-probs as a torch tensor ``(num_envs, V)`` on the env's device, without a copy (read it before
+        the next step; an agent samples from it without a round trip through numpy)."""
+        self._require_acting_policy()
         if not self._started:
             raise ResetNeeded("call reset() first")
-        return self._batch.policy_logprobs().cpu().numpy().copy()
+        return self._episodes.policy_logprobs()
+
+    def queries(self) -> list[list[int]]:
+        """Each row's current query (prompt token ids), as the models saw it."""
+        return [list(query) for query in self._episodes.queries]
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         if seed is None:
@@ -120,8 +129,8 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         drawn = [self.world.draw_prompt(o, rng) for o, rng in zip(row_options, rngs)]  # checked before any change
         self._rngs = rngs
         for row, (prompt, query) in enumerate(drawn):
-            self._batch.start(row, prompt, query)
-        self._batch.feed([query for _, query in drawn], restart=[True] * self.num_envs)
+            self._episodes.start(row, prompt, query)
+        self._episodes.feed([query for _, query in drawn], restart=[True] * self.num_envs)
         self._autoreset[:] = False
         self._started, self.closed = True, False  # a closed env is usable again after a reset
         infos = {"prompt": np.array([p for p, _ in drawn], dtype=object),
@@ -147,7 +156,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         n = self.num_envs
         rewards, terminated = np.zeros(n), np.zeros(n, dtype=bool)
         stepping = [row for row in range(n) if not self._autoreset[row]]
-        logprobs, ref_logprobs = self._batch.token_logprobs(tokens)
+        logprobs, ref_logprobs = self._episodes.token_logprobs(tokens)
         if self.world.kl_mode == "agent":
             logprobs = self.world.agent_logprobs(self._observations(), tokens, stepping)
         row_infos: dict[int, dict] = {}  # per row: a new episode's prompt, a finished one's end-of-episode info
@@ -156,34 +165,30 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         for row in range(n):
             if self._autoreset[row]:  # NEXT_STEP autoreset: this step starts the row's next episode
                 prompt, query = self.world.draw_prompt(None, self._rngs[row])
-                self._batch.start(row, prompt, query)
+                self._episodes.start(row, prompt, query)
                 row_infos[row] = {"prompt": prompt}
                 inputs[row], restart[row] = query, True
-        step = self._batch.append(stepping, [tokens[r] for r in stepping], [logprobs[r] for r in stepping],
-                                  [ref_logprobs[r] for r in stepping])  # arrays over `stepping`
-        terminated[stepping], rewards[stepping] = step.pop("terminated"), step.pop("reward")
+        step, ends = self.world.step_rows(self._episodes, stepping, [tokens[r] for r in stepping],
+                                          [logprobs[r] for r in stepping], [ref_logprobs[r] for r in stepping])
+        terminated[stepping], rewards[stepping] = step.pop("terminated"), step.pop("reward")  # arrays over stepping
         index = {row: i for i, row in enumerate(stepping)}  # row -> its entry in the step's arrays
         ended = [row for row in stepping if terminated[row]]
         for row in stepping:
             if not terminated[row]:
                 inputs[row] = [tokens[row]]
-        if ended:
-            ends, score_rewards = self._batch.finish(ended, [bool(step["finished"][index[row]]) for row in ended])
-            for row, end, score_reward in zip(ended, ends, score_rewards):
-                row_infos[row] = end
-                rewards[row] += score_reward
+        row_infos.update(ends)
         final = {}
         if self.autoreset_mode == AutoresetMode.SAME_STEP:  # ended rows start their next episode in this forward
             for row in ended:
-                final[row] = (self._batch.observation(row),
+                final[row] = (self._episodes.observation(row),
                               {**{key: values[index[row]].item() for key, values in step.items()}, **row_infos[row]})
                 prompt, query = self.world.draw_prompt(None, self._rngs[row])
-                self._batch.start(row, prompt, query)
+                self._episodes.start(row, prompt, query)
                 row_infos[row] = {"prompt": prompt, "prompt_tokens": len(query)}
                 inputs[row], restart[row] = query, True
         else:
             self._autoreset = terminated.copy()
-        self._batch.feed(inputs, restart)
+        self._episodes.feed(inputs, restart)
         infos = _stack(row_infos, n)
         shown = [i for i, row in enumerate(stepping) if row not in final]  # restarted rows show their new episode
         if shown:
@@ -206,7 +211,9 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
     def render(self):
         if self.render_mode != "ansi":
             return None
-        return "".join(f"[{row}] {self._batch.prompts[row]} | {self._batch.response_text(row)}\n"
+        decode = self.tokenizer.decode
+        return "".join(f"[{row}] {self._episodes.prompts[row]} | "
+                       f"{decode(self._episodes.responses[row], skip_special_tokens=True)}\n"
                        for row in range(self.num_envs))
 
     def _check_actions(self, actions) -> list[int]:
@@ -228,13 +235,13 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         Gymnasium < 1.3 also calls `close` from ``__del__``: then it may run on an env whose constructor raised, or
         at interpreter exit, where touching tensors aborts the process; there is nothing to free in either case.
         """
-        if "_batch" not in vars(self) or sys.is_finalizing():
+        if "_episodes" not in vars(self) or sys.is_finalizing():
             return
-        self._batch.release()
+        self._episodes.release()
         self._started = False
 
     def _observations(self) -> dict:
-        return self._batch.observation()
+        return self._episodes.observation()
 
 
 def _stack(row_infos: dict[int, dict], num_envs: int) -> dict:

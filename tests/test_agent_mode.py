@@ -42,7 +42,7 @@ def test_agent_mode_kl_sums_to_the_agents_sequence_log_ratio():
     env = RLHFEnv(kl_mode="agent", beta=0.2)
     agent = TableAgent(env.world.vocab_size)
     env.attach_agent(agent)
-    assert env.policy is None and env._batch.decoder.models == [env.reference]  # no policy forward in the env
+    assert env.policy is None and env._episodes.decoder.models == [env.reference]  # no policy forward in the env
     for seed in range(3):
         obs, info = env.reset(seed=seed)
         query = obs["input_ids"][obs["attention_mask"].astype(bool)].tolist()
@@ -96,8 +96,8 @@ def test_agent_mode_errors_come_before_any_change():
         env.attach_agent(Bad(out))
         with pytest.raises(ValueError, match=message):
             env.step(5)
-        after = env._batch.observation(0)
-        assert np.array_equal(after["input_ids"], obs["input_ids"]) and env._batch.responses[0] == []
+        after = env._episodes.observation(0)
+        assert np.array_equal(after["input_ids"], obs["input_ids"]) and env._episodes.responses[0] == []
     env.attach_agent(RandomAgent(env.world.vocab_size))
     env.step(5)  # the env still works after the rejected calls
     with pytest.raises(ValueError, match="no acting policy"):

@@ -14,10 +14,11 @@ from gymnasium.error import InvalidAction, ResetNeeded
 
 import rlhf_env  # registers RLHF-v0 and the per-task ids
 from rlhf_env.assets import asset_dir
-from rlhf_env.env import NonFiniteReward, RLHFEnv
-from rlhf_env.gpt2_decode import GPT2Stack
+from rlhf_env.decoding.gpt2 import GPT2Stack
+from rlhf_env.env import RLHFEnv
 from rlhf_env.lm import pad_left, pad_right, response_logprobs
 from rlhf_env.models import load_causal_lm
+from rlhf_env.reward import NonFiniteReward
 from rlhf_env.tasks import FileTask
 
 
@@ -103,7 +104,7 @@ def test_kl_terms_sum_to_the_sequence_log_ratio():
         infos = [s[3] for s in steps[1:]]
         rewards = [s[1] for s in steps[1:]]
         query = env.tokenizer(steps[0][3]["prompt"])["input_ids"]
-        response = env.unwrapped._batch.responses[0]
+        response = env.unwrapped._episodes.responses[0]
         q, qm = pad_left([query], env.tokenizer.pad_token_id)
         r, rm = pad_right([response], env.tokenizer.pad_token_id)
         with torch.no_grad():
@@ -131,13 +132,11 @@ def test_k3_estimator_is_never_negative():
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean-stacked", "own-forward"])
 def test_one_policy_and_one_reference_forward_per_token_one_rm_forward_per_episode(monkeypatch, lean):
-    if not lean:
-        monkeypatch.setattr(rlhf_env.rollout, "can_stack", lambda models: False)
-        monkeypatch.setattr(rlhf_env.reward_model, "supports_lean_forward", lambda model: False)
-    env = RLHFEnv()
+    env = RLHFEnv(backend="gpt2" if lean else "hf")
     calls, fed = count_model_forwards(monkeypatch, {"policy": env.policy, "reference": env.reference}, lean)
     rm_calls = []
-    env.reward_model.register_forward_hook(lambda *a: rm_calls.append(1))
+    score = env.reward_model.score
+    monkeypatch.setattr(env.reward_model, "score", lambda *a, **k: rm_calls.append(1) or score(*a, **k))
     steps = 0
     for seed in range(3):
         steps += len(sampled_episode(env, seed, prompt_seed=seed)) - 1
@@ -145,7 +144,7 @@ def test_one_policy_and_one_reference_forward_per_token_one_rm_forward_per_episo
     assert calls == {"policy": steps, "reference": steps} and len(rm_calls) == 3
     if lean:
         assert fed["policy"] == fed["reference"] > steps  # queries and tokens, each fed once to each model
-        assert [r.models for r in env._batch.decoder.runners] == [[env.policy, env.reference]]  # one stacked forward
+        assert [r.models for r in env._episodes.decoder.runners] == [[env.policy, env.reference]]  # one stacked forward
 
 
 def _trajectory(env, seed):
@@ -193,12 +192,12 @@ def test_reset_options(env):
 def test_invalid_actions_are_named_and_change_nothing(env, action):
     env.reset(seed=0)
     env.step(int(env.tokenizer.convert_tokens_to_ids("was")))
-    before = (env.unwrapped._observation(), env.next_token_logprobs, list(env._batch.responses[0]))
+    before = (env.unwrapped._observation(), env.next_token_logprobs, list(env._episodes.responses[0]))
     if action == "n":
         action = env.action_space.n
     with pytest.raises(InvalidAction):
         env.step(action)
-    after = (env.unwrapped._observation(), env.next_token_logprobs, list(env._batch.responses[0]))
+    after = (env.unwrapped._observation(), env.next_token_logprobs, list(env._episodes.responses[0]))
     assert np.array_equal(before[0]["input_ids"], after[0]["input_ids"])
     assert np.array_equal(before[1], after[1]) and before[2] == after[2]
 
@@ -207,7 +206,7 @@ def test_numpy_integer_actions_are_accepted(env):
     env.reset(seed=0)
     env.step(np.int64(5))
     env.step(np.array(6))
-    assert env._batch.responses[0] == [5, 6]
+    assert env._episodes.responses[0] == [5, 6]
 
 
 def test_step_before_reset_and_after_the_end_needs_reset():
@@ -282,5 +281,5 @@ def test_env_pickles_mid_episode(env):
     env.reset(seed=0)
     env.step(5)
     clone = pickle.loads(pickle.dumps(env))
-    assert clone._batch.responses[0] == env._batch.responses[0]
+    assert clone._episodes.responses[0] == env._episodes.responses[0]
     assert np.array_equal(clone.next_token_logprobs, env.next_token_logprobs)

@@ -46,7 +46,7 @@ class SingleEnvMachine(RuleBasedStateMachine):
         self.active, self.length, self.prompt_tokens, self.obs = False, 0, 0, None
 
     def _snapshot(self):
-        batch = self.env._batch
+        batch = self.env._episodes
         return batch.observation(0), list(batch.responses[0]), bool(batch.active[0])
 
     @rule(seed=st.none() | st.integers(0, 2**31), split=st.sampled_from([None, "train", "eval"]))
@@ -98,7 +98,7 @@ class SingleEnvMachine(RuleBasedStateMachine):
         assert self.env.observation_space.contains(self.obs)
         if self.active:
             assert int(self.obs["attention_mask"].sum()) == self.prompt_tokens + self.length
-            assert len(self.env._batch.responses[0]) == self.length
+            assert len(self.env._episodes.responses[0]) == self.length
 
 
 class VectorEnvMachine(RuleBasedStateMachine):
@@ -130,7 +130,7 @@ class VectorEnvMachine(RuleBasedStateMachine):
             if self.restarting[row]:  # this step started the row's next episode: no reward, no token
                 assert rewards[row] == 0.0 and not terminated[row] and infos["_prompt"][row]
                 self.lengths[row] = 0
-                self.prompt_tokens[row] = len(self.env._batch.queries[row])
+                self.prompt_tokens[row] = len(self.env._episodes.queries[row])
                 continue
             self.lengths[row] += 1
             info = {key: infos[key][row] for key in ("beta", "kl", "score", "finished") if infos.get(f"_{key}",
@@ -142,10 +142,10 @@ class VectorEnvMachine(RuleBasedStateMachine):
     @rule(actions=st.sampled_from([np.array([1, 2]), np.array([1.0, 2.0, 3.0]), np.array([-1, 2, 3]), None, "123",
                                    np.array([4, 5, 10**6])]))
     def step_invalid(self, actions):
-        before = self.env._batch.observation(), [list(r) for r in self.env._batch.responses]
+        before = self.env._episodes.observation(), [list(r) for r in self.env._episodes.responses]
         with pytest.raises(InvalidAction):
             self.env.step(actions)
-        after = self.env._batch.observation(), [list(r) for r in self.env._batch.responses]
+        after = self.env._episodes.observation(), [list(r) for r in self.env._episodes.responses]
         assert before[1] == after[1] and all(np.array_equal(before[0][k], after[0][k]) for k in before[0])
 
     @precondition(lambda self: not self.started)

@@ -6,11 +6,11 @@ import torch
 from test_env import perturbed_policy
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import rlhf_env.gpt2_decode
-import rlhf_env.rollout
-from rlhf_env.gpt2_decode import GPT2Stack, can_stack, gpt2_forward, supports_lean_forward
+import rlhf_env.decoding.gpt2
+from rlhf_env.decoding.gpt2 import GPT2Stack, can_stack, gpt2_forward, is_plain_gpt2
+from rlhf_env.env import RLHFEnv
 from rlhf_env.lm import pad_left, pad_right, position_ids, response_logprobs
-from rlhf_env.models import build_policy
+from rlhf_env.models import build_policy, choose_backend
 from rlhf_env.vector_env import RLHFVectorEnv
 
 
@@ -38,18 +38,18 @@ def test_lean_forward_matches_the_hugging_face_forward_over_padding_and_dead_col
 
 
 def test_lean_path_is_taken_only_where_it_computes_the_same_thing(policy, tokenizer):
-    assert supports_lean_forward(policy)
+    assert is_plain_gpt2(policy)
     noisy = build_policy(tokenizer, "tiny", seed=0)
-    noisy.config.resid_pdrop = 0.1
-    assert supports_lean_forward(noisy.eval()) and not supports_lean_forward(noisy.train())
+    noisy.config.resid_pdrop = 0.1  # the lean path has no dropout: decided from the config, whatever the mode
+    assert not is_plain_gpt2(noisy.eval()) and not is_plain_gpt2(noisy.train())
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
-    assert not supports_lean_forward(llama)
+    assert not is_plain_gpt2(llama)
     hooked = build_policy(tokenizer, "tiny", seed=0)
     handle = hooked.lm_head.register_forward_hook(lambda module, args, out: out + 1)  # a hook must still run
-    assert not supports_lean_forward(hooked)
+    assert not is_plain_gpt2(hooked)
     handle.remove()
-    assert supports_lean_forward(hooked)
+    assert is_plain_gpt2(hooked)
 
     class Adapter(torch.nn.Module):  # a layer swapped in (as LoRA does): the lean path would skip it
         def __init__(self, inner):
@@ -60,7 +60,21 @@ def test_lean_path_is_taken_only_where_it_computes_the_same_thing(policy, tokeni
             return self.inner(x) * 2
 
     hooked.transformer.h[0].mlp.c_fc = Adapter(hooked.transformer.h[0].mlp.c_fc)
-    assert not supports_lean_forward(hooked)
+    assert not is_plain_gpt2(hooked)
+
+
+def test_the_backend_is_chosen_once_from_the_model(policy, tokenizer):
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    assert choose_backend(policy) == "gpt2" and choose_backend(policy, "hf") == "hf"
+    assert choose_backend(llama) == "hf"
+    with pytest.raises(ValueError, match="plain GPT-2"):
+        choose_backend(llama, "gpt2")
+    with pytest.raises(ValueError, match="backend must be"):
+        choose_backend(policy, "fast")
+    env = RLHFEnv(backend="hf")
+    assert env.world.backends == {"policy": "hf", "reference": "hf", "reward_model": "hf"}
+    assert RLHFEnv().world.backends == {"policy": "gpt2", "reference": "gpt2", "reward_model": "gpt2"}
 
 
 def test_lean_training_forward_matches_the_hugging_face_forward_and_its_gradients(policy, tokenizer):
@@ -69,14 +83,14 @@ def test_lean_training_forward_matches_the_hugging_face_forward_and_its_gradient
     queries = [tokenizer(t)["input_ids"] for t in ["the food was", "it is not", "the plot of the film"]]
     responses = [tokenizer(t)["input_ids"] for t in ["great .", "bad at all and dull", "fine"]]
     batch = (*pad_left(queries, tokenizer.pad_token_id), *pad_right(responses, tokenizer.pad_token_id))
-    model = ActorCritic(perturbed_policy(), value_init="small").train()
+    model = ActorCritic(perturbed_policy(), "gpt2", value_init="small").train()
     results = {}
     for lean in (True, False):
-        if not lean:  # a hook keeps the model on its own (transformers') forward
-            model.lm.transformer.wte.register_forward_hook(lambda *args: None)
+        model.backend = "gpt2" if lean else "hf"
         model.zero_grad()
         logits, values = model(*batch, temperature=0.7)
-        reference_logits, hidden = response_logits(model.lm, *batch, temperature=0.7, output_hidden_states=True)
+        reference_logits, hidden = response_logits(model.lm, *batch, model.backend, temperature=0.7,
+                                                   output_hidden_states=True)
         mask = batch[3].bool()
         loss = logits.log_softmax(-1).gather(-1, batch[2][..., None])[..., 0][mask].sum() + values[mask].sum()
         loss.backward()
@@ -105,11 +119,10 @@ def _rollout(envs, steps, seed):
     return records
 
 
-def test_vector_env_gives_the_same_rewards_on_both_decode_paths(monkeypatch):
+def test_vector_env_gives_the_same_rewards_on_both_decode_paths():
     kwargs = dict(num_envs=4, policy=perturbed_policy(scale=0.02), compact_at=40, max_new_tokens=12)
     lean = _rollout(RLHFVectorEnv(**kwargs), steps=60, seed=3)
-    monkeypatch.setattr(rlhf_env.rollout, "can_stack", lambda models: False)
-    slow = _rollout(RLHFVectorEnv(**kwargs), steps=60, seed=3)
+    slow = _rollout(RLHFVectorEnv(**kwargs, backend="hf"), steps=60, seed=3)
     for (reward, terminated, logprob, ref), (reward2, terminated2, logprob2, ref2) in zip(lean, slow):
         assert np.array_equal(terminated, terminated2)
         np.testing.assert_allclose(reward, reward2, atol=1e-5)
@@ -133,13 +146,13 @@ def test_a_non_gpt2_policy_runs_through_its_own_forward_with_an_exact_kl_seam(to
     envs.reset(seed=0)
     kl_sums, checked = np.zeros(3), 0
     for _ in range(30):
-        rows = [list(r) for r in envs._batch.responses]
-        queries = [list(q) for q in envs._batch.queries]
+        rows = [list(r) for r in envs._episodes.responses]
+        queries = [list(q) for q in envs._episodes.queries]
         _, _, terminated, _, info = envs.step(rng.integers(4, len(tokenizer), 3))
         if "kl" in info:  # absent on steps where every row restarts
             kl_sums += np.where(info["_kl"], info["kl"], 0.0)
         for row in np.flatnonzero(terminated):
-            response = rows[row] + [int(envs._batch.responses[row][-1])]
+            response = rows[row] + [int(envs._episodes.responses[row][-1])]
             query_ids, query_mask = pad_left([queries[row]], tokenizer.pad_token_id, torch.device("cpu"))
             response_ids, response_mask = torch.tensor([response]), torch.ones(1, len(response), dtype=torch.long)
             logp = [response_logprobs(m, query_ids, query_mask, response_ids, response_mask).sum().item()
@@ -200,7 +213,7 @@ def test_stacking_is_only_chosen_for_small_models_of_one_shape(monkeypatch):
     policy, other, different = perturbed_policy(seed=0), perturbed_policy(seed=1), perturbed_policy(seed=2)
     different.config.layer_norm_epsilon = 1e-3  # same weight shapes, different arithmetic
     assert can_stack([policy, other]) and not can_stack([policy, different])
-    monkeypatch.setattr(rlhf_env.gpt2_decode, "STACK_MAX_PARAMETERS", 1000)
+    monkeypatch.setattr(rlhf_env.decoding.gpt2, "STACK_MAX_PARAMETERS", 1000)
     assert not can_stack([policy, other]) and can_stack([policy])  # one model: views, no copy
 
 
@@ -216,8 +229,8 @@ def test_lean_reward_model_scores_match_the_hugging_face_trunk(tokenizer, monkey
     lean_calls = []
     hidden_states = GPT2Stack.hidden_states
     monkeypatch.setattr(GPT2Stack, "hidden_states", lambda *a, **k: lean_calls.append(1) or hidden_states(*a, **k))
-    with torch.no_grad():
-        lean = model.score(query_ids, query_mask, response_ids, response_mask)
-    assert lean_calls == [1]  # scoring without gradients really took the lean path
-    hugging_face = model.score(query_ids, query_mask, response_ids, response_mask)  # with grad: the trunk's forward
-    assert lean_calls == [1] and torch.allclose(lean, hugging_face.detach(), atol=1e-5) and lean.std() > 0
+    assert model.backend == "gpt2"  # decided when it was loaded
+    lean = model.score(query_ids, query_mask, response_ids, response_mask)
+    assert lean_calls == [1]  # scoring really took the lean path
+    hugging_face = model.score(query_ids, query_mask, response_ids, response_mask, backend="hf")  # its own forward
+    assert lean_calls == [1] and torch.allclose(lean, hugging_face, atol=1e-5) and lean.std() > 0

@@ -22,7 +22,7 @@ def _fixed_action_episode(env, actions, seed):
 
 def test_reference_mode_pays_beta_log_pi_ref_and_runs_no_policy():
     env = RLHFEnv(kl_mode="reference", beta=0.3)
-    assert env.policy is None and env._batch.decoder.models == [env.reference]  # no policy model, no policy forward
+    assert env.policy is None and env._episodes.decoder.models == [env.reference]  # no policy model, no policy forward
     with pytest.raises(RuntimeError, match="kl_mode='reference'"):
         _ = env.next_token_logprobs
     full = RLHFEnv(beta=0.3)  # the same episode with π = π_SFT in the env

@@ -44,7 +44,7 @@ def test_one_row_vector_env_matches_the_single_env_exactly():
             episodes += 1
             obs, _ = env.reset()
             vobs, vreward, _, _, vinfo = envs.step(action)  # NEXT_STEP autoreset: the action is ignored
-            assert vreward[0] == 0.0 and vinfo["prompt"][0] == env.unwrapped._batch.prompts[0]
+            assert vreward[0] == 0.0 and vinfo["prompt"][0] == env.unwrapped._episodes.prompts[0]
 
 
 def test_rows_draw_the_prompts_of_single_envs_seeded_seed_plus_row():
@@ -61,13 +61,13 @@ def test_kl_seam_is_exact_per_row_across_restarts_and_cache_compaction():
     kl_sums = np.zeros(4)
     checked, compactions_seen, largest = 0, False, 0.0
     while checked < 12:
-        queries = [list(q) for q in envs._batch.queries]
-        width_before = envs._batch.decoder.mask.shape[1]
+        queries = [list(q) for q in envs._episodes.queries]
+        width_before = envs._episodes.decoder.mask.shape[1]
         obs, rewards, terminated, _, infos = envs.step(sample_actions(envs.next_token_logprobs, rng))
-        compactions_seen |= envs._batch.decoder.mask.shape[1] < width_before
+        compactions_seen |= envs._episodes.decoder.mask.shape[1] < width_before
         kl_sums += np.where(infos.get("_kl", np.zeros(4, bool)), infos.get("kl", np.zeros(4)), 0.0)
         for row in np.flatnonzero(terminated):
-            response = envs._batch.responses[row]
+            response = envs._episodes.responses[row]
             q, qm = pad_left([queries[row]], 0)
             r, rm = pad_right([response], 0)
             with torch.no_grad():
@@ -85,7 +85,9 @@ def test_each_token_goes_through_each_model_once_and_the_rm_once_per_ending_step
     envs = RLHFVectorEnv(num_envs=8)
     calls, tokens = count_model_forwards(monkeypatch, {"policy": envs.policy, "reference": envs.reference})
     calls["reward"] = 0
-    envs.reward_model.register_forward_hook(lambda *a: calls.__setitem__("reward", calls["reward"] + 1))
+    score = envs.reward_model.score
+    monkeypatch.setattr(envs.reward_model, "score", lambda *a, **k: calls.__setitem__("reward", calls["reward"] + 1)
+                        or score(*a, **k))
     rng = np.random.default_rng(0)
     _, infos = envs.reset(seed=0)
     expected_tokens = int(infos["prompt_tokens"].sum())
@@ -98,7 +100,7 @@ def test_each_token_goes_through_each_model_once_and_the_rm_once_per_ending_step
         restart_steps += bool(restarting.any())
         ending_steps += bool(terminated.any())
         expected_tokens += int((~restarting & ~terminated).sum())  # generated tokens that the next step needs
-        expected_tokens += sum(len(q) for q, r in zip(envs._batch.queries, restarting) if r)
+        expected_tokens += sum(len(q) for q, r in zip(envs._episodes.queries, restarting) if r)
         restarting = terminated
     assert calls["policy"] == calls["reference"] == 1 + decode_steps + restart_steps
     assert tokens["policy"] == tokens["reference"] == expected_tokens  # nothing is computed twice

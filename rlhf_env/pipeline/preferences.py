@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_env.decoding.sampling import sample
 from rlhf_env.jsonl import read_jsonl
-from rlhf_env.lm import sample
+from rlhf_env.models import choose_backend
 from rlhf_env.tasks.base import AnnotatorConfig, Task
 from rlhf_env.text import decode_responses, encode_prompts, model_max_length
 
@@ -54,6 +55,9 @@ class PreferenceConfig:
     """Sequences sampled per batch."""
     seed: int = 0
     """Seeds prompt choice, sampling and labels."""
+    sampling_backend: str = "hf"
+    """How π_SFT is sampled (`rlhf_env.models.choose_backend`): "hf", the arithmetic the shipped assets were built
+    with (so `python -m rlhf_env.assets check` reproduces their bits); "auto" is faster on a GPT-2."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("pairwise", "ranking"):
@@ -73,9 +77,11 @@ def sample_groups(model, tokenizer, task: Task, config: PreferenceConfig, split:
     flat_prompts = [p for p in prompts for _ in range(config.k)]
     queries = encode_prompts(tokenizer, flat_prompts, model_max_length(model) - task.max_new_tokens)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(config.seed)
+    backend = choose_backend(model, config.sampling_backend)
     texts = []
     for start in tqdm(range(0, len(queries), config.batch_size), desc=f"sampling {split}", disable=not progress):
-        samples = sample(model, queries[start : start + config.batch_size], max_new_tokens=task.max_new_tokens,
+        samples = sample(model, queries[start : start + config.batch_size], backend=backend,
+                         max_new_tokens=task.max_new_tokens,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          temperature=config.temperature, generator=generator)
         texts.extend(decode_responses(tokenizer, samples.response_lists()))

@@ -115,14 +115,14 @@ def train_reward_model(model: RewardModel, tokenizer, pairs: list[dict], groups:
     for _ in tqdm(range(config.steps), desc=f"RM ({config.loss})", disable=not progress, mininterval=2.0):
         index = torch.randint(n, (config.batch_size,), generator=generator).to(device)
         if config.loss == "bradley_terry":
-            r = model.score(*both.rows(torch.cat([index, index + n])))  # (2B,)
+            r = _train_scores(model, both.rows(torch.cat([index, index + n])))  # (2B,)
             r_w, r_l = r.chunk(2)
             loss = bradley_terry_loss(r_w, r_l)
             if config.center_coef:
                 loss = loss + config.center_coef * centering_loss(torch.stack([r_w, r_l], 1))
         else:
             flat_index = (index[:, None] * k + torch.arange(k, device=device)).reshape(-1)  # (B*K,)
-            r = model.score(*flat.rows(flat_index)).view(-1, k)  # (B, K)
+            r = _train_scores(model, flat.rows(flat_index)).view(-1, k)  # (B, K)
             loss = listwise_loss(r, best[index])
             if config.center_coef:
                 loss = loss + config.center_coef * centering_loss(r)
@@ -131,6 +131,12 @@ def train_reward_model(model: RewardModel, tokenizer, pairs: list[dict], groups:
     model.eval()
     return {"train_seconds": round(time.perf_counter() - start, 1),
             "final_train_loss": float(np.mean(losses[-100:])), "config": asdict(config)}
+
+
+def _train_scores(model: RewardModel, rows: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Differentiable scores ``(B,)`` of ``(query_ids, query_mask, response_ids, response_mask)`` rows."""
+    query_ids, query_mask, response_ids, response_mask = rows
+    return model(torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1))
 
 
 @torch.no_grad()

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_env.lm import response_logprobs, sample
+from rlhf_env.decoding.sampling import sample
+from rlhf_env.lm import response_logprobs
+from rlhf_env.models import choose_backend
 from rlhf_env.pipeline.optimization import adamw_with_schedule, gradient_step
 from rlhf_env.tasks.base import Task
 from rlhf_env.text import decode_responses, encode_pairs, encode_prompts, model_max_length
@@ -43,6 +45,9 @@ class SFTConfig:
     """Held-out demonstrations (eval prompts) for perplexity, and eval prompts sampled for grammar/EOS rates."""
     seed: int = 0
     """Seeds the demonstrations, batch order and evaluation samples."""
+    sampling_backend: str = "hf"
+    """How the evaluation samples run (`rlhf_env.models.choose_backend`): "hf", the arithmetic the shipped assets
+    were built with (so `python -m rlhf_env.assets check` reproduces their bits); "auto" is faster on a GPT-2."""
 
 
 def sft_loss(model, batch: tuple[torch.Tensor, ...], num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -78,14 +83,16 @@ def train_sft(model, tokenizer, task: Task, config: SFTConfig = SFTConfig(), pro
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.3f}")
     model.eval()
     train_seconds = time.perf_counter() - start
-    report = evaluate_policy(model, tokenizer, task, n=config.n_eval, seed=config.seed + 1)
+    report = evaluate_policy(model, tokenizer, task, n=config.n_eval, seed=config.seed + 1,
+                             backend=config.sampling_backend)
     report.update(train_seconds=round(train_seconds, 1), final_train_loss=float(np.mean(losses[-100:])),
                   config=asdict(config))
     return report
 
 
 @torch.no_grad()
-def evaluate_policy(model, tokenizer, task: Task, n: int = 1000, seed: int = 1, batch_size: int = 256) -> dict:
+def evaluate_policy(model, tokenizer, task: Task, n: int = 1000, seed: int = 1, batch_size: int = 256,
+                    backend: str = "auto") -> dict:
     """Held-out perplexity (vs the generator's floor when the task knows it) and sample quality at temperature 1.
 
     Returns perplexity, perplexity_floor and their ratio; and for samples on eval prompts: the grammar-pass
@@ -101,7 +108,7 @@ def evaluate_policy(model, tokenizer, task: Task, n: int = 1000, seed: int = 1, 
     if demos:
         report.update(_perplexity(model, tokenizer, task, demos, batch_size))
     prompts = [task.eval_prompts()[i] for i in rng.integers(len(task.eval_prompts()), size=n)]
-    report.update(sample_quality(model, tokenizer, task, prompts, seed=seed))
+    report.update(sample_quality(model, tokenizer, task, prompts, seed=seed, backend=backend))
     return report
 
 
@@ -132,14 +139,16 @@ def _perplexity(model, tokenizer, task: Task, demos: list[tuple[str, str]], batc
 
 @torch.no_grad()
 def sample_quality(model, tokenizer, task: Task, prompts: list[str], seed: int = 0, batch_size: int = 256,
-                   temperature: float = 1.0) -> dict:
+                   temperature: float = 1.0, backend: str = "auto") -> dict:
     """Sample one response per prompt; report the well-formed rate, EOS rate, mean gold reward and length."""
+    backend = choose_backend(model, backend)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     queries = encode_prompts(tokenizer, prompts, model_max_length(model) - task.max_new_tokens)
     well_formed, finished, gold, length = [], [], [], []
     for start in range(0, len(queries), batch_size):
-        samples = sample(model, queries[start : start + batch_size], max_new_tokens=task.max_new_tokens,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        samples = sample(model, queries[start : start + batch_size], backend=backend,
+                         max_new_tokens=task.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id,
                          temperature=temperature, generator=generator)
         texts = decode_responses(tokenizer, samples.response_lists())
         for prompt, text, done in zip(prompts[start : start + batch_size], texts, samples.finished.tolist()):

@@ -65,13 +65,13 @@ def test_padding_never_enters_the_sums(tmp_path):
     lengths = text.query_mask.sum(1) + text.response_mask.sum(1)
     short = int(lengths.argmin())
     with torch.no_grad():
-        alone = sequence_logprobs(world.policy, text, np.array([short]))
-        batched = sequence_logprobs(world.policy, text, np.arange(8))
+        alone = sequence_logprobs(world.policy, world.backends["policy"], text, np.array([short]))
+        batched = sequence_logprobs(world.policy, world.backends["policy"], text, np.arange(8))
         # Whatever the padding holds, nothing changes.
         noisy = text.to("cpu")
         noisy.query_ids = torch.where(text.query_mask.bool(), text.query_ids, 7)
         noisy.response_ids = torch.where(text.response_mask.bool(), text.response_ids, 9)
-        garbage = sequence_logprobs(world.policy, noisy, np.arange(8))
+        garbage = sequence_logprobs(world.policy, world.backends["policy"], noisy, np.arange(8))
     assert int(lengths.max()) > int(lengths[short])  # the batch really pads this pair
     assert alone.item() == pytest.approx(batched[short].item(), abs=1e-5)
     assert torch.allclose(garbage, batched, atol=1e-6)

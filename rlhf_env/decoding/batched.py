@@ -1,4 +1,4 @@
-"""The batched core under both environments: B episodes, π and π_ref decoded together, one forward per step.
+"""The batched KV-cache decoder under both environments and the sampler: M models stepped over B rows together.
 
 Legend: ``B`` rows (episodes running side by side), ``L`` cached columns, ``W`` columns fed in one call,
 ``V`` vocabulary.
@@ -13,12 +13,10 @@ of a narrower cache (no forward pass: keys and values already carry their positi
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from rlhf_env.gpt2_decode import GPT2Stack, can_stack
-from rlhf_env.kl import kl_estimate
+from rlhf_env.decoding.gpt2 import GPT2Stack, can_stack
 from rlhf_env.lm import pad_left, position_ids
 
 
@@ -26,25 +24,34 @@ class BatchedDecoder:
     """M causal LMs (the policy and the reference) stepped over B rows with a shared mask; returns next-token
     log-probs ``(B, M, V)`` in fp32.
 
-    How the models run is chosen whenever the cache starts afresh: small GPT-2s of one shape as one `GPT2Stack`
-    (every model in each batched product), other GPT-2s each on the lean path, any other model through its own
-    ``forward``. `caches` holds one cache per such runner; rows and columns are the same in all of them.
+    ``backends[m]`` (``"gpt2"`` or ``"hf"``, decided by `rlhf_env.models.choose_backend` when the models were
+    attached) says how model m runs; the runners are built here, once: GPT-2s of one small shape as one
+    `GPT2Stack` (every model in each batched product), other ``"gpt2"`` models each on the lean path, ``"hf"``
+    models through their own ``forward``. `caches` holds one cache per runner; rows and columns are the same in
+    all of them.
     """
 
-    def __init__(self, models: list[nn.Module], batch: int, temperature: float = 1.0, pad_token_id: int = 0,
-                 compact_at: int = 256):
+    def __init__(self, models: list[nn.Module], backends: list[str], batch: int, temperature: float = 1.0,
+                 pad_token_id: int = 0, compact_at: int = 256):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if len(backends) != len(models) or set(backends) - {"gpt2", "hf"}:
+            raise ValueError(f"one backend ('gpt2' or 'hf') per model, got {backends}")
         self.models, self.batch, self.temperature = list(models), batch, temperature
         self.pad_token_id, self.compact_at = pad_token_id, compact_at
         self.device = next(self.models[0].parameters()).device
+        self.runners = self._runners(backends)
         self.caches: list | None = None
-        self.runners: list = []
-        self._stacks: dict[tuple[int, ...], GPT2Stack] = {}  # kept so that stacked weights are reused
         self.mask = torch.zeros((batch, 0), dtype=torch.long, device=self.device)  # (B, L)
         self.next_positions = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,)
         self.logprobs: torch.Tensor | None = None  # (B, M, V) at each row's current state
         self.forward_calls = 0
+
+    def _runners(self, backends: list[str]) -> list:
+        """One `GPT2Stack` for all models when they are GPT-2s that stack; else one runner per model."""
+        if all(b == "gpt2" for b in backends) and can_stack(self.models):
+            return [GPT2Stack(self.models)]
+        return [GPT2Stack([model]) if b == "gpt2" else model for model, b in zip(self.models, backends)]
 
     def release(self) -> None:
         """Drop the caches (a later feed starts afresh)."""
@@ -79,22 +86,6 @@ class BatchedDecoder:
             self._compact()
         return self.logprobs
 
-    def _choose_runners(self) -> list:
-        """Small GPT-2s of one shape: one stack; else each GPT-2 alone on the lean path, other models as they are."""
-        if can_stack(self.models):
-            groups = [self.models]
-        else:
-            groups = [[model] if can_stack([model]) else model for model in self.models]
-        runners = []
-        for group in groups:
-            if isinstance(group, list):
-                key = tuple(map(id, group))
-                if key not in self._stacks:
-                    self._stacks[key] = GPT2Stack(group)
-                group = self._stacks[key]
-            runners.append(group)
-        return runners
-
     def _forward(self, ids, attention_mask, positions, caches):
         """One forward of every model: the new caches and log-probs ``(B, M, V)``."""
         self.forward_calls += 1
@@ -119,7 +110,6 @@ class BatchedDecoder:
     def _prefill_all(self, queries: list[list[int]]) -> torch.Tensor:
         ids, mask = pad_left(queries, self.pad_token_id, self.device)  # (B, P)
         positions = position_ids(mask)
-        self.runners = self._choose_runners()  # the cache starts afresh: models may have changed mode
         self.caches, logprobs = self._forward(ids, mask, positions, None)
         self.mask, self.next_positions = mask, positions[:, -1] + 1
         return logprobs
@@ -181,113 +171,3 @@ class BatchedDecoder:
             index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index)
-
-
-class RolloutBatch:
-    """B episodes of one RLHF world side by side: per-row text, both decoders, and the reward arithmetic.
-
-    `world` is an `rlhf_env.env.RLHFWorld` (models, tokenizer, task, KL settings). Each `step` consumes one entry
-    per row: a token to append, a query to restart with, or `None` (the row is idle).
-    """
-
-    def __init__(self, world, batch: int):
-        self.world, self.batch = world, batch
-        pad = world.tokenizer.pad_token_id
-        # One decoder runs π and π_ref (log-probs [:, 0] and [:, 1]); other kl_modes: no acting policy in the env,
-        # so no policy forward (log π is 0 or the agent's) and the reference is model 0.
-        self.has_policy = world.policy is not None
-        models = [world.policy, world.reference] if self.has_policy else [world.reference]
-        self.decoder = BatchedDecoder(models, batch, world.temperature, pad, world.compact_at)
-        # Observations kept up to date in place: query left-padded to P columns, response after it.
-        self.width_prompt, self.width_response = world.max_prompt_tokens, world.max_new_tokens
-        self.obs_ids = np.full((batch, self.width_prompt + self.width_response), pad, dtype=np.int64)  # (B, P + T)
-        self.obs_mask = np.zeros_like(self.obs_ids)  # (B, P + T)
-        self.prompts: list[str | None] = [None] * batch
-        self.queries: list[list[int]] = [[] for _ in range(batch)]
-        self.responses: list[list[int]] = [[] for _ in range(batch)]
-        self.logprobs: list[list[float]] = [[] for _ in range(batch)]
-        self.ref_logprobs: list[list[float]] = [[] for _ in range(batch)]
-        self.active = [False] * batch
-
-    def release(self) -> None:
-        """Drop the KV caches and end every episode (what `close` does); a later reset starts afresh."""
-        self.decoder.release()
-        self.active = [False] * self.batch
-
-    def feed(self, inputs: list[list[int] | None], restart: list[bool]) -> None:
-        """One forward of each model over every row's input (see `BatchedDecoder.feed`)."""
-        self.decoder.feed(inputs, restart)
-
-    def start(self, row: int, prompt: str, query: list[int]) -> None:
-        """Begin a new episode in `row` (its query is fed by the next `feed`)."""
-        self.prompts[row], self.queries[row] = prompt, query
-        self.responses[row], self.logprobs[row], self.ref_logprobs[row] = [], [], []
-        self.active[row] = True
-        self.obs_ids[row] = self.world.pad_token_id
-        self.obs_mask[row] = 0
-        self.obs_ids[row, self.width_prompt - len(query) : self.width_prompt] = query
-        self.obs_mask[row, self.width_prompt - len(query) : self.width_prompt] = 1
-
-    def token_logprobs(self, tokens: list[int]) -> tuple[list[float], list[float]]:
-        """log π and log π_ref of one token per row, read from the distributions already computed."""
-        rows = torch.arange(self.batch, device=self.decoder.device)
-        index = torch.tensor(tokens, device=self.decoder.device)
-        picked = self.decoder.logprobs[rows, :, index].T.tolist()  # (M, B)
-        return (picked[0], picked[1]) if self.has_policy else ([0.0] * self.batch, picked[0])
-
-    def policy_logprobs(self) -> torch.Tensor:
-        """log π(· | state) of every row ``(B, V)``; an error unless kl_mode="policy" (no π in the env)."""
-        if not self.has_policy:
-            raise RuntimeError(f"kl_mode={self.world.kl_mode!r}: the env holds no acting policy, so it has no "
-                                 "next_token_logprobs (the agent samples from its own policy)")
-        return self.decoder.logprobs[:, 0]
-
-    def append(self, rows: list[int], tokens: list[int], logprobs: list[float],
-               ref_logprobs: list[float]) -> dict[str, np.ndarray]:
-        """Record ``tokens[i]`` in ``rows[i]`` with its log-probs under π and π_ref; return the step's info of those
-        rows as arrays, one entry per row: ``logprob``, ``ref_logprob``, ``kl``, ``beta``, ``non_score_reward``,
-        ``reward`` (−β·KL_t), ``terminated`` (EOS or the token cap) and ``finished`` (EOS).
-
-        The caller feeds the tokens of the rows that go on afterwards.
-        """
-        world = self.world
-        logprob, ref_logprob = np.array(logprobs, dtype=np.float64), np.array(ref_logprobs, dtype=np.float64)
-        kl = kl_estimate(logprob, ref_logprob, world.kl_estimator)
-        lengths = np.empty(len(rows), dtype=np.int64)
-        for i, (row, token) in enumerate(zip(rows, tokens)):
-            self.responses[row].append(token)
-            self.logprobs[row].append(logprobs[i])
-            self.ref_logprobs[row].append(ref_logprobs[i])
-            lengths[i] = len(self.responses[row])
-        columns = self.width_prompt + lengths - 1
-        self.obs_ids[rows, columns], self.obs_mask[rows, columns] = tokens, 1
-        finished = np.array(tokens, dtype=np.int64) == world.eos_token_id
-        terminated = finished | (lengths == world.max_new_tokens)
-        for row, done in zip(rows, terminated.tolist()):
-            self.active[row] = not done
-        reward = -world.beta * kl
-        return {"logprob": logprob, "ref_logprob": ref_logprob, "kl": kl, "beta": np.full(len(rows), world.beta),
-                "non_score_reward": reward, "reward": reward.copy(), "terminated": terminated, "finished": finished}
-
-    def finish(self, rows: list[int], finished: list[bool]) -> tuple[list[dict], list[float]]:
-        """Score the finished `rows` (one batched RM forward): each row's end-of-episode info (score, gold score,
-        text, length, KL sum) and the reward its last step adds (the score, less the missing-EOS penalty when the
-        row was cut off at the token cap)."""
-        texts = [self.response_text(row) for row in rows]
-        scores = self.world.score([self.prompts[r] for r in rows], [self.queries[r] for r in rows],
-                                  [self.responses[r] for r in rows], texts)
-        infos, rewards = [], []
-        for row, text, score, eos in zip(rows, texts, scores, finished):
-            info = self.world.end_of_episode(self.prompts[row], text, score, eos, self.logprobs[row],
-                                             self.ref_logprobs[row])
-            infos.append(info)
-            rewards.append(info["score"] - (0.0 if eos else self.world.missing_eos_penalty))
-        self.world.record_episode_kls([info["kl_sum"] for info in infos])  # once every row's end is known
-        return infos, rewards
-
-    def response_text(self, row: int) -> str:
-        return self.world.tokenizer.decode(self.responses[row], skip_special_tokens=True)
-
-    def observation(self, row: int | slice = slice(None)) -> dict:
-        """The observation of one row (or of all rows, batched), as copies."""
-        return {"input_ids": self.obs_ids[row].copy(), "attention_mask": self.obs_mask[row].copy()}

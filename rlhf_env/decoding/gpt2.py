@@ -5,10 +5,11 @@ Hugging Face forward spends most of its time in Python: mask construction, outpu
 `GPT2Stack` does the same arithmetic with the models' own parameters and a plain list of key/value tensors as
 cache, for M models of one shape at once (the env's policy and reference: every matrix product is one batched
 product over both, so a step costs one set of operations instead of two). Parameters are read live (an agent
-training the policy in place is seen at the next step). The env's decoders use it for GPT-2s in eval mode and the
-reward model scores with it; agents train through `gpt2_response_forward` (the same blocks with autograd, the LM
-head on response columns only); any other model goes through its own ``forward``. Log-probs match the Hugging Face
-forward to float rounding, and identical models stacked together give identical bits (tested).
+training the policy in place is seen at the next step). It is the ``"gpt2"`` backend of
+`rlhf_env.models.choose_backend`: the decoders step models with it, the reward model scores with it, and agents
+train through `gpt2_response_forward` (the same blocks with autograd, the LM head on response columns only).
+Log-probs match the Hugging Face forward to float rounding, and identical models stacked together give identical
+bits (tested).
 
 Legend: ``B`` rows, ``W`` positions fed in this call, ``L`` cached positions, ``H`` heads, ``D`` head width,
 ``E`` embedding width.
@@ -76,18 +77,18 @@ class KVCache:
         self.layers = layers
 
 
-def supports_lean_forward(model: nn.Module) -> bool:
-    """True for a plain GPT-2 (an LM, or a bare trunk such as a reward model's) with no dropout active: the
-    architecture `GPT2Stack` implements. Plain means transformers' own modules and no hooks: a model with adapter
-    layers swapped in (LoRA), a subclass, a compiled wrapper or a forward hook goes through its own ``forward``,
-    since the lean path reads the parameters and would silently skip whatever those add."""
+def is_plain_gpt2(model: nn.Module) -> bool:
+    """True for a plain GPT-2 (an LM, or a bare trunk such as a reward model's) without dropout: the architecture
+    `GPT2Stack` implements. Plain means transformers' own modules and no hooks: a model with adapter layers swapped
+    in (LoRA), a subclass, a compiled wrapper or a forward hook runs through its own ``forward``, since the lean path
+    reads the parameters and would silently skip whatever those add. Read once, when a model is attached
+    (`rlhf_env.models.choose_backend`); a hook added later is not seen."""
     config = getattr(model, "config", None)
     lm_or_trunk = hasattr(model, "transformer") and hasattr(model, "lm_head") or hasattr(model, "wte")
     if getattr(config, "model_type", None) != "gpt2" or not lm_or_trunk or not _plain_modules(model):
         return False
-    dropout = config.resid_pdrop or config.embd_pdrop or config.attn_pdrop
     return (
-        (not model.training or not dropout)
+        not (config.resid_pdrop or config.embd_pdrop or config.attn_pdrop)  # the lean path has no dropout
         and config.activation_function in _ACTIVATIONS
         and not config.add_cross_attention
         and not config.reorder_and_upcast_attn
@@ -140,11 +141,9 @@ def gpt2_response_forward(model: nn.Module, ids: torch.Tensor, attention_mask: t
 
 
 def can_stack(models: list[nn.Module]) -> bool:
-    """True when `models` can run as one `GPT2Stack`: lean-capable GPT-2 LMs of one shape, dtype and device and,
+    """True when plain GPT-2 LMs (`is_plain_gpt2`) can run as one `GPT2Stack`: one shape, dtype and device and,
     when there are several, small enough that running them in one set of batched ops pays for a stacked copy of
     their weights (a single model's weights are used in place)."""
-    if not all(supports_lean_forward(m) for m in models):
-        return False
     shape = [(m.config.n_embd, m.config.n_layer, m.config.n_head, m.config.vocab_size, m.config.n_positions,
               m.config.activation_function, m.config.layer_norm_epsilon, m.config.scale_attn_weights,
               m.config.scale_attn_by_inverse_layer_idx, m.lm_head.weight.dtype, m.lm_head.weight.device)

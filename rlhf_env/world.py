@@ -1,0 +1,370 @@
+"""The world both envs serve: task, tokenizer, acting policy π, frozen reference π_ref, reward model or function,
+the KL coefficient and its controller, and the step that pays each token (`RLHFWorld.step_rows`, with the pure
+arithmetic of `rlhf_env.reward`).
+
+Legend: ``P`` query tokens (padded to the longest prompt of the task), ``T`` = max_new_tokens, ``V`` actions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.error import InvalidAction
+
+from rlhf_env.decoding.batched import BatchedDecoder
+from rlhf_env.episodes import EpisodeBatch
+from rlhf_env.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
+from rlhf_env.lm import pad_left, pad_right
+from rlhf_env.models import check_decodable, choose_backend, load_causal_lm, resolve_device
+from rlhf_env.reward import NONFINITE_POLICIES, checked_score, terminal_reward, token_reward
+from rlhf_env.reward_model import RewardModel
+from rlhf_env.tasks import DEFAULT_TASK, Task, get_task
+from rlhf_env.text import encode_prompts
+
+RESET_OPTIONS = frozenset({"prompt", "split"})
+KL_MODES = ("policy", "agent", "reference")
+
+
+class RLHFWorld:
+    """Everything an RLHF episode needs, shared by the single and the vector env: the task, tokenizer, acting
+    policy π, frozen reference π_ref, reward model or function, the KL coefficient and the reward arithmetic.
+
+    Arguments are those of `rlhf_env.env.RLHFEnv` (see its docstring). How each model runs is decided here, once
+    (``backends``: ``"gpt2"`` or ``"hf"`` per model, `rlhf_env.models.choose_backend`); a model run through its own
+    forward is checked to be decodable (`rlhf_env.models.UnsupportedModel` otherwise).
+    """
+
+    def __init__(
+        self,
+        task: str | Task = DEFAULT_TASK,
+        policy=None,
+        reference=None,
+        reward_model=None,
+        reward_fn=None,
+        tokenizer=None,
+        beta: float = 0.1,
+        kl_target: float | None = None,
+        kl_horizon: int = 10000,
+        kl_batch_episodes: int = 64,
+        kl_estimator: str = "k1",
+        kl_mode: str = "policy",
+        max_new_tokens: int | None = None,
+        temperature: float = 1.0,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        missing_eos_penalty: float = 0.0,
+        nonfinite_reward: str = "raise",
+        compact_at: int | None = None,
+        backend: str = "auto",
+    ):
+        self.task = get_task(task)
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
+        if kl_mode not in KL_MODES:
+            raise ValueError(f"kl_mode must be one of {KL_MODES}, got {kl_mode!r}")
+        if kl_mode != "policy" and policy is not None:
+            raise ValueError(f"kl_mode={kl_mode!r} holds no acting policy: the agent brings its own; drop policy=")
+        if kl_mode == "reference" and (kl_estimator != "k1" or kl_target is not None):
+            raise ValueError("kl_mode='reference' does not see log π, so it needs kl_estimator='k1' and a fixed "
+                             "beta (no kl_target)")
+        if nonfinite_reward not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite_reward must be 'raise' or 'mask', got {nonfinite_reward!r}")
+        if reward_model is not None and reward_fn is not None:
+            raise ValueError("pass a reward_model or a reward_fn, not both")
+        if reward_fn is not None and not callable(reward_fn):
+            raise ValueError("reward_fn must be callable as reward_fn(prompt, response) -> float")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        if not math.isfinite(missing_eos_penalty):
+            raise ValueError(f"missing_eos_penalty must be finite, got {missing_eos_penalty}")
+        if isinstance(kl_horizon, bool) or not isinstance(kl_horizon, int) or kl_horizon < 1:
+            raise ValueError(f"kl_horizon must be a positive integer (episodes), got {kl_horizon!r}")
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be None (the task's) or an integer ≥ 1, got {max_new_tokens!r}")
+        if isinstance(kl_batch_episodes, bool) or not isinstance(kl_batch_episodes, int) or kl_batch_episodes < 1:
+            raise ValueError(f"kl_batch_episodes must be a positive integer, got {kl_batch_episodes!r}")
+        if kl_target is not None and kl_batch_episodes > kl_horizon:
+            raise ValueError(f"kl_batch_episodes ({kl_batch_episodes}) must not exceed kl_horizon ({kl_horizon}): β "
+                             f"moves by up to 0.2·batch/horizon per batch")
+        self.device = resolve_device(device)
+        self.kl_estimator, self.kl_mode, self.temperature = kl_estimator, kl_mode, float(temperature)
+        self.missing_eos_penalty, self.nonfinite_reward = float(missing_eos_penalty), nonfinite_reward
+        self.kl_controller = (FixedKLController(beta) if kl_target is None
+                              else AdaptiveKLController(beta, kl_target, kl_horizon))
+        self.kl_batch_episodes = kl_batch_episodes
+        self._kl_batch: list[float] = []  # KL sums of finished episodes that have not moved β yet
+        self._beta_frozen = False
+        self.tokenizer, self.policy, self.reference, self.reward_model = self._load(
+            policy, reference, reward_model if reward_fn is None else False, tokenizer, dtype)
+        self.reward_fn = reward_fn
+        self.backends = {name: choose_backend(model, backend) for name, model in
+                         (("policy", self.policy), ("reference", self.reference)) if model is not None}
+        if self.reward_model is not None:
+            self.backends["reward_model"] = choose_backend(self.reward_model.trunk, backend)
+        for name in ("policy", "reference"):
+            if self.backends.get(name) == "hf":
+                check_decodable(getattr(self, name), name)
+        self.agent = None  # kl_mode="agent": what reports log π(a|s) (`attach_agent`)
+        self.max_new_tokens = self.task.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self.vocab_size = self.reference.get_output_embeddings().weight.shape[0]
+        if self.policy is not None and self.policy.get_output_embeddings().weight.shape[0] != self.vocab_size:
+            raise ValueError("policy and reference have different vocabularies")
+        if len(self.tokenizer) > self.vocab_size:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the models only "
+                             f"{self.vocab_size} logits")
+        context = int(self.reference.config.max_position_embeddings)
+        prompts = self.task.train_prompts() + self.task.eval_prompts()
+        # The task's queries, tokenized once: resets then cost a dictionary lookup, not a tokenizer call.
+        self._queries = dict(zip(prompts, encode_prompts(self.tokenizer, prompts, context - self.max_new_tokens)))
+        self.max_prompt_tokens = max(len(q) for q in self._queries.values())
+        self._train_prompts, self._eval_prompts = self.task.train_prompts(), self.task.eval_prompts()
+        width = self.max_prompt_tokens + self.max_new_tokens
+        # The vector env's cache is compacted once it is twice as wide as the widest live episode can be.
+        self.compact_at = int(compact_at or 2 * width)
+        self.eos_token_id, self.pad_token_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        self.action_space = spaces.Discrete(self.vocab_size)
+        self.observation_space = spaces.Dict({
+            "input_ids": spaces.Box(0, self.vocab_size - 1, shape=(width,), dtype=np.int64),
+            "attention_mask": spaces.Box(0, 1, shape=(width,), dtype=np.int64),
+        })
+
+    def episode_batch(self, batch: int) -> EpisodeBatch:
+        """`batch` rows of live episodes with one decoder for π and π_ref (π_ref alone without an acting policy)."""
+        names = ["policy", "reference"] if self.policy is not None else ["reference"]
+        decoder = BatchedDecoder([getattr(self, name) for name in names], [self.backends[name] for name in names],
+                                 batch, self.temperature, self.pad_token_id, self.compact_at)
+        return EpisodeBatch(decoder, self.policy is not None, self.max_prompt_tokens, self.max_new_tokens,
+                            self.pad_token_id, self.eos_token_id)
+
+    def _load(self, policy, reference, reward_model, tokenizer, dtype):
+        """Resolve models given as objects, paths or None (the task's shipped assets)."""
+        from rlhf_env.assets import asset_dir
+
+        assets = asset_dir(self.task)
+        need_assets = ((policy is None and self.kl_mode == "policy") or reference is None or reward_model is None
+                       or tokenizer is None)
+        if need_assets and not (assets / "manifest.json").is_file():
+            raise ValueError(f"task {self.task.name!r} has no shipped assets: build them with `python -m "
+                             f"rlhf_env.assets build --task {self.task.name}` or pass every model explicitly")
+
+        def causal_lm(given, default_dir):
+            if given is None:
+                given = default_dir
+            if isinstance(given, (str, Path)):
+                return load_causal_lm(given, device=self.device, dtype=dtype)
+            return given.to(self.device).eval()
+
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer or assets / "tokenizer")
+        policy = causal_lm(policy, assets / "policy") if self.kl_mode == "policy" else None
+        reference = causal_lm(reference, assets / "policy")
+        if reference is policy:
+            raise ValueError("policy and reference must be different objects (the reference stays frozen)")
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        if reward_model is False:  # a reward function replaces the RM
+            reward_model = None
+        elif reward_model is None or isinstance(reward_model, (str, Path)):
+            reward_model = RewardModel.from_pretrained(reward_model or assets / "reward_model", device=self.device,
+                                                       dtype=dtype)
+        else:
+            reward_model = reward_model.to(self.device).eval()
+        return tokenizer, policy, reference, reward_model
+
+    @property
+    def beta(self) -> float:
+        return self.kl_controller.beta
+
+    def update_beta(self, kls: Sequence[float]) -> None:
+        """One step of the KL controller for a batch of finished episodes, given their KL sums (nats): an adaptive
+        β moves by Ziegler et al.'s rule on the batch's mean KL with ``n_steps = len(kls)`` (`rlhf_env.kl`); a fixed
+        β stays. Agents call this once per rollout with the episodes they train on."""
+        kls = np.asarray(kls, dtype=np.float64)
+        if kls.ndim != 1 or len(kls) == 0:
+            raise ValueError(f"update_beta needs a non-empty list of episode KLs, got {kls.tolist()}")
+        self.kl_controller.update(float(kls.mean()), n_steps=len(kls))
+
+    def record_episode_kls(self, kls: Sequence[float]) -> None:
+        """Finished episodes' KL sums, as the envs see them end: β moves once per `kl_batch_episodes` of them
+        (unless inside `beta_frozen`)."""
+        if self._beta_frozen:
+            return
+        self._kl_batch.extend(kls)
+        n = self.kl_batch_episodes
+        while len(self._kl_batch) >= n:
+            self.update_beta(self._kl_batch[:n])  # if the controller refuses (a NaN KL), the batch stays pending
+            del self._kl_batch[:n]
+
+    @contextlib.contextmanager
+    def beta_frozen(self):
+        """Episodes that finish inside this block do not move β: evaluation, and agents, which feed β once per
+        rollout with the episodes they keep (`update_beta`), not the discarded ones of idle rows."""
+        frozen, self._beta_frozen = self._beta_frozen, True
+        try:
+            yield
+        finally:
+            self._beta_frozen = frozen
+
+    def prompt_pool(self, split: str = "train") -> list[str]:
+        """The task's prompts of `split` ("train" or "eval"), in the order the env draws from."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        return self._train_prompts if split == "train" else self._eval_prompts
+
+    def draw_prompt(self, options: dict | None, rng: np.random.Generator) -> tuple[str, list[int]]:
+        """The prompt (text, query ids) for a reset with `options`, drawn with `rng` unless pinned."""
+        options = dict(options or {})
+        unknown = set(options) - RESET_OPTIONS
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; expected some of {sorted(RESET_OPTIONS)}")
+        split = options.get("split", "train")
+        if split not in ("train", "eval"):
+            raise ValueError(f"reset option 'split' must be 'train' or 'eval', got {split!r}")
+        if "prompt" in options:
+            prompt = options["prompt"]
+            if not isinstance(prompt, str):
+                raise ValueError(f"reset option 'prompt' must be a string, got {type(prompt).__name__}")
+        else:
+            pool = self._train_prompts if split == "train" else self._eval_prompts
+            prompt = pool[int(rng.integers(len(pool)))]
+        if prompt in self._queries:
+            return prompt, self._queries[prompt]
+        return prompt, encode_prompts(self.tokenizer, [prompt], self.max_prompt_tokens)[0]
+
+    def attach_agent(self, agent) -> None:
+        """kl_mode="agent": `agent.action_logprobs(observations, actions)` gives log π(a|s) of the acting policy."""
+        if self.kl_mode != "agent":
+            raise ValueError(f"attach_agent needs kl_mode='agent' (this env has kl_mode={self.kl_mode!r})")
+        if not callable(getattr(agent, "action_logprobs", None)):
+            raise TypeError(f"{type(agent).__name__} has no action_logprobs(observations, actions) method "
+                            f"(see rlhf_env.agent.Agent)")
+        self.agent = agent
+
+    def agent_logprobs(self, observations: dict, tokens: list[int], rows: list[int]) -> list[float]:
+        """log π(a|s) of the attached agent for `tokens` in `observations` (batched), checked on `rows`.
+
+        Raises `RuntimeError` if no agent is attached and `ValueError` for a wrong shape, a NaN or a log-prob
+        above 0; either way before the env changes.
+        """
+        if self.agent is None:
+            raise RuntimeError("kl_mode='agent' needs the acting agent: call env.unwrapped.attach_agent(agent) "
+                               "before step() (for SB3: SB3VecEnv.attach(model))")
+        out = np.asarray(self.agent.action_logprobs(observations, np.asarray(tokens, dtype=np.int64)),
+                         dtype=np.float64)
+        if out.shape != (len(tokens),):
+            raise ValueError(f"action_logprobs must return shape ({len(tokens)},), got {out.shape}")
+        checked = out[rows]
+        if not np.isfinite(checked).all() or (checked > 1e-5).any():
+            raise ValueError(f"action_logprobs must return finite log-probabilities <= 0, got {checked.tolist()}")
+        return np.minimum(out, 0.0).tolist()
+
+    def check_action(self, action) -> int:
+        """The action as a token id, or `InvalidAction` saying what is wrong (before anything changes)."""
+        if isinstance(action, (bool, np.bool_)) or isinstance(action, torch.Tensor):
+            raise InvalidAction(f"action must be an integer token id, got {type(action).__name__} {action!r}")
+        if isinstance(action, np.ndarray):
+            if action.shape != () or not np.issubdtype(action.dtype, np.integer):
+                raise InvalidAction(f"action must be an integer token id (a scalar), got an array of shape "
+                                    f"{action.shape} and dtype {action.dtype}")
+            action = action.item()
+        if not isinstance(action, (int, np.integer)):
+            raise InvalidAction(f"action must be an integer token id, got {type(action).__name__} {action!r}")
+        if not 0 <= int(action) < self.vocab_size:
+            raise InvalidAction(f"action {action} is not a token id in [0, {self.vocab_size})")
+        return int(action)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], queries: list[list[int]], responses: list[list[int]],
+              texts: list[str]) -> list[float]:
+        """Raw scores of finished responses: one batched RM forward, or one reward_fn call per response."""
+        if self.reward_fn is not None:
+            return [float(self.reward_fn(p, t)) for p, t in zip(prompts, texts)]
+        pad = self.pad_token_id
+        query_ids, query_mask = pad_left(queries, pad, self.device)
+        response_ids, response_mask = pad_right(responses, pad, device=self.device)
+        return self.reward_model.score(query_ids, query_mask, response_ids, response_mask,
+                                       backend=self.backends["reward_model"]).tolist()
+
+    def checked_score(self, score: float, prompt: str, text: str) -> tuple[float, bool]:
+        """`rlhf_env.reward.checked_score` under this world's ``nonfinite_reward``: ``(score, masked)``."""
+        return checked_score(score, self.nonfinite_reward, self._context(prompt, text))
+
+    def _context(self, prompt: str, text: str) -> str:
+        return f" ({'reward function' if self.reward_fn else 'reward model'}; prompt {prompt!r}, response {text!r})"
+
+    def step_rows(self, episodes: EpisodeBatch, rows: list[int], tokens: list[int], logprobs: list[float],
+                  ref_logprobs: list[float]) -> tuple[dict[str, np.ndarray], dict[int, dict]]:
+        """Append ``tokens[i]`` to the episode in ``rows[i]`` and pay it: returns the step's info over `rows` as
+        arrays (``logprob``, ``ref_logprob``, ``kl``, ``beta``, ``non_score_reward`` = −β·KL_t, ``reward``,
+        ``terminated``, ``finished``), where ``reward`` already holds the terminal reward of the rows whose episode
+        ended, and those rows' end-of-episode info by row (`end_episodes`)."""
+        kl, reward = token_reward(np.array(logprobs), np.array(ref_logprobs), self.beta, self.kl_estimator)
+        finished, terminated = episodes.append(rows, tokens, logprobs, ref_logprobs)
+        step = {"logprob": np.array(logprobs, dtype=np.float64), "ref_logprob": np.array(ref_logprobs, np.float64),
+                "kl": kl, "beta": np.full(len(rows), self.beta), "non_score_reward": reward,
+                "reward": reward.copy(), "terminated": terminated, "finished": finished}
+        ended = np.flatnonzero(terminated)
+        ends = self.end_episodes(episodes, [rows[i] for i in ended], [bool(finished[i]) for i in ended])
+        by_row = {}
+        for i, (end, terminal) in zip(ended, ends):
+            step["reward"][i] += terminal
+            by_row[rows[i]] = end
+        return step, by_row
+
+    def end_episodes(self, episodes: EpisodeBatch, rows: list[int], finished: list[bool]) -> list[tuple[dict, float]]:
+        """Score the episodes of `rows` (one batched reward call) and return each one's end-of-episode info (score,
+        score_nonfinite, gold_score, response_text, length, finished, kl_sum) with its terminal reward; their KL
+        feeds the controller once every row's end is known."""
+        texts = [self.tokenizer.decode(episodes.responses[row], skip_special_tokens=True) for row in rows]
+        prompts = [episodes.prompts[row] for row in rows]
+        scores = self.score(prompts, [episodes.queries[row] for row in rows], [episodes.responses[row] for row in rows],
+                            texts) if rows else []
+        out = []
+        for row, prompt, text, score, eos in zip(rows, prompts, texts, scores, finished):
+            terminal, score, masked = terminal_reward(score, eos, self.missing_eos_penalty, self.nonfinite_reward,
+                                                      self._context(prompt, text))
+            kl_sum = float(np.sum(kl_estimate(np.array(episodes.logprobs[row]), np.array(episodes.ref_logprobs[row]),
+                                              self.kl_estimator)))
+            out.append(({"score": score, "score_nonfinite": masked, "gold_score": float(self.task.gold(prompt, text)),
+                         "response_text": text, "length": len(episodes.responses[row]), "finished": eos,
+                         "kl_sum": kl_sum}, terminal))
+        self.record_episode_kls([info["kl_sum"] for info, _ in out])
+        return out
+
+
+class WorldParts:
+    """The world's parts, for agents and users of both envs: ``env.unwrapped.policy`` is the acting policy."""
+
+    world: RLHFWorld
+    task = property(lambda self: self.world.task)
+    tokenizer = property(lambda self: self.world.tokenizer)
+    policy = property(lambda self: self.world.policy)
+    reference = property(lambda self: self.world.reference)
+    reward_model = property(lambda self: self.world.reward_model)
+    beta = property(lambda self: self.world.beta)
+
+    def update_beta(self, kls: Sequence[float]) -> None:
+        """One KL-controller step for a batch of finished episodes' KL sums (`RLHFWorld.update_beta`)."""
+        self.world.update_beta(kls)
+
+    def beta_frozen(self):
+        """A block in which finished episodes do not move β (`RLHFWorld.beta_frozen`)."""
+        return self.world.beta_frozen()
+
+    def attach_agent(self, agent) -> None:
+        """kl_mode="agent": the agent whose ``action_logprobs`` the env asks for log π(a|s) at every step."""
+        self.world.attach_agent(agent)
+
+    def _require_acting_policy(self) -> None:
+        if self.world.policy is None:
+            raise RuntimeError(f"kl_mode={self.world.kl_mode!r}: the env holds no acting policy, so it has no "
+                               "next_token_logprobs (the agent samples from its own policy)")
