@@ -1,8 +1,9 @@
-"""What every LM agent here shares outside its update: the learn loop, the batch layout of episodes, acting,
-checkpoints and the command line. Plain functions (no base class): each agent module calls them by name.
+"""What every LM agent here shares outside its update: config checks, the learn loop, the batch layout of
+episodes, the optimizer step, acting, checkpoints and the command line. Plain functions (no base class): each agent
+module calls them by name and keeps its own state, listed in its ``__init__``.
 
-An agent, for these functions, has ``config`` (a frozen dataclass), ``lm`` (the env's acting policy, trained in
-place), ``world``, ``optimizer``, ``rng`` (numpy), ``generator`` (torch), ``logger``, the counters
+An agent, for these functions, has ``config`` (a frozen dataclass), ``envs`` and ``world``, ``lm`` (the env's
+acting policy, trained in place), ``optimizer``, ``rng`` (numpy), ``generator`` (torch), ``logger``, the counters
 ``num_timesteps`` / ``num_updates`` / ``num_episodes`` and ``update() -> dict``.
 
 Legend: ``B`` episodes, ``P`` query tokens (left-padded), ``T`` response tokens (right-padded).
@@ -11,11 +12,15 @@ Legend: ``B`` episodes, ``P`` query tokens (left-padded), ``T`` response tokens 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import inspect
 import json
 import math
+import textwrap
 import time
-from dataclasses import asdict, fields
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +29,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from agents.checkpoint import load_training_state, save_training_state
-from agents.metrics import MetricsLogger, diagnose, read_history
+from agents.metrics import diagnose, read_history
 from agents.rollout import Episodes, collect_episodes, unwrap_vector_env
 from rlhf_env.decoding.sampling import gumbel_max
 from rlhf_env.lm import pad_left, pad_right
 from rlhf_env.models import load_causal_lm
+from rlhf_env.vector_env import RLHFVectorEnv
+from rlhf_env.world import RLHFWorld
 
 AGENT_FILE = "agent.safetensors"
 COUNTERS = ("num_timesteps", "num_updates", "num_episodes")
@@ -69,33 +76,45 @@ def none_or(check):
 
 
 # ---------------------------------------------------------------- training
-def acting_world(agent, env, name: str, episodes_per_update: int | None):
-    """Attach the native vector env under `env` to `agent` (``envs``, ``world``, ``device``, ``lm``): the env's
-    acting policy is what the agent trains, so it must have one, and each rollout runs every row once."""
-    agent.envs = unwrap_vector_env(env)
-    world = agent.world = agent.envs.world
+def acting_world(env, name: str, episodes_per_update: int | None) -> tuple[RLHFVectorEnv, RLHFWorld]:
+    """The native vector env under `env` and its world, checked for an agent that trains the env's acting policy
+    (it must have one) with rollouts that run every row once (``episodes_per_update`` a multiple of ``num_envs``,
+    and no longer than an adaptive β's horizon)."""
+    envs = unwrap_vector_env(env)
+    world = envs.world
     if world.policy is None:
         raise ValueError(f"{name} trains the env's acting policy: make the env with kl_mode='policy' (the default)")
     if episodes_per_update is not None:
-        exact_div(episodes_per_update, agent.envs.num_envs, "episodes_per_update / num_envs")
+        exact_div(episodes_per_update, envs.num_envs, "episodes_per_update / num_envs")
         horizon = getattr(world.kl_controller, "horizon", None)  # an adaptive β moves once per rollout
         if horizon is not None and episodes_per_update > horizon:
             raise ValueError(f"episodes_per_update ({episodes_per_update}) must not exceed the env's kl_horizon "
                              f"({horizon}): β moves once per rollout by up to 0.2·episodes/horizon")
-    agent.device, agent.lm = world.device, world.policy
+    return envs, world
 
 
-def start_training(agent, params: list[torch.nn.Parameter], out_dir: str | Path | None, progress: bool) -> None:
-    """What every agent keeps to train and resume: Adam on `params`, numpy and torch RNGs seeded from
-    ``config.seed``, the counters and the metrics logger."""
-    cfg = agent.config
-    agent.params = params
-    agent.optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
-    agent.rng = np.random.default_rng(cfg.seed)
-    agent.generator = torch.Generator().manual_seed(cfg.seed)
-    agent.num_timesteps = agent.num_updates = agent.num_episodes = 0
-    agent.out_dir, agent.progress = out_dir, progress
-    agent.logger = MetricsLogger(out_dir)
+def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
+    """Adam on `params` with ``config.learning_rate`` and ``config.adam_eps`` (constant step size)."""
+    return torch.optim.Adam(params, lr=config.learning_rate, eps=config.adam_eps)
+
+
+def seeded_generators(seed: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The numpy generator (prompts, orders, seeds of rollouts) and the torch one (sampling) of an agent."""
+    return np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
+                 finite: bool = True) -> float | None:
+    """Clip the accumulated gradient to global norm `max_grad_norm` and take the optimizer step; returns the norm
+    before clipping. A loss that was not finite (``finite=False``) or a non-finite norm skips the step instead: the
+    gradients are dropped, the parameters stay as they are, and None is returned."""
+    if finite:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            return grad_norm.item()
+    optimizer.zero_grad(set_to_none=True)
+    return None
 
 
 def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True, unit: str = "tok",
@@ -134,14 +153,32 @@ def rollout(agent, prompts: list[str] | None = None) -> Episodes:
     return episodes
 
 
-def batch_tensors(episodes: Episodes, pad_token_id: int, device: torch.device,
-                  score_clip: float | None = None) -> dict[str, torch.Tensor]:
-    """Episodes as padded tensors: queries ``(B, P)`` left-padded, responses and per-token floats ``(B, T)``.
+@dataclass
+class Batch:
+    """Episodes as padded tensors: queries left-padded, responses and per-token floats right-padded, 0 on padding.
 
-    ``rewards`` are the env's per-token rewards (−β·KL_t, plus the score at the last token); with `score_clip`
-    only the score part of the last reward is clipped to ±score_clip (the KL part never is). ``valid (B,)`` (bool)
-    is False for episodes whose score the env masked (``nonfinite_reward="mask"``): they carry no data for a loss.
+    ``rewards`` are the env's per-token rewards (−β·KL_t, plus the score at the last token). ``valid`` is False for
+    episodes whose score the env masked (``nonfinite_reward="mask"``): they carry no data for a loss.
     """
+
+    query_ids: torch.Tensor  # (B, P)
+    query_mask: torch.Tensor  # (B, P)
+    responses: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T)
+    rewards: torch.Tensor  # (B, T)
+    env_logprobs: torch.Tensor  # (B, T) log π at sampling time (the env's forward)
+    valid: torch.Tensor  # (B,) bool
+
+    def text(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(query_ids, query_mask, responses, response_mask)`` of episodes `rows`: a training forward's input."""
+        rows = torch.as_tensor(rows, device=self.query_ids.device)
+        return self.query_ids[rows], self.query_mask[rows], self.responses[rows], self.response_mask[rows]
+
+
+def batch_tensors(episodes: Episodes, pad_token_id: int, device: torch.device,
+                  score_clip: float | None = None) -> Batch:
+    """`Episodes` as a `Batch`; with `score_clip` only the score part of the last reward is clipped to
+    ±score_clip (the KL part never is)."""
     query_ids, query_mask = pad_left(episodes.queries, pad_token_id, device)  # (B, P)
     responses, response_mask = pad_right(episodes.responses, pad_token_id, device=device)  # (B, T)
     width = responses.shape[1]
@@ -158,9 +195,8 @@ def batch_tensors(episodes: Episodes, pad_token_id: int, device: torch.device,
         scores = torch.tensor(episodes.scores, device=device)
         clipped = scores.clamp(-score_clip, score_clip)
         rewards[torch.arange(len(scores), device=device), last] += clipped - scores
-    return {"query_ids": query_ids, "query_mask": query_mask, "responses": responses,
-            "response_mask": response_mask, "rewards": rewards, "env_logprobs": floats(episodes.logprobs),
-            "valid": ~torch.tensor(episodes.score_nonfinite, dtype=torch.bool, device=device).reshape(-1)}
+    valid = ~torch.tensor(episodes.score_nonfinite, dtype=torch.bool, device=device).reshape(-1)
+    return Batch(query_ids, query_mask, responses, response_mask, rewards, floats(episodes.logprobs), valid)
 
 
 def autocast(device: torch.device):
@@ -223,28 +259,53 @@ def restore_agent(agent, directory: str | Path) -> tuple[dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------- command line
+def field_docs(config_cls) -> dict[str, str]:
+    """Each dataclass field's docstring (the string literal under it, as the configs here document their fields)."""
+    docs, body = {}, ast.parse(textwrap.dedent(inspect.getsource(config_cls))).body[0].body
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _flag(kind) -> dict:
+    """argparse settings for a field annotated `kind`: choices for a Literal, None from "none" for ``X | None``."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None
+        inner = _flag(next(a for a in args if a is not type(None)))
+        parse = inner["type"]
+        return dict(inner, type=lambda text: None if text.lower() == "none" else parse(text))
+    if typing.get_origin(kind) is typing.Literal:
+        return {"type": str, "choices": list(args)}
+    if kind is bool:
+        return {"type": lambda text: text.lower() in ("1", "true", "yes")}
+    return {"type": kind}
+
+
 def command_line(description: str, config_cls) -> argparse.ArgumentParser:
-    """The flags every agent's command line takes, plus one per field of `config_cls`."""
+    """The flags every agent's command line takes, plus one per field of `config_cls` (its docstring as help)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--task", default="sentiment")
+    parser.add_argument("--task", default="sentiment", help="built-in task (sentiment, verbose, arithmetic)")
     parser.add_argument("--reward", choices=["rm", "gold"], default="rm", help="learned reward model or gold (-GT)")
-    parser.add_argument("--total-timesteps", type=int, default=200_000)
-    parser.add_argument("--num-envs", type=int, default=64)
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--total-timesteps", type=int, default=200_000,
+                        help="training budget: env steps (tokens, idle rows included); DPO: preference pairs")
+    parser.add_argument("--num-envs", type=int, default=64, help="rows of the vector env (episodes per rollout)")
+    parser.add_argument("--beta", type=float, default=0.1, help="KL coefficient β (the initial β with --kl-target)")
     parser.add_argument("--kl-target", type=float, default=None, help="adaptive β toward this episode KL")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="directory for metrics.jsonl, the final model and summary")
-    parser.add_argument("--eval-episodes", type=int, default=512)
+    parser.add_argument("--eval-episodes", type=int, default=512, help="held-out episodes before and after training")
     parser.add_argument("--estimate-optimum", action="store_true",
                         help="also estimate the KL-regularised optimum of the gold reward (sampling from π_ref)")
     parser.add_argument("--diagnose", metavar="METRICS_JSONL", help="only diagnose an existing run and exit")
-    parser.add_argument("--no-progress", action="store_true")
-    parsers = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int, "str | None": str,
-               "bool": lambda s: s.lower() in ("1", "true", "yes")}
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    docs, hints = field_docs(config_cls), typing.get_type_hints(config_cls)
     for f in fields(config_cls):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=parsers[f.type], default=f.default,
-                            help=(f.metadata or {}).get("help"))
+        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help strings with %
+        parser.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, help=help_text,
+                            **_flag(hints[f.name]))
     return parser
 
 

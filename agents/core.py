@@ -8,6 +8,8 @@ call them directly with hand-computed values.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 
@@ -208,7 +210,8 @@ def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch
 
 
 # ---------------------------------------------------------------- DPO
-DPO_LOSSES = ("sigmoid", "ipo")
+DPOLoss = Literal["sigmoid", "ipo"]
+DPO_LOSSES = get_args(DPOLoss)
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,

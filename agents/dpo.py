@@ -30,10 +30,12 @@ import torch
 
 from agents.common import (
     acting_world,
+    adam,
     at_least_one,
     autocast,
     check_field,
     checkpoint_config,
+    clipped_step,
     exact_div,
     learn_loop,
     non_negative,
@@ -43,9 +45,10 @@ from agents.common import (
     restore_agent,
     run_command,
     save_agent,
-    start_training,
+    seeded_generators,
 )
-from agents.core import DPO_LOSSES, dpo_loss, logprobs_from_logits
+from agents.core import DPO_LOSSES, DPOLoss, dpo_loss, logprobs_from_logits
+from agents.metrics import MetricsLogger
 from agents.policy import response_logits
 from rlhf_env.assets import asset_dir, load_preference_pairs
 from rlhf_env.pipeline.preferences import load_pairs
@@ -54,7 +57,7 @@ from rlhf_env.text import PairedText, encode_pairs, model_max_length
 
 @dataclass(frozen=True)
 class DPOConfig:
-    loss_type: str = "sigmoid"
+    loss_type: DPOLoss = "sigmoid"
     """"sigmoid" (DPO) or "ipo" (see `agents.core.dpo_loss`)."""
     label_smoothing: float = 0.0
     """Probability ε that a label is flipped (conservative DPO); 0 is plain DPO."""
@@ -125,7 +128,8 @@ class DPO:
     def __init__(self, env, config: DPOConfig = DPOConfig(), out_dir: str | Path | None = None,
                  progress: bool = True):
         self.config = config
-        acting_world(self, env, "DPO", None)
+        self.envs, self.world = acting_world(env, "DPO", None)
+        self.device, self.lm = self.world.device, self.world.policy
         self.beta = float(self.world.beta)
         if not self.beta > 0:
             raise ValueError(f"DPO needs the env's beta > 0 (its loss is a function of β·log-ratio), got {self.beta}")
@@ -137,7 +141,11 @@ class DPO:
         eval_pairs = self._pairs(config.eval_pairs, "eval", required=False)
         self.eval_pairs = (None if eval_pairs is None
                            else Preferences(eval_pairs, tokenizer, reference, reference_backend, self.device))
-        start_training(self, [p for p in self.lm.parameters() if p.requires_grad], out_dir, progress)
+        self.params = [p for p in self.lm.parameters() if p.requires_grad]
+        self.optimizer = adam(self.params, config)
+        self.rng, self.generator = seeded_generators(config.seed)
+        self.num_timesteps = self.num_updates = self.num_episodes = 0
+        self.progress, self.logger = progress, MetricsLogger(out_dir)
         self.order = self.rng.permutation(len(self.train_pairs))  # this epoch's order of the pairs
         self.position, self.epoch = 0, 0
 
@@ -193,19 +201,15 @@ class DPO:
             for key, value in [("losses", losses), ("chosen", chosen_rewards), ("rejected", rejected_rewards),
                                ("chosen_logps", chosen), ("rejected_logps", rejected)]:
                 parts[key].append(value.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if finite else None
-        skipped = not finite or not torch.isfinite(grad_norm)
-        if skipped:  # parameters stay as they are
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
+        grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite)
+        skipped = grad_norm is None  # parameters stay as they are
         self.num_updates += 1
         self.num_timesteps += len(batch)
         seconds = time.perf_counter() - start
         metrics = {"time/updates": self.num_updates, "time/timesteps": self.num_timesteps, "train/epoch": self.epoch,
                    **self._pair_stats({k: torch.cat(v) if v else torch.full((1,), float("nan"))
                                        for k, v in parts.items()}),
-                   "train/grad_norm": float("nan") if grad_norm is None else grad_norm.item(),
+                   "train/grad_norm": float("nan") if grad_norm is None else grad_norm,
                    "train/skipped": int(skipped), "time/pairs_per_s": len(batch) / seconds,
                    "time/update_seconds": seconds}
         self.logger.log(metrics)

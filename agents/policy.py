@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -16,7 +17,8 @@ from torch import nn
 from rlhf_env.decoding.gpt2 import gpt2_response_forward
 from rlhf_env.lm import position_ids, response_columns
 
-VALUE_INITS = ("zero", "small", "reward_model")
+ValueInit = Literal["zero", "small", "reward_model"]
+VALUE_INITS = get_args(ValueInit)
 
 
 def response_logits(lm: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
@@ -57,7 +59,7 @@ class ActorCritic(nn.Module):
         reward_model: the env's `RewardModel`, only read for ``value_init="reward_model"``.
     """
 
-    def __init__(self, lm: nn.Module, backend: str, value_init: str = "zero", separate_critic: bool = False,
+    def __init__(self, lm: nn.Module, backend: str, value_init: ValueInit = "zero", separate_critic: bool = False,
                  reward_model: nn.Module | None = None):
         super().__init__()
         if value_init not in VALUE_INITS:

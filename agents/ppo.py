@@ -17,17 +17,21 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 
 from agents.common import (
+    Batch,
     acting_world,
+    adam,
     at_least_one,
     autocast,
     batch_tensors,
     check_field,
     checkpoint_config,
+    clipped_step,
     exact_div,
     learn_loop,
     non_negative,
@@ -38,7 +42,7 @@ from agents.common import (
     rollout,
     run_command,
     save_agent,
-    start_training,
+    seeded_generators,
     unit_interval,
 )
 from agents.core import (
@@ -51,7 +55,8 @@ from agents.core import (
     policy_loss,
     value_loss,
 )
-from agents.policy import VALUE_INITS, ActorCritic
+from agents.metrics import MetricsLogger
+from agents.policy import ActorCritic, ValueInit
 from agents.rollout import episode_stats
 from rlhf_env.pipeline.sft import sft_loss
 from rlhf_env.text import encode_pairs
@@ -100,7 +105,7 @@ class PPOConfig:
     """Micro-batches per minibatch (gradients are summed, then one step)."""
     separate_critic: bool = False
     """Give the critic its own trunk instead of a head on the policy's."""
-    value_init: str = "zero"
+    value_init: ValueInit = "zero"
     """Value head init: "zero", "small", or "reward_model" (needs separate_critic)."""
     seed: int = 0
     """Seeds the value head, the rollouts' prompts and samples, the minibatch order and the ptx demonstrations."""
@@ -118,7 +123,7 @@ class PPOConfig:
         for name in ("gamma", "lam"):
             check_field(self, name, unit_interval, "in [0, 1]")
         check_field(self, "ent_coef", math.isfinite, "finite")
-        check_field(self, "value_init", VALUE_INITS.__contains__, f"one of {VALUE_INITS}")
+        check_field(self, "value_init", get_args(ValueInit).__contains__, f"one of {get_args(ValueInit)}")
         _ = self.num_minibatches, self.micro_batch_size  # the sizes must divide
 
     @property
@@ -141,13 +146,18 @@ class PPO:
     def __init__(self, env, config: PPOConfig = PPOConfig(), out_dir: str | Path | None = None,
                  progress: bool = True):
         self.config = config
-        acting_world(self, env, "PPO", config.episodes_per_update)
+        self.envs, self.world = acting_world(env, "PPO", config.episodes_per_update)
         if config.ptx_coef > 0:  # PPO-ptx needs the task's demonstrations: a task without them raises here
             self.world.task.demonstrations(0, np.random.default_rng(0))
+        self.device, self.lm = self.world.device, self.world.policy
         torch.manual_seed(config.seed)  # the value head's init
         self.model = ActorCritic(self.lm, self.world.backends["policy"], config.value_init, config.separate_critic,
                                  self.world.reward_model)
-        start_training(self, [p for p in self.model.parameters() if p.requires_grad], out_dir, progress)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = adam(self.params, config)
+        self.rng, self.generator = seeded_generators(config.seed)
+        self.num_timesteps = self.num_updates = self.num_episodes = 0
+        self.progress, self.logger = progress, MetricsLogger(out_dir)
 
     # ---------------------------------------------------------------- training
     def learn(self, total_timesteps: int, callback=None) -> PPO:
@@ -168,7 +178,7 @@ class PPO:
         b = batch_tensors(episodes, self.world.pad_token_id, self.device, cfg.score_clip)
         # Tokens that carry a loss: every response token, except those of episodes whose score the env masked
         # (no value target, no advantage, in no whitening or mean).
-        mask = b["response_mask"].float() * b["valid"].float()[:, None]  # (B, T)
+        mask = b.response_mask.float() * b.valid.float()[:, None]  # (B, T)
         # 2. old log-probs and values, in the training forward's layout: the first minibatch of epoch 0 repeats
         #    this computation exactly, so its ratio is exactly 1 (the env's incremental KV-cache log-probs agree
         #    with these only to ~1e-6, so they are used for the reward, not for the ratio).
@@ -177,11 +187,11 @@ class PPO:
         with torch.no_grad():
             for micro in self._micro_batches(orders[0]):
                 logits, values = self._forward(b, micro)
-                old_logprobs[micro] = logprobs_from_logits(logits, b["responses"][micro])
+                old_logprobs[micro] = logprobs_from_logits(logits, b.responses[micro])
                 old_values[micro] = values
-        rollout_mismatch = float(((old_logprobs - b["env_logprobs"]).abs() * mask).max())
+        rollout_mismatch = float(((old_logprobs - b.env_logprobs).abs() * mask).max())
         # 3. advantages: GAE over response tokens; the episode's last token is terminal (value 0 after it).
-        rewards = b["rewards"]
+        rewards = b.rewards
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, T) each
@@ -203,16 +213,14 @@ class PPO:
                     continue
                 sums = self._minibatch_gradients(b, minibatch, mask, num_tokens, old_logprobs, old_values,
                                                  advantages, returns)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if sums else None
-                if not sums or not torch.isfinite(grad_norm):  # skip this step: parameters stay as they are
-                    self.optimizer.zero_grad(set_to_none=True)
+                grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=bool(sums))
+                if grad_norm is None:  # a loss or the gradient was not finite: parameters stay as they are
                     skipped += 1
                     continue
                 for key, value in sums.items():
                     log[key].append(value)
-                log["train/grad_norm"].append(grad_norm.item())
+                log["train/grad_norm"].append(grad_norm)
                 epoch_kl.append(sums["policy/approx_kl"])
-                self.optimizer.step()
             epochs_run += 1
             if cfg.target_kl is not None and epoch_kl and np.mean(epoch_kl) > cfg.target_kl:
                 break
@@ -233,7 +241,7 @@ class PPO:
         self.logger.log(metrics)
         return metrics
 
-    def _minibatch_gradients(self, b: dict, minibatch: np.ndarray, mask: torch.Tensor, num_tokens: torch.Tensor,
+    def _minibatch_gradients(self, b: Batch, minibatch: np.ndarray, mask: torch.Tensor, num_tokens: torch.Tensor,
                              old_logprobs: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor,
                              returns: torch.Tensor) -> dict[str, float]:
         """Accumulate one minibatch's gradient over its micro-batches (zeroed first); return the minibatch's loss
@@ -246,7 +254,7 @@ class PPO:
         for micro, ptx in zip(micro_batches, ptx_parts):
             m = mask[micro]
             logits, values = self._forward(b, micro)
-            logprobs = logprobs_from_logits(logits, b["responses"][micro])  # (b, T)
+            logprobs = logprobs_from_logits(logits, b.responses[micro])  # (b, T)
             entropy = masked_mean(entropy_from_logits(logits), m, num_tokens)
             pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[micro], advantages[micro], m, cfg.clip_range,
                                             num_tokens)
@@ -279,12 +287,10 @@ class PPO:
     def _micro_batches(self, order: np.ndarray) -> list[np.ndarray]:
         return np.split(order, len(order) // self.config.micro_batch_size)
 
-    def _forward(self, b: dict, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, b: Batch, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(b, T, V)`` at the sampling temperature and values ``(b, T)`` for episodes `rows`."""
-        rows = torch.as_tensor(rows, device=self.device)
-        args = (b["query_ids"][rows], b["query_mask"][rows], b["responses"][rows], b["response_mask"][rows])
         with autocast(self.device):
-            return self.model(*args, temperature=self.world.temperature)
+            return self.model(*b.text(rows), temperature=self.world.temperature)
 
     # ---------------------------------------------------------------- acting and checkpoints
     def predict(self, observation: dict, deterministic: bool = False) -> tuple[np.ndarray, None]:

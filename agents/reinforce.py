@@ -34,17 +34,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
 from agents.common import (
+    Batch,
     acting_world,
+    adam,
     at_least_one,
     autocast,
     batch_tensors,
     check_field,
     checkpoint_config,
+    clipped_step,
     exact_div,
     learn_loop,
     non_negative,
@@ -55,7 +59,7 @@ from agents.common import (
     rollout,
     run_command,
     save_agent,
-    start_training,
+    seeded_generators,
 )
 from agents.core import (
     entropy_from_logits,
@@ -68,10 +72,11 @@ from agents.core import (
     reward_to_go,
     rloo_baseline,
 )
+from agents.metrics import MetricsLogger
 from agents.policy import ActorCritic, response_logits
 from agents.rollout import episode_stats
 
-BASELINES = ("moving_average", "rloo", "value", "none")
+Baseline = Literal["moving_average", "rloo", "value", "none"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ class ReinforceConfig:
     """Episodes per update (a multiple of the vector env's num_envs and of samples_per_prompt)."""
     samples_per_prompt: int = 4
     """K samples of each prompt per update (rloo and group_norm need K ≥ 2; other baselines accept K = 1)."""
-    baseline: str = "rloo"
+    baseline: Baseline = "rloo"
     """"moving_average", "rloo", "value" or "none" (see the module docstring)."""
     group_norm: bool = False
     """Divide advantages by the std of their prompt's K returns (GRPO-style)."""
@@ -99,7 +104,7 @@ class ReinforceConfig:
     """Episodes per forward/backward; the micro-batches' gradients add up to one step (None: the whole batch)."""
     vf_coef: float = 0.1
     """Value-loss coefficient (baseline "value" only)."""
-    value_init: str = "zero"
+    value_init: Literal["zero", "small"] = "zero"
     """Value head init for baseline "value": "zero" or "small"."""
     group_norm_eps: float = 1e-4
     """Added to the group std before dividing (a group with equal returns has zero advantages anyway)."""
@@ -115,8 +120,7 @@ class ReinforceConfig:
         for name in ("adam_eps", "max_grad_norm", "group_norm_eps"):
             check_field(self, name, positive, "a finite number > 0")
         check_field(self, "value_init", ("zero", "small").__contains__, "'zero' or 'small'")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        check_field(self, "baseline", get_args(Baseline).__contains__, f"one of {get_args(Baseline)}")
         if (self.baseline == "rloo" or self.group_norm) and self.samples_per_prompt < 2:
             raise ValueError("baseline='rloo' and group_norm need samples_per_prompt ≥ 2")
         if not 0 <= self.ema_decay < 1:
@@ -133,11 +137,15 @@ class Reinforce:
     def __init__(self, env, config: ReinforceConfig = ReinforceConfig(), out_dir: str | Path | None = None,
                  progress: bool = True):
         self.config = config
-        acting_world(self, env, "Reinforce", config.episodes_per_update)
+        self.envs, self.world = acting_world(env, "Reinforce", config.episodes_per_update)
+        self.device, self.lm, self.backend = self.world.device, self.world.policy, self.world.backends["policy"]
         torch.manual_seed(config.seed)  # the value head's init
-        backend = self.world.backends["policy"]
-        self.model = ActorCritic(self.lm, backend, config.value_init) if config.baseline == "value" else None
-        start_training(self, [p for p in (self.model or self.lm).parameters() if p.requires_grad], out_dir, progress)
+        self.model = ActorCritic(self.lm, self.backend, config.value_init) if config.baseline == "value" else None
+        self.params = [p for p in (self.model or self.lm).parameters() if p.requires_grad]
+        self.optimizer = adam(self.params, config)
+        self.rng, self.generator = seeded_generators(config.seed)
+        self.num_timesteps = self.num_updates = self.num_episodes = 0
+        self.progress, self.logger = progress, MetricsLogger(out_dir)
         self.moving_average = 0.0  # the "moving_average" baseline: EMA of past batches' mean return
 
     def learn(self, total_timesteps: int, callback=None) -> Reinforce:
@@ -161,13 +169,13 @@ class Reinforce:
         b = batch_tensors(episodes, self.world.pad_token_id, self.device)
         # Episodes that carry a loss: not those whose score the env masked (their return is not data), and, where
         # group statistics are taken, not those left without another valid sample of their prompt (no baseline).
-        usable = b["valid"]  # (B,)
+        usable = b.valid  # (B,)
         if cfg.baseline == "rloo" or cfg.group_norm:
             usable = usable & (group_counts(usable, k) >= 2)
-        mask = b["response_mask"].float() * usable.float()[:, None]  # (B, T)
+        mask = b.response_mask.float() * usable.float()[:, None]  # (B, T)
         # 2. returns: the env's per-token rewards (−β·KL_t, + the score at the last token), summed.
-        episode_returns = b["rewards"].sum(1)  # (B,)  G
-        returns = reward_to_go(b["rewards"], mask) if cfg.reward_to_go else episode_returns[:, None] * mask  # (B, T)
+        episode_returns = b.rewards.sum(1)  # (B,)  G
+        returns = reward_to_go(b.rewards, mask) if cfg.reward_to_go else episode_returns[:, None] * mask  # (B, T)
         # 3. baselines (b does not depend on the sample's own actions) and advantages A = G − b.
         if cfg.baseline == "rloo":
             baseline = rloo_baseline(episode_returns, k, usable)[:, None] * mask  # (B, T)
@@ -196,7 +204,7 @@ class Reinforce:
                 break
             m = mask[micro]
             logits, values = self._forward(b, micro)
-            logprobs = logprobs_from_logits(logits, b["responses"][micro])  # (b, T)
+            logprobs = logprobs_from_logits(logits, b.responses[micro])  # (b, T)
             micro_advantages = advantages[micro]
             vf_loss = torch.zeros((), device=self.device)
             if values is not None:
@@ -213,12 +221,8 @@ class Reinforce:
             for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
                                ("policy/entropy", masked_mean(entropy_from_logits(logits.detach()), m, num_tokens))):
                 log[key] += value.item()  # micro-batch shares add up to the batch's values
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if finite and not no_signal else None
-        skipped = not finite or no_signal or not torch.isfinite(grad_norm)
-        if skipped:  # parameters stay as they are
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
+        grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=finite and not no_signal)
+        skipped = grad_norm is None  # parameters stay as they are
         if no_signal or not finite:
             log = dict.fromkeys(log, float("nan"))
         # 5. stats
@@ -233,21 +237,19 @@ class Reinforce:
                    else float("nan"),
                    "val/baseline_mean": float(masked_mean(baseline + values_seen, mask)),
                    "val/explained_variance": explained_variance(baseline + values_seen, returns, mask),
-                   "train/grad_norm": float("nan") if grad_norm is None else grad_norm.item(),
+                   "train/grad_norm": float("nan") if grad_norm is None else grad_norm,
                    "train/skipped": int(skipped and not no_signal), "train/no_signal": int(no_signal),
                    "time/tokens_per_s": episodes.tokens / rollout_seconds,
                    "time/update_seconds": time.perf_counter() - start}
         self.logger.log(metrics)
         return metrics
 
-    def _forward(self, b: dict, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(self, b: Batch, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(b, T, V)`` at the sampling temperature, and values ``(b, T)`` for baseline "value"."""
-        rows = torch.as_tensor(rows, device=self.device)
-        args = (b["query_ids"][rows], b["query_mask"][rows], b["responses"][rows], b["response_mask"][rows])
         with autocast(self.device):
             if self.model is not None:
-                return self.model(*args, temperature=self.world.temperature)
-            return response_logits(self.lm, *args, self.world.backends["policy"], self.world.temperature)[0], None
+                return self.model(*b.text(rows), temperature=self.world.temperature)
+            return response_logits(self.lm, *b.text(rows), self.backend, self.world.temperature)[0], None
 
     # ---------------------------------------------------------------- acting and checkpoints
     def predict(self, observation: dict, deterministic: bool = False) -> tuple[np.ndarray, None]:
