@@ -38,7 +38,7 @@ def reference_logprob(env, prompt_ids, response):
     return float(response_logprobs(world.reference, q, qm, r, rm).sum())
 
 
-def test_agent_mode_kl_sums_to_the_agents_sequence_log_ratio():
+def test_agent_mode_kl_sums_to_the_agents_sequence_log_ratio(reference_logprob):
     env = RLHFEnv(kl_mode="agent", beta=0.2)
     agent = TableAgent(env.world.vocab_size)
     env.attach_agent(agent)

@@ -14,10 +14,8 @@ from gymnasium.error import InvalidAction, ResetNeeded
 
 import rlhf_env  # registers RLHF-v0 and the per-task ids
 from rlhf_env.assets import asset_dir
-from rlhf_env.decoding.gpt2 import GPT2Stack
 from rlhf_env.env import RLHFEnv
 from rlhf_env.lm import pad_left, pad_right, response_logprobs
-from rlhf_env.models import load_causal_lm
 from rlhf_env.reward import NonFiniteReward
 from rlhf_env.tasks import FileTask
 
@@ -25,37 +23,6 @@ from rlhf_env.tasks import FileTask
 @pytest.fixture(scope="module")
 def env():
     return RLHFEnv()
-
-
-def perturbed_policy(scale=0.05, seed=0):
-    """π_SFT with noise on its weights: a policy that differs from the reference."""
-    policy = load_causal_lm(asset_dir("sentiment") / "policy")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return policy
-
-
-def count_model_forwards(monkeypatch, models: dict, lean: bool = True) -> tuple[dict, dict]:
-    """Count, per named model, the forwards it really runs and the real (unmasked) tokens fed to them: on the lean
-    path every `GPT2Stack.forward` runs each model it stacks; on any other path (``lean=False``) the model's token
-    embedding runs (counted by a hook, which itself keeps a model off the lean path)."""
-    calls, tokens = dict.fromkeys(models, 0), dict.fromkeys(models, 0)
-    names = {id(model): name for name, model in models.items()}
-    stacked_forward = GPT2Stack.forward
-
-    def counting_forward(stack, ids, attention_mask, positions, cache):
-        for model in stack.models:
-            calls[names[id(model)]] += 1
-            tokens[names[id(model)]] += int(attention_mask[:, -ids.shape[1]:].sum())
-        return stacked_forward(stack, ids, attention_mask, positions, cache)
-
-    monkeypatch.setattr(GPT2Stack, "forward", counting_forward)
-    for name, model in models.items() if not lean else []:
-        model.get_input_embeddings().register_forward_hook(
-            lambda module, args, out, name=name: calls.__setitem__(name, calls[name] + 1))
-    return calls, tokens
 
 
 def sampled_episode(env, seed, prompt_seed=0, options=None):
@@ -97,7 +64,7 @@ def test_each_built_in_task_has_its_own_id_single_and_vector(task):
     assert envs.unwrapped.task.name == task and envs.action_space.shape == (2,)
 
 
-def test_kl_terms_sum_to_the_sequence_log_ratio():
+def test_kl_terms_sum_to_the_sequence_log_ratio(perturbed_policy):
     env = RLHFEnv(policy=perturbed_policy(), beta=0.3)
     for seed in range(3):
         steps = sampled_episode(env, seed, prompt_seed=seed)
@@ -124,16 +91,17 @@ def test_policy_equal_to_reference_gives_exactly_zero_kl(env):
             assert reward == 0.0
 
 
-def test_k3_estimator_is_never_negative():
+def test_k3_estimator_is_never_negative(perturbed_policy):
     env = RLHFEnv(policy=perturbed_policy(), kl_estimator="k3")
     kls = [s[3]["kl"] for s in sampled_episode(env, seed=0)[1:]]
     assert all(k >= 0 for k in kls) and any(k > 0 for k in kls)
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean-stacked", "own-forward"])
-def test_one_policy_and_one_reference_forward_per_token_one_rm_forward_per_episode(monkeypatch, lean):
+def test_one_policy_and_one_reference_forward_per_token_one_rm_forward_per_episode(monkeypatch, lean,
+                                                                                   count_model_forwards):
     env = RLHFEnv(backend="gpt2" if lean else "hf")
-    calls, fed = count_model_forwards(monkeypatch, {"policy": env.policy, "reference": env.reference}, lean)
+    calls, fed = count_model_forwards({"policy": env.policy, "reference": env.reference}, lean)
     rm_calls = []
     score = env.reward_model.score
     monkeypatch.setattr(env.reward_model, "score", lambda *a, **k: rm_calls.append(1) or score(*a, **k))

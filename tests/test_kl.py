@@ -92,12 +92,11 @@ def test_off_target_beta_moves_by_e_to_the_0_2_per_horizon():
     assert 0.1 * 1.02**10 == pytest.approx(0.1 * math.exp(0.2), rel=0.01)
 
 
-def two_row_episode_kls(target, **kwargs):
+def two_row_episode_kls(policy, target, **kwargs):
     """Both rows of a 2-row env emit EOS on the first step, so both episodes end in the same step; returns the env
     and the two episodes' KL sums."""
-    from test_env import perturbed_policy
 
-    envs = adaptive_envs(target=target, policy=perturbed_policy(scale=0.05), kl_estimator="k3", **kwargs)
+    envs = adaptive_envs(target=target, policy=policy, kl_estimator="k3", **kwargs)
     envs.reset(seed=3)
     eos = envs.unwrapped.world.eos_token_id
     _, _, terminated, _, infos = envs.step(np.array([eos, eos]))
@@ -105,15 +104,15 @@ def two_row_episode_kls(target, **kwargs):
     return envs, infos["kl_sum"]
 
 
-def test_the_vector_env_moves_beta_once_per_batch_of_episodes_by_their_mean():
-    _, kls = two_row_episode_kls(target=1.0)
+def test_the_vector_env_moves_beta_once_per_batch_of_episodes_by_their_mean(perturbed_policy):
+    _, kls = two_row_episode_kls(perturbed_policy(scale=0.05), target=1.0)
     assert kls.min() > 0 and abs(kls[0] - kls[1]) > 0.1 * kls.max()  # two different, positive KLs (k3 ≥ 0)
     # Target = their mean: the batch's error is 0 and β must not move; per episode, the errors ±x move it.
-    envs, again = two_row_episode_kls(target=float(kls.mean()))
+    envs, again = two_row_episode_kls(perturbed_policy(scale=0.05), target=float(kls.mean()))
     assert np.array_equal(again, kls)
     assert envs.unwrapped.beta == pytest.approx(0.1, abs=1e-15)
     # A batch of one episode (kl_batch_episodes=1) is the rule applied to each: β moves.
-    envs, _ = two_row_episode_kls(target=float(kls.mean()), kl_batch_episodes=1)
+    envs, _ = two_row_episode_kls(perturbed_policy(scale=0.05), target=float(kls.mean()), kl_batch_episodes=1)
     assert envs.unwrapped.beta != pytest.approx(0.1, abs=1e-9)
 
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
-from test_env import perturbed_policy
 
 from rlhf_env.env import RLHFEnv
 from rlhf_env.vector_env import RLHFVectorEnv
@@ -48,14 +47,16 @@ def test_reference_mode_passes_sb3_check_and_runs_vectorised():
             assert not info["logprob"].any()
 
 
-@pytest.mark.parametrize("kwargs", [dict(policy=perturbed_policy()), dict(kl_estimator="k3"), dict(kl_target=3.0),
+@pytest.mark.parametrize("kwargs", [dict(policy="perturbed"), dict(kl_estimator="k3"), dict(kl_target=3.0),
                                     dict(kl_mode="ppo")])
-def test_reference_mode_rejects_what_it_cannot_honour(kwargs):
+def test_reference_mode_rejects_what_it_cannot_honour(kwargs, perturbed_policy):
+    if kwargs.get("policy") == "perturbed":
+        kwargs = dict(kwargs, policy=perturbed_policy())
     with pytest.raises(ValueError):
         RLHFEnv(**{"kl_mode": "reference", **kwargs})
 
 
-def test_adaptive_beta_with_batches_of_one_moves_after_every_finished_episode_by_ziegler_rule():
+def test_adaptive_beta_with_batches_of_one_moves_after_every_finished_episode_by_ziegler_rule(perturbed_policy):
     env = RLHFEnv(policy=perturbed_policy(scale=0.05), beta=0.2, kl_target=1.0, kl_horizon=50, kl_batch_episodes=1)
     rng = np.random.default_rng(0)
     betas = []

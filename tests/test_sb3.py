@@ -6,7 +6,6 @@ import torch
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
-from test_agent_mode import reference_logprob
 
 from rlhf_env.agent import Agent
 from rlhf_env.sb3 import SB3PolicyLogprobs, SB3VecEnv
@@ -18,7 +17,7 @@ def venv():
     return SB3VecEnv.make(num_envs=3, max_new_tokens=5, beta=0.3)
 
 
-def test_sb3_policy_kl_is_log_pi_sb3_minus_log_pi_ref(venv):
+def test_sb3_policy_kl_is_log_pi_sb3_minus_log_pi_ref(venv, reference_logprob):
     model = PPO("MultiInputPolicy", venv, n_steps=8, batch_size=24, seed=0)
     venv.attach(model)
     assert isinstance(SB3PolicyLogprobs(model), Agent)

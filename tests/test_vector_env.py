@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.error import InvalidAction, ResetNeeded
-from test_env import count_model_forwards, perturbed_policy
 
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
 from rlhf_env.env import RLHFEnv
@@ -54,7 +53,7 @@ def test_rows_draw_the_prompts_of_single_envs_seeded_seed_plus_row():
     assert list(infos["prompt"]) == singles
 
 
-def test_kl_seam_is_exact_per_row_across_restarts_and_cache_compaction():
+def test_kl_seam_is_exact_per_row_across_restarts_and_cache_compaction(perturbed_policy):
     envs = RLHFVectorEnv(num_envs=4, policy=perturbed_policy(scale=0.02), beta=0.2, compact_at=48)
     rng = np.random.default_rng(1)
     envs.reset(seed=0)
@@ -81,9 +80,9 @@ def test_kl_seam_is_exact_per_row_across_restarts_and_cache_compaction():
     assert compactions_seen and largest > 0.1  # the cache was compacted, and the policies really differ
 
 
-def test_each_token_goes_through_each_model_once_and_the_rm_once_per_ending_step(monkeypatch):
+def test_each_token_goes_through_each_model_once_and_the_rm_once_per_ending_step(monkeypatch, count_model_forwards):
     envs = RLHFVectorEnv(num_envs=8)
-    calls, tokens = count_model_forwards(monkeypatch, {"policy": envs.policy, "reference": envs.reference})
+    calls, tokens = count_model_forwards({"policy": envs.policy, "reference": envs.reference})
     calls["reward"] = 0
     score = envs.reward_model.score
     monkeypatch.setattr(envs.reward_model, "score", lambda *a, **k: calls.__setitem__("reward", calls["reward"] + 1)

@@ -7,7 +7,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from agent_helpers import small_pairs
 
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
 from agents.core import policy_loss, value_loss
@@ -130,9 +129,9 @@ def test_split_batches_with_masked_episodes_equal_the_whole_batch(algorithm):
         assert relative_difference(first_step_gradient(agent(split)), whole) <= TOLERANCE, split
 
 
-def test_dpo_micro_batches_equal_the_whole_batch(tmp_path):
+def test_dpo_micro_batches_equal_the_whole_batch(tmp_path, small_pairs):
     # DPO already summed its per-pair losses over the whole batch: this guards that it stays so.
-    pairs = small_pairs(tmp_path, n=64)
+    pairs = small_pairs(64)
     config = dict(batch_size=8, max_grad_norm=1e9, pairs=pairs, eval_pairs=pairs, seed=0)
     whole = first_step_gradient(DPO(envs(beta=0.1), DPOConfig(**config), progress=False))
     for micro in (1, 2, 4):

@@ -5,7 +5,6 @@ sizes and coefficients that would crash or silently do nothing sensible mid-trai
 import gymnasium as gym
 import numpy as np
 import pytest
-from agent_helpers import small_pairs
 
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
 from agents.dpo import DPO, DPOConfig
@@ -61,11 +60,11 @@ def test_bad_sizes_and_coefficients_are_refused_naming_the_field(algorithm, opti
         config_cls(**options)
 
 
-def test_refusals_that_depend_on_the_env_come_at_construction(tmp_path):
+def test_refusals_that_depend_on_the_env_come_at_construction(tmp_path, small_pairs):
     with pytest.raises(ValueError, match="num_envs"):  # a rollout runs every row once
         PPO(gym.make_vec("RLHF-v0", num_envs=2), PPOConfig(episodes_per_update=3, minibatch_size=3))
     with pytest.raises(ValueError, match="beta"):  # the DPO loss is a function of β·log-ratio
-        DPO(gym.make_vec("RLHF-v0", num_envs=1, beta=0.0), DPOConfig(pairs=small_pairs(tmp_path, n=8)))
+        DPO(gym.make_vec("RLHF-v0", num_envs=1, beta=0.0), DPOConfig(pairs=small_pairs(8)))
     with pytest.raises(ValueError, match="max_new_tokens"):
         gym.make_vec("RLHF-v0", num_envs=1, max_new_tokens=0)
     from rlhf_env.assets import asset_dir
@@ -111,10 +110,10 @@ DEGENERATE = [
 
 @pytest.mark.parametrize("algorithm, options, env_options", DEGENERATE,
                          ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(DEGENERATE)])
-def test_degenerate_but_valid_sizes_train(algorithm, options, env_options, tmp_path):
+def test_degenerate_but_valid_sizes_train(algorithm, options, env_options, tmp_path, small_pairs):
     agent_cls, config_cls = AGENTS[algorithm]
     if algorithm == "dpo":
-        pairs = small_pairs(tmp_path, n=8)
+        pairs = small_pairs(8)
         options = dict(options, pairs=pairs, eval_pairs=pairs)
     envs = gym.make_vec("RLHF-v0", beta=0.1, kl_target=1.0, **env_options)
     agent = agent_cls(envs, config_cls(**options), progress=False)

@@ -7,7 +7,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from agent_helpers import digest, small_pairs
 
 import agents.dpo
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
@@ -23,8 +22,8 @@ def make_envs(**kwargs):
     return gym.make_vec("RLHF-v0", num_envs=8, max_new_tokens=8, **kwargs)
 
 
-def small_config(tmp_path, n=64, n_eval=64, **kwargs):
-    return DPOConfig(pairs=small_pairs(tmp_path, n), eval_pairs=small_pairs(tmp_path, n_eval, "eval"), **kwargs)
+def small_config(small_pairs, n=64, n_eval=64, **kwargs):
+    return DPOConfig(pairs=small_pairs(n), eval_pairs=small_pairs(n_eval, "eval"), **kwargs)
 
 
 @pytest.mark.parametrize("loss_type, smoothing, beta, loss, d_chosen", [
@@ -45,22 +44,22 @@ def test_loss_and_gradient_match_a_hand_computed_pair(loss_type, smoothing, beta
     assert chosen_reward.item() == pytest.approx(beta * 0.5) and rejected_reward.item() == pytest.approx(-beta * 0.5)
 
 
-def test_policy_equal_to_reference_gives_exactly_ln2_and_zero_implicit_rewards(tmp_path):
+def test_policy_equal_to_reference_gives_exactly_ln2_and_zero_implicit_rewards(tmp_path, small_pairs):
     logps = torch.tensor([-3.0, -7.5, -0.25])
     losses, chosen, rejected = dpo_loss(logps, logps.flip(0), logps, logps.flip(0), beta=0.1)
     assert torch.equal(losses, torch.full((3,), math.log(2))) and not chosen.any() and not rejected.any()
     # The agent's first update: π starts as π_SFT = π_ref.
-    agent = DPO(make_envs(beta=0.1), small_config(tmp_path, batch_size=32), progress=False)
+    agent = DPO(make_envs(beta=0.1), small_config(small_pairs, batch_size=32), progress=False)
     metrics = agent.update()
     assert metrics["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(metrics["rewards/chosen"]) < 1e-6 and abs(metrics["rewards/margins"]) < 1e-6
     assert agent.evaluate_preferences()["eval_rewards/accuracies"] != 0.5  # after one step: no longer all ties
 
 
-def test_padding_never_enters_the_sums(tmp_path):
+def test_padding_never_enters_the_sums(tmp_path, small_pairs):
     envs = make_envs()
     world = envs.unwrapped.world
-    pairs = load_pairs(small_pairs(tmp_path, 8))
+    pairs = load_pairs(small_pairs(8))
     text = encode_pairs(world.tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], 64)
     lengths = text.query_mask.sum(1) + text.response_mask.sum(1)
     short = int(lengths.argmin())
@@ -96,16 +95,16 @@ def test_bad_configs_are_refused():
             DPOConfig(**kwargs)
 
 
-def test_each_update_trains_the_policy_and_never_the_reference(tmp_path):
+def test_each_update_trains_the_policy_and_never_the_reference(tmp_path, digest, small_pairs):
     envs = make_envs()
-    agent = DPO(envs, small_config(tmp_path, batch_size=16, micro_batch_size=8), progress=False)
+    agent = DPO(envs, small_config(small_pairs, batch_size=16, micro_batch_size=8), progress=False)
     reference, policy = digest(envs.unwrapped.reference), digest(agent.lm)
     agent.update()
     assert digest(envs.unwrapped.reference) == reference and digest(agent.lm) != policy
 
 
-def test_non_finite_loss_skips_the_step(tmp_path):
-    agent = DPO(make_envs(), small_config(tmp_path, batch_size=16), progress=False)
+def test_non_finite_loss_skips_the_step(tmp_path, digest, small_pairs):
+    agent = DPO(make_envs(), small_config(small_pairs, batch_size=16), progress=False)
     with torch.no_grad():
         agent.lm.transformer.ln_f.weight.fill_(float("nan"))
     before = digest(agent.lm)
@@ -122,10 +121,10 @@ def test_win_rate_against_the_reference_counts_wins_and_half_ties():
     assert win_rate_vs_reference(world, always, 0) == 1.0 and win_rate_vs_reference(world, never, 0) == 0.0
 
 
-def test_command_line_trains_evaluates_and_saves(tmp_path):
+def test_command_line_trains_evaluates_and_saves(tmp_path, small_pairs):
     summary = agents.dpo.main(["--total-timesteps", "64", "--num-envs", "8", "--eval-episodes", "16",
-                               "--batch-size", "32", "--pairs", small_pairs(tmp_path, 64),
-                               "--eval-pairs", small_pairs(tmp_path, 32, "eval"), "--out", str(tmp_path / "run"),
+                               "--batch-size", "32", "--pairs", small_pairs(64),
+                               "--eval-pairs", small_pairs(32, "eval"), "--out", str(tmp_path / "run"),
                                "--no-progress"])
     assert summary["updates"] == 2 and summary["timesteps"] == 64
     assert summary["eval_before"]["eval_rewards/accuracies"] == 0.5  # π = π_ref: every pair a tie
@@ -133,8 +132,8 @@ def test_command_line_trains_evaluates_and_saves(tmp_path):
     assert (tmp_path / "run" / "model" / "policy").is_dir() and (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
-def test_a_short_run_raises_held_out_preference_accuracy(tmp_path):
-    agent = DPO(make_envs(beta=0.1), small_config(tmp_path, n=2048, n_eval=512, batch_size=64, learning_rate=1e-3),
+def test_a_short_run_raises_held_out_preference_accuracy(tmp_path, small_pairs):
+    agent = DPO(make_envs(beta=0.1), small_config(small_pairs, n=2048, n_eval=512, batch_size=64, learning_rate=1e-3),
                 progress=False)
     before = agent.evaluate_preferences()
     agent.learn(64 * 40)

@@ -8,7 +8,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from agent_helpers import digest
 
 import agents.ppo
 import agents.reinforce
@@ -50,7 +49,7 @@ def test_group_std_is_taken_over_valid_samples_only():
     assert group_std(returns, 4)[0] == pytest.approx(float(returns.std()))  # without a mask: every sample
 
 
-def test_reinforce_learns_nothing_when_every_valid_return_is_equal():
+def test_reinforce_learns_nothing_when_every_valid_return_is_equal(digest):
     # The run: NaN for odd word counts, 1.0 otherwise, β = 0: every valid episode returns 1.0, so every
     # advantage is 0 (observed before: +1/3 to +1 for the valid episodes, and objective/score 0.625).
     envs = masked_envs()
@@ -94,7 +93,7 @@ def test_other_baselines_take_no_data_from_masked_episodes(baseline, monkeypatch
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "reinforce-value", "reinforce-rloo"])
-def test_a_batch_of_masked_episodes_changes_nothing(algorithm):
+def test_a_batch_of_masked_episodes_changes_nothing(algorithm, digest):
     envs = masked_envs(always_nan, num_envs=8)
     if algorithm == "ppo":
         agent = PPO(envs, PPOConfig(episodes_per_update=8, minibatch_size=4, update_epochs=2), progress=False)

@@ -7,7 +7,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from agent_helpers import digest
 
 import agents.ppo
 import rlhf_env
@@ -41,7 +40,7 @@ def test_first_minibatch_ratio_is_exactly_one_and_nothing_is_clipped(monkeypatch
     assert not torch.equal(calls[1][0], calls[1][1])  # after one step the policy has moved
 
 
-def test_each_update_touches_every_trainable_parameter_and_never_the_reference():
+def test_each_update_touches_every_trainable_parameter_and_never_the_reference(digest):
     envs = make_envs(beta=0.1)
     agent = PPO(envs, SMALL, progress=False)
     reference = envs.unwrapped.reference
@@ -55,7 +54,7 @@ def test_each_update_touches_every_trainable_parameter_and_never_the_reference()
     assert not any(p.requires_grad for p in reference.parameters())
 
 
-def test_nan_logits_in_the_update_skip_the_step_and_leave_parameters_unchanged():
+def test_nan_logits_in_the_update_skip_the_step_and_leave_parameters_unchanged(digest):
     agent = PPO(make_envs(backend="hf"), SMALL, progress=False)  # the model's own forward runs its hooks
     agent.model.lm.lm_head.register_forward_hook(  # NaN only in the training forward, not in the env's rollout
         lambda module, args, out: out * float("nan") if module.training else out)
@@ -125,7 +124,7 @@ def test_a_short_run_on_the_gold_reward_raises_held_out_gold():
     assert after["objective/kl"] < 5 and after["episode/well_formed"] > 0.9
 
 
-def test_ptx_term_and_gradient_accumulation_run_and_are_logged():
+def test_ptx_term_and_gradient_accumulation_run_and_are_logged(digest):
     config = PPOConfig(episodes_per_update=8, minibatch_size=4, update_epochs=1, ptx_coef=0.5, ptx_batch_size=4,
                        gradient_accumulation_steps=2, separate_critic=True, value_init="reward_model")
     agent = PPO(make_envs(), config, progress=False)

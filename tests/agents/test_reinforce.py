@@ -7,7 +7,6 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from agent_helpers import digest
 
 import agents.reinforce
 import rlhf_env
@@ -34,7 +33,7 @@ def test_rollouts_hold_k_samples_of_each_prompt_in_consecutive_groups(monkeypatc
     assert len(set(map(tuple, seen[0].responses[:4]))) > 1  # four different samples of one prompt
 
 
-def test_zero_signal_batch_leaves_the_parameters_unchanged():
+def test_zero_signal_batch_leaves_the_parameters_unchanged(digest):
     # β = 0 and a constant reward: every return is equal, so every RLOO advantage is exactly 0. A first update with
     # signal gives Adam momentum, which would move the parameters on a zero gradient if the step were taken.
     reward = {"constant": False}
@@ -52,7 +51,7 @@ def test_zero_signal_batch_leaves_the_parameters_unchanged():
 @pytest.mark.parametrize("config", [SMALL, ReinforceConfig(episodes_per_update=8, baseline="value",
                                                            value_init="small", reward_to_go=True)],
                          ids=["rloo", "value"])
-def test_each_update_touches_every_trainable_parameter_and_never_the_reference(config):
+def test_each_update_touches_every_trainable_parameter_and_never_the_reference(config, digest):
     envs = make_envs(beta=0.1)
     agent = Reinforce(envs, config, progress=False)
     module = agent.model or agent.lm
@@ -66,7 +65,7 @@ def test_each_update_touches_every_trainable_parameter_and_never_the_reference(c
     assert metrics["train/skipped"] == 0 and np.isfinite(metrics["loss/policy"])
 
 
-def test_nan_logits_in_the_update_skip_the_step_and_leave_parameters_unchanged():
+def test_nan_logits_in_the_update_skip_the_step_and_leave_parameters_unchanged(digest):
     agent = Reinforce(make_envs(backend="hf"), SMALL, progress=False)  # the model's own forward runs its hooks
     agent.lm.lm_head.register_forward_hook(lambda module, args, out: out * float("nan") if module.training else out)
     before = digest(agent.lm)

@@ -8,7 +8,6 @@ import sys
 
 import gymnasium as gym
 import pytest
-from agent_helpers import digest, small_pairs
 
 from agents.dpo import DPO, DPOConfig
 from agents.ppo import PPO, PPOConfig
@@ -34,7 +33,7 @@ json.dump({"metrics": metrics, "policy": digest(getattr(agent, "model", None) or
            "reference": digest(envs.unwrapped.reference), "beta": envs.unwrapped.beta}, open(out, "w"))
 """
 
-AGENTS = {  # a config, or a function of the test's tmp_path that makes one
+AGENTS = {  # a config, or a function of the `small_pairs` fixture that makes one
     "ppo": (PPO, PPOConfig(episodes_per_update=8, minibatch_size=4, update_epochs=2)),
     "rloo": (Reinforce, ReinforceConfig(episodes_per_update=8, micro_batch_size=4)),
     "moving_average": (Reinforce, ReinforceConfig(episodes_per_update=8, samples_per_prompt=1,
@@ -42,8 +41,8 @@ AGENTS = {  # a config, or a function of the test's tmp_path that makes one
     "value": (Reinforce, ReinforceConfig(episodes_per_update=8, baseline="value", value_init="small",
                                          reward_to_go=True, group_norm=True)),
     # 40 pairs in batches of 16: the 4 updates cross an epoch boundary (a new order is drawn and must be restored).
-    "dpo": (DPO, lambda tmp: DPOConfig(batch_size=16, micro_batch_size=8, learning_rate=1e-3,
-                                       pairs=small_pairs(tmp, 40), eval_pairs=small_pairs(tmp, 16, "eval"))),
+    "dpo": (DPO, lambda pairs: DPOConfig(batch_size=16, micro_batch_size=8, learning_rate=1e-3,
+                                         pairs=pairs(40), eval_pairs=pairs(16, "eval"))),
 }
 
 
@@ -53,9 +52,9 @@ def _comparable(metrics):
 
 
 @pytest.mark.parametrize("name", AGENTS)
-def test_resume_in_a_fresh_process_equals_the_straight_run(tmp_path, name):
+def test_resume_in_a_fresh_process_equals_the_straight_run(tmp_path, name, digest, small_pairs):
     cls, config = AGENTS[name]
-    config = config(tmp_path) if callable(config) else config
+    config = config(small_pairs) if callable(config) else config
     straight_envs = make_envs()
     straight = cls(straight_envs, config, progress=False)
     straight_metrics = [straight.update() for _ in range(4)]
@@ -64,7 +63,8 @@ def test_resume_in_a_fresh_process_equals_the_straight_run(tmp_path, name):
         first.update()
     first.save(tmp_path / "ckpt")
     (tmp_path / "helpers.py").write_text("import hashlib\nimport gymnasium as gym\nimport rlhf_env\n\n"
-                                         + inspect.getsource(digest) + "\n" + inspect.getsource(make_envs))
+                                         + inspect.getsource(digest) + f"\ndigest = {digest.__name__}\n\n"
+                                         + inspect.getsource(make_envs))
     (tmp_path / "resume.py").write_text(RESUME_SCRIPT)
     subprocess.run([sys.executable, str(tmp_path / "resume.py"), cls.__module__, cls.__name__,
                     str(tmp_path / "ckpt"), str(tmp_path / "out.json")], check=True, cwd=tmp_path)

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from test_env import perturbed_policy
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rlhf_env.decoding.gpt2
@@ -77,7 +76,7 @@ def test_the_backend_is_chosen_once_from_the_model(policy, tokenizer):
     assert RLHFEnv().world.backends == {"policy": "gpt2", "reference": "gpt2", "reward_model": "gpt2"}
 
 
-def test_lean_training_forward_matches_the_hugging_face_forward_and_its_gradients(policy, tokenizer):
+def test_lean_training_forward_matches_the_hugging_face_forward_and_its_gradients(policy, tokenizer, perturbed_policy):
     from agents.policy import ActorCritic, response_logits
 
     queries = [tokenizer(t)["input_ids"] for t in ["the food was", "it is not", "the plot of the film"]]
@@ -119,7 +118,7 @@ def _rollout(envs, steps, seed):
     return records
 
 
-def test_vector_env_gives_the_same_rewards_on_both_decode_paths():
+def test_vector_env_gives_the_same_rewards_on_both_decode_paths(perturbed_policy):
     kwargs = dict(num_envs=4, policy=perturbed_policy(scale=0.02), compact_at=40, max_new_tokens=12)
     lean = _rollout(RLHFVectorEnv(**kwargs), steps=60, seed=3)
     slow = _rollout(RLHFVectorEnv(**kwargs, backend="hf"), steps=60, seed=3)
@@ -180,7 +179,7 @@ def _decode_steps(stack, vocab, steps=12, batch=6, seed=0):
     return torch.stack(outputs)  # (steps + 1, B, M, V)
 
 
-def test_stacked_models_match_each_model_alone_and_identical_models_agree_bit_for_bit():
+def test_stacked_models_match_each_model_alone_and_identical_models_agree_bit_for_bit(perturbed_policy):
     policy, other = perturbed_policy(scale=0.0), perturbed_policy(scale=0.05)
     vocab = policy.config.vocab_size
     threads = torch.get_num_threads()
@@ -196,7 +195,7 @@ def test_stacked_models_match_each_model_alone_and_identical_models_agree_bit_fo
     assert torch.equal(twins[:, :, 0], twins[:, :, 1])
 
 
-def test_stacked_weights_follow_in_place_updates_of_the_live_policy():
+def test_stacked_weights_follow_in_place_updates_of_the_live_policy(perturbed_policy):
     live, frozen = perturbed_policy(scale=0.0), perturbed_policy(scale=0.0)
     stack = GPT2Stack([live, frozen])
     ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
@@ -209,7 +208,7 @@ def test_stacked_weights_follow_in_place_updates_of_the_live_policy():
     assert torch.allclose(after[:, 0], expected, atol=1e-5) and torch.equal(after[:, 1], before[:, 1])
 
 
-def test_stacking_is_only_chosen_for_small_models_of_one_shape(monkeypatch):
+def test_stacking_is_only_chosen_for_small_models_of_one_shape(monkeypatch, perturbed_policy):
     policy, other, different = perturbed_policy(seed=0), perturbed_policy(seed=1), perturbed_policy(seed=2)
     different.config.layer_norm_epsilon = 1e-3  # same weight shapes, different arithmetic
     assert can_stack([policy, other]) and not can_stack([policy, different])
