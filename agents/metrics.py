@@ -1,4 +1,4 @@
-"""Metrics: one namespaced list (DESIGN.md §6), written to a JSONL file, TensorBoard when installed, and stdout;
+"""Metrics: one namespaced list (docs/metrics.md), written to a JSONL file, TensorBoard when installed, and stdout;
 plus `diagnose`, which reads a run's history and names the failure modes RLHF runs are known for."""
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ TRL_HINT = 'TRL is not installed: pip install -e ".[compare]"'
 
 def build_tiny_world(directory: Path, seed: int = 0, vocab_size: int = 512, prompt_tokens: int = 16,
                      n_prompts: int = 2000, shape: dict | None = None, n_positions: int = 64) -> dict:
-    """The peers' measurement shape (../MEASUREMENTS.md): a byte-level BPE tokenizer with `vocab_size` tokens trained
-    on the sentiment corpus, a random 0.48M-parameter GPT-2 policy (also the reference), a random reward model of
+    """The measurement shape of the TRL comparisons: a byte-level BPE tokenizer with `vocab_size` tokens trained on
+    the sentiment corpus, a random 0.48M-parameter GPT-2 policy (also the reference), a random reward model of
     the same size, and a prompts file of `n_prompts` prompts of `prompt_tokens` tokens each. Returns the paths.
 
     `shape` (``n_embd``, ``n_layer``, ``n_head``) sizes both models instead (see `MODEL_SIZES`); `n_positions` is

@@ -3,7 +3,7 @@
 With ``d = log π(a|s) − log π_ref(a|s)`` for the sampled token:
 
 * ``k1 = d``: unbiased for KL(π‖π_ref) per token, can be negative on a single sample. Summed over an episode it is
-  exactly ``log π(y|x) − log π_ref(y|x)``, so Σ_t r_t = R − β·log(π(y|x)/π_ref(y|x)) (DESIGN.md §1).
+  exactly ``log π(y|x) − log π_ref(y|x)``, so Σ_t r_t = R − β·log(π(y|x)/π_ref(y|x)) (`rlhf_env.reward`).
 * ``k3 = exp(−d) − 1 + d``: unbiased too, never negative, lower variance when π ≈ π_ref (Schulman, "Approximating
   KL divergence", 2020).
 
