@@ -33,7 +33,7 @@ from agents.metrics import diagnose, read_history
 from agents.rollout import Episodes, collect_episodes, unwrap_vector_env
 from rlhf_env.decoding.sampling import gumbel_max
 from rlhf_env.lm import pad_left, pad_right
-from rlhf_env.models import load_causal_lm
+from rlhf_env.models import load_causal_lm, quiet_loading
 from rlhf_env.vector_env import RLHFVectorEnv
 from rlhf_env.world import RLHFWorld
 
@@ -228,7 +228,8 @@ def save_agent(agent, directory: str | Path, algorithm: str, tensors: dict[str, 
     """Policy (safetensors), the agent's own `tensors`, optimizer, RNG states, KL controller, counters, config
     and `state` (JSON)."""
     directory = Path(directory)
-    agent.lm.save_pretrained(directory / "policy")
+    with quiet_loading():  # transformers' per-shard progress bar, at every checkpoint
+        agent.lm.save_pretrained(directory / "policy")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / AGENT_FILE)
     save_training_state(directory, agent.optimizer, agent.rng, agent.generator, {
         "algorithm": algorithm, "config": asdict(agent.config), **{c: getattr(agent, c) for c in COUNTERS},

@@ -84,7 +84,8 @@ def load_causal_lm(
 
 @contextlib.contextmanager
 def quiet_loading():
-    """Silence transformers' per-file progress bars while loading tiny models (they would flood every reset)."""
+    """Silence transformers' per-file progress bars while loading or saving tiny models (they would flood every
+    reset and checkpoint)."""
     enabled = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
