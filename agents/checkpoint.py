@@ -1,52 +1,286 @@
-"""Training state on disk: safetensors for every tensor, JSON for everything else (never pickle).
+"""An agent's checkpoint on disk: safetensors for every tensor, JSON for everything else (never pickle), written
+all at once and checked all at once.
 
-An agent's checkpoint directory holds the policy (`save_pretrained`, safetensors), the agent's own tensors, and
-``training_state.safetensors`` + ``training_state.json``: optimizer moments, RNG states, KL controller, counters
-and config, everything needed to continue a run exactly where it stopped.
+A checkpoint directory holds::
+
+    policy/                      the acting policy (`save_pretrained`, safetensors)
+    agent.safetensors            the agent's own tensors (critic, value head, DPO's order of the pairs)
+    training_state.safetensors   optimizer moments, the torch RNG state
+    training_state.json          algorithm, config, counters, KL controller, numpy RNG, the env it was trained in
+    manifest.json                written last: the sha256 and size of every other file
+
+**Saving** fills a temporary sibling directory and swaps it into place in one step (`rlhf_env.files`), so a save
+killed at any point leaves the previous checkpoint or the new one, never a mix. A folder that is neither missing,
+empty nor a checkpoint is refused, never overwritten.
+
+**Loading** is check-then-change: `read_checkpoint` verifies every file against the manifest and compares the
+env the checkpoint was trained in (`env_settings`: task, reward, reference, tokenizer, KL settings, sampling) with
+the env it is loaded into; `restore_agent` checks every tensor's shape against the agent before it writes
+anything. A refused load raises `ValueError` (naming the file or the setting) and leaves the env and the agent
+exactly as they were. Differences that do not change the training problem (device, number of rows, backend) are
+allowed and logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf_env.files import MANIFEST, atomic_directory, fault_point, verify_manifest, write_manifest
+from rlhf_env.models import load_causal_lm, quiet_loading
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rlhf-gym agent checkpoint"
+AGENT_FILE = "agent.safetensors"
 TENSORS_FILE = "training_state.safetensors"
 STATE_FILE = "training_state.json"
+COUNTERS = ("num_timesteps", "num_updates", "num_episodes")
+# Env settings that define the training problem: a checkpoint only resumes in an env that matches them.
+REQUIRED = ("task", "kl_mode", "kl_estimator", "temperature", "max_new_tokens", "missing_eos_penalty",
+            "nonfinite_reward", "reward", "reference", "tokenizer", "kl_controller")
 
 
-def save_training_state(directory: str | Path, optimizer: torch.optim.Optimizer, rng: np.random.Generator,
-                        generator: torch.Generator, state: dict) -> None:
-    """Write the optimizer, the numpy and torch RNG states and `state` (JSON-serialisable) to `directory`."""
+# ---------------------------------------------------------------- identities
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes): equal iff the weights are equal."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _callable_name(fn) -> str:
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}." \
+           f"{getattr(fn, '__qualname__', None) or type(fn).__qualname__}"
+
+
+def env_settings(world) -> dict:
+    """What a checkpoint records of the env it was trained in (JSON): the `REQUIRED` settings, which must match on
+    load, and the row count, device and backends, which may differ (logged)."""
+    tokenizer = world.tokenizer
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    if world.reward_fn is not None:
+        reward = {"reward_fn": _callable_name(world.reward_fn)}
+    else:
+        reward = {"reward_model_sha256": state_digest(world.reward_model)}
+    controller = world.kl_controller.state_dict()
+    if controller["kind"] == "adaptive":
+        controller.pop("beta")  # moves during training; the checkpoint's current β is restored
+    return {
+        "task": world.task.name, "kl_mode": world.kl_mode, "kl_estimator": world.kl_estimator,
+        "temperature": world.temperature, "max_new_tokens": world.max_new_tokens,
+        "missing_eos_penalty": world.missing_eos_penalty, "nonfinite_reward": world.nonfinite_reward,
+        "reward": reward, "reference": state_digest(world.reference),
+        "tokenizer": hashlib.sha256((vocab + specials).encode("utf-8")).hexdigest(), "kl_controller": controller,
+        "device": str(world.device), "backends": dict(world.backends),
+    }
+
+
+def _check_env(saved: dict, world, num_envs: int, directory: Path) -> None:
+    """`ValueError` listing every required setting in which `world` differs from the checkpoint's env; the allowed
+    differences are logged."""
+    current = env_settings(world) | {"num_envs": num_envs}
+    differ = [f"{key}: checkpoint {saved.get(key)!r}, env {current[key]!r}" for key in REQUIRED
+              if saved.get(key) != current[key]]
+    if differ:
+        raise ValueError(f"{directory} was trained in another env; build the env as the original run did. "
+                         "Differences: " + "; ".join(differ))
+    for key in ("num_envs", "device", "backends"):
+        if saved.get(key) != current[key]:
+            log.warning("resuming %s with %s %r (saved with %r): the run continues, but not bit for bit as the "
+                        "uninterrupted one would", directory, key, current[key], saved.get(key))
+
+
+# ---------------------------------------------------------------- saving
+def _check_replaceable(directory: Path) -> None:
+    """Refuse to replace a folder that is not a checkpoint (never delete what a save did not write)."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"cannot save a checkpoint to {directory}: it is a file")
+    contents = sorted(p.name for p in directory.iterdir())
+    if contents and not (MANIFEST in contents and STATE_FILE in contents):
+        raise ValueError(f"{directory} holds files that are not an rlhf-gym checkpoint ({', '.join(contents[:5])}"
+                         f"{', ...' if len(contents) > 5 else ''}); refusing to replace them: choose an empty or new "
+                         "folder")
+
+
+def save_checkpoint(agent, directory: str | Path, algorithm: str, tensors: dict[str, torch.Tensor],
+                    state: dict | None = None) -> None:
+    """Write `agent`'s policy, its own `tensors`, optimizer, RNG states, KL controller, counters, config, the env's
+    settings and `state` (JSON) as one checkpoint, replacing any previous one at `directory` in one step."""
+    from dataclasses import asdict
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    optim = optimizer.state_dict()
-    tensors = {"rng/torch_generator": generator.get_state()}
+    _check_replaceable(directory)
+    optim = agent.optimizer.state_dict()
+    state_tensors = {"rng/torch_generator": agent.generator.get_state()}
     for index, slots in optim["state"].items():
         for name, value in slots.items():
-            tensors[f"optimizer/{index}/{name}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / TENSORS_FILE)
-    meta = dict(state, optimizer_param_groups=optim["param_groups"], numpy_rng=rng.bit_generator.state)
-    (directory / STATE_FILE).write_text(json.dumps(meta, indent=2))
+            state_tensors[f"optimizer/{index}/{name}"] = torch.as_tensor(value)
+    meta = {"algorithm": algorithm, "config": asdict(agent.config), **{c: getattr(agent, c) for c in COUNTERS},
+            "kl_controller": agent.world.kl_controller.state_dict(), **(state or {}),
+            "env": env_settings(agent.world) | {"num_envs": agent.envs.num_envs},
+            "optimizer_param_groups": optim["param_groups"], "numpy_rng": agent.rng.bit_generator.state}
+    text = json.dumps(meta, indent=2)  # serialised first: an unserialisable state writes nothing
+    with atomic_directory(directory) as tmp:
+        with quiet_loading():  # transformers' per-shard progress bar, at every checkpoint
+            agent.lm.save_pretrained(tmp / "policy", safe_serialization=True)
+        fault_point("policy saved")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / AGENT_FILE)
+        fault_point("agent tensors saved")
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_tensors.items()}, tmp / TENSORS_FILE)
+        fault_point("training tensors saved")
+        (tmp / STATE_FILE).write_text(text)
+        fault_point("training state saved")
+        write_manifest(tmp, {"format": FORMAT, "algorithm": algorithm})
 
 
-def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer, rng: np.random.Generator,
-                        generator: torch.Generator) -> dict:
-    """Restore what `save_training_state` wrote (in place) and return the JSON `state`."""
+# ---------------------------------------------------------------- loading
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk and verified (`read_checkpoint`), not yet applied to anything."""
+
+    directory: Path
+    meta: dict  # training_state.json
+    policy: dict[str, torch.Tensor]  # the policy's state dict
+    tensors: dict[str, torch.Tensor]  # the agent's own (agent.safetensors)
+    state_tensors: dict[str, torch.Tensor]  # optimizer moments and the torch RNG state
+
+    @property
+    def config(self) -> dict:
+        return self.meta["config"]
+
+
+def checkpoint_config(directory: str | Path, algorithm: str) -> dict:
+    """The config a checkpoint of `algorithm` was saved with (from its JSON, unverified: for reading only)."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a checkpoint (no {STATE_FILE})")
+    meta = json.loads(path.read_text())
+    if meta.get("algorithm") != algorithm:
+        raise ValueError(f"{directory} is a {meta.get('algorithm')!r} checkpoint, not {algorithm!r}")
+    return meta["config"]
+
+
+def read_checkpoint(directory: str | Path, algorithm: str, envs) -> Checkpoint:
+    """Read and verify the checkpoint at `directory` for `algorithm`, to be loaded into the vector env `envs`.
+
+    Raises `ValueError` for a missing, incomplete or damaged file (sha256 against the manifest), a checkpoint of
+    another algorithm or format, or an env that differs in a `REQUIRED` setting. Changes nothing.
+    """
     directory = Path(directory)
-    if not (directory / STATE_FILE).is_file() or not (directory / TENSORS_FILE).is_file():
-        raise ValueError(f"{directory} is not a checkpoint (no {STATE_FILE} / {TENSORS_FILE})")
-    meta = json.loads((directory / STATE_FILE).read_text())
-    tensors = load_file(directory / TENSORS_FILE)
+    manifest = verify_manifest(directory, "checkpoint")
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{directory} is not an rlhf-gym agent checkpoint (its {MANIFEST} has format "
+                         f"{manifest.get('format')!r})")
+    for name in (STATE_FILE, TENSORS_FILE, AGENT_FILE):
+        if name not in manifest["files"]:
+            raise ValueError(f"checkpoint {directory} is incomplete: its manifest lists no {name}")
+    try:
+        meta = json.loads((directory / STATE_FILE).read_text())
+    except ValueError as error:
+        raise ValueError(f"{directory / STATE_FILE} is not valid JSON: {error}") from None
+    if meta.get("algorithm") != algorithm:
+        raise ValueError(f"{directory} is a {meta.get('algorithm')!r} checkpoint, not {algorithm!r}")
+    missing = [k for k in ("config", "kl_controller", "env", "optimizer_param_groups", "numpy_rng", *COUNTERS)
+               if k not in meta]
+    if missing:
+        raise ValueError(f"{directory / STATE_FILE} lacks {', '.join(missing)}")
+    _check_env(meta["env"], envs.world, envs.num_envs, directory)
+    policy = load_causal_lm(directory / "policy", device="cpu").state_dict()
+    return Checkpoint(directory, meta, policy, load_file(directory / AGENT_FILE),
+                      load_file(directory / TENSORS_FILE))
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+
+def _compare(what: str, saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], directory: Path) -> None:
+    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
+    if saved_shapes != expected_shapes:
+        differ = sorted(k for k in set(saved_shapes) | set(expected_shapes)
+                        if saved_shapes.get(k) != expected_shapes.get(k))
+        raise ValueError(f"the {what} in {directory} does not fit this agent: {len(differ)} tensors differ in name, "
+                         f"shape or dtype, e.g. {differ[:3]}")
+
+
+def _optimizer_state(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state dict of `checkpoint`, checked against `optimizer`'s parameters."""
+    groups = checkpoint.meta["optimizer_param_groups"]
+    current = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
+        raise ValueError(f"the optimizer in {checkpoint.directory} has other parameters than this agent's")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     slots: dict[int, dict] = {}
-    for key, value in tensors.items():
+    for key, value in checkpoint.state_tensors.items():
         if key.startswith("optimizer/"):
             _, index, name = key.split("/")
-            slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": meta.pop("optimizer_param_groups")})
-    generator.set_state(tensors["rng/torch_generator"])
-    rng.bit_generator.state = meta.pop("numpy_rng")
-    return meta
+            index = int(index)
+            if not 0 <= index < len(params) or (value.ndim > 0 and value.shape != params[index].shape):
+                raise ValueError(f"the optimizer state {key} in {checkpoint.directory} does not fit this agent's "
+                                 "parameters")
+            slots.setdefault(index, {})[name] = value
+    return {"state": slots, "param_groups": groups}
+
+
+def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """Check a verified `checkpoint` against a freshly built `agent` whose own tensors look like `own` (names,
+    shapes, dtypes) and return the function that writes it (policy, optimizer, RNGs, KL controller, counters).
+
+    Every check runs here (`ValueError` naming what does not fit); the returned function refuses nothing, so a
+    caller that makes its own checks in between still changes nothing until it calls it. The caller then loads
+    ``checkpoint.tensors`` into its own modules (already checked against `own`)."""
+    directory = checkpoint.directory
+    _compare("policy", checkpoint.policy, agent.lm.state_dict(), directory)
+    _compare("agent's own tensors", checkpoint.tensors, own, directory)
+    optimizer_state = _optimizer_state(checkpoint, agent.optimizer)
+    generator_state = checkpoint.state_tensors.get("rng/torch_generator")
+    if generator_state is None or generator_state.shape != agent.generator.get_state().shape:
+        raise ValueError(f"{directory / TENSORS_FILE} holds no valid torch RNG state")
+    numpy_state = checkpoint.meta["numpy_rng"]
+    if numpy_state.get("bit_generator") != agent.rng.bit_generator.state["bit_generator"]:
+        raise ValueError(f"{directory / STATE_FILE}: numpy RNG {numpy_state.get('bit_generator')!r} is not this "
+                         f"agent's {agent.rng.bit_generator.state['bit_generator']!r}")
+
+    @torch.no_grad()
+    def write() -> None:
+        agent.lm.load_state_dict(checkpoint.policy)
+        agent.optimizer.load_state_dict(optimizer_state)
+        agent.generator.set_state(generator_state)
+        agent.rng.bit_generator.state = numpy_state
+        agent.world.kl_controller.load_state_dict(checkpoint.meta["kl_controller"])
+        for counter in COUNTERS:
+            setattr(agent, counter, int(checkpoint.meta[counter]))
+
+    return write
+
+
+def load_agent(cls, config_cls, algorithm: str, directory: str | Path, env, out_dir, progress: bool,
+               own: Callable, write_own: Callable):
+    """Every agent's ``load``: read and verify the checkpoint (`read_checkpoint`), build the agent with the saved
+    config, check everything against it (`restore_agent`, and ``own(agent, checkpoint)`` -> the agent's own tensor
+    layout, raising for anything else it refuses), take `out_dir` (its log cut back to the checkpoint's update),
+    and only then write: the shared state, then ``write_own(agent, checkpoint)``."""
+    from agents.metrics import MetricsLogger
+    from agents.rollout import unwrap_vector_env
+
+    checkpoint = read_checkpoint(directory, algorithm, unwrap_vector_env(env))
+    agent = cls(env, config_cls(**checkpoint.config), progress=progress)
+    write = restore_agent(agent, checkpoint, own(agent, checkpoint))
+    agent.logger = MetricsLogger(out_dir, resume_at=(checkpoint.meta["num_updates"], checkpoint.meta["num_timesteps"]))
+    write()
+    write_own(agent, checkpoint)
+    return agent

@@ -25,20 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from agents.checkpoint import load_training_state, save_training_state
 from agents.metrics import diagnose, read_history
 from agents.rollout import Episodes, collect_episodes, unwrap_vector_env
 from rlhf_env.decoding.sampling import gumbel_max
+from rlhf_env.files import atomic_write
 from rlhf_env.lm import pad_left, pad_right
-from rlhf_env.models import load_causal_lm, quiet_loading
 from rlhf_env.vector_env import RLHFVectorEnv
 from rlhf_env.world import RLHFWorld
-
-AGENT_FILE = "agent.safetensors"
-COUNTERS = ("num_timesteps", "num_updates", "num_episodes")
 
 
 def exact_div(a: int, b: int, what: str) -> int:
@@ -222,43 +217,6 @@ def predict(agent, observation: dict, deterministic: bool = False) -> tuple[np.n
     return (actions[0] if single else actions), None
 
 
-# ---------------------------------------------------------------- checkpoints
-def save_agent(agent, directory: str | Path, algorithm: str, tensors: dict[str, torch.Tensor],
-               state: dict | None = None) -> None:
-    """Policy (safetensors), the agent's own `tensors`, optimizer, RNG states, KL controller, counters, config
-    and `state` (JSON)."""
-    directory = Path(directory)
-    with quiet_loading():  # transformers' per-shard progress bar, at every checkpoint
-        agent.lm.save_pretrained(directory / "policy")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / AGENT_FILE)
-    save_training_state(directory, agent.optimizer, agent.rng, agent.generator, {
-        "algorithm": algorithm, "config": asdict(agent.config), **{c: getattr(agent, c) for c in COUNTERS},
-        "kl_controller": agent.world.kl_controller.state_dict(), **(state or {})})
-
-
-def checkpoint_config(directory: str | Path, algorithm: str) -> dict:
-    """The config a checkpoint was saved with; ValueError if it is not a checkpoint of `algorithm`."""
-    path = Path(directory) / "training_state.json"
-    if not path.is_file():
-        raise ValueError(f"{directory} is not a checkpoint (no training_state.json)")
-    meta = json.loads(path.read_text())
-    if meta.get("algorithm") != algorithm:
-        raise ValueError(f"{directory} is a {meta.get('algorithm')!r} checkpoint, not {algorithm!r}")
-    return meta["config"]
-
-
-@torch.no_grad()
-def restore_agent(agent, directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load what `save_agent` wrote into a freshly built `agent`; returns the agent's tensors and JSON state."""
-    directory = Path(directory)
-    agent.lm.load_state_dict(load_causal_lm(directory / "policy", device=agent.world.device).state_dict())
-    meta = load_training_state(directory, agent.optimizer, agent.rng, agent.generator)
-    agent.world.kl_controller.load_state_dict(meta["kl_controller"])
-    for counter in COUNTERS:
-        setattr(agent, counter, meta[counter])
-    return load_file(directory / AGENT_FILE, device=str(agent.world.device)), meta
-
-
 # ---------------------------------------------------------------- command line
 def field_docs(config_cls) -> dict[str, str]:
     """Each dataclass field's docstring (the string literal under it, as the configs here document their fields)."""
@@ -354,6 +312,7 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
                "config": asdict(config)}
     if args.out:
         agent.save(Path(args.out) / "model")
-        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write(Path(args.out) / "summary.json", json.dumps(summary, indent=2))
+    agent.logger.close()
     print(json.dumps(summary, indent=2))
     return summary

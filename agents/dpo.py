@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agents.checkpoint import load_agent, save_checkpoint
 from agents.common import (
     acting_world,
     adam,
     at_least_one,
     autocast,
     check_field,
-    checkpoint_config,
     clipped_step,
     exact_div,
     learn_loop,
@@ -42,9 +42,7 @@ from agents.common import (
     none_or,
     positive,
     predict,
-    restore_agent,
     run_command,
-    save_agent,
     seeded_generators,
 )
 from agents.core import DPO_LOSSES, DPOLoss, dpo_loss, logprobs_from_logits
@@ -255,21 +253,30 @@ class DPO:
 
     def save(self, directory: str | Path) -> None:
         """Policy (safetensors), optimizer, RNG states, the order of the pairs and where we are in it, counters,
-        β and config."""
-        save_agent(self, directory, "dpo", {"order": torch.from_numpy(self.order)},
-                   {"position": self.position, "epoch": self.epoch, "beta": self.beta})
+        β, config and the env's settings, as one checkpoint written in one step (`agents.checkpoint`)."""
+        save_checkpoint(self, directory, "dpo", {"order": torch.from_numpy(self.order)},
+                        {"position": self.position, "epoch": self.epoch, "beta": self.beta})
 
     @classmethod
     def load(cls, directory: str | Path, env, out_dir: str | Path | None = None, progress: bool = True) -> DPO:
-        """Resume from `save`: `env` must be built like the original (same task, reference and β)."""
-        config = DPOConfig(**checkpoint_config(directory, "dpo"))
-        agent = cls(env, config, out_dir=out_dir, progress=progress)
-        tensors, meta = restore_agent(agent, directory)
-        if meta["beta"] != agent.beta:
-            raise ValueError(f"the checkpoint was trained with β = {meta['beta']}, the env has β = {agent.beta}")
-        agent.order = tensors["order"].cpu().numpy()
-        agent.position, agent.epoch = meta["position"], meta["epoch"]
-        return agent
+        """Resume from `save` in `env`, built like the original (same task, reference and β) with the same pairs.
+
+        Check-then-change: a damaged checkpoint, another env, β or number of pairs raises `ValueError` and leaves
+        the env as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update."""
+        def own(agent, checkpoint):
+            if checkpoint.meta.get("beta") != agent.beta:
+                raise ValueError(f"{checkpoint.directory} was trained with β = {checkpoint.meta.get('beta')}, the "
+                                 f"env has β = {agent.beta}")
+            if not 0 <= checkpoint.meta.get("position", -1) <= len(agent.train_pairs):
+                raise ValueError(f"{checkpoint.directory}: position {checkpoint.meta.get('position')} is not within "
+                                 f"the {len(agent.train_pairs)} training pairs")
+            return {"order": torch.from_numpy(agent.order)}
+
+        def write_own(agent, checkpoint):
+            agent.order = checkpoint.tensors["order"].cpu().numpy()
+            agent.position, agent.epoch = checkpoint.meta["position"], checkpoint.meta["epoch"]
+
+        return load_agent(cls, DPOConfig, "dpo", directory, env, out_dir, progress, own, write_own)
 
 
 def main(argv: list[str] | None = None) -> dict | list[str]:

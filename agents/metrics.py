@@ -5,33 +5,58 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from rlhf_env.files import FolderLock, append_line, atomic_write, read_lines
+
 
 class MetricsLogger:
-    """Appends each update's metrics to ``<out_dir>/metrics.jsonl`` (and TensorBoard if it is installed)."""
+    """Appends each update's metrics to ``<out_dir>/metrics.jsonl`` (and TensorBoard if it is installed).
 
-    def __init__(self, out_dir: str | Path | None, tensorboard: bool = True):
+    The logger owns `out_dir` (`rlhf_env.files.FolderLock`: a second run on the same folder gets `FolderInUse`) and
+    appends each record in one fsynced write. A fresh run refuses a folder that already holds a run's metrics.
+    ``resume_at=(updates, timesteps)`` continues a run from a checkpoint: the records after that update, which
+    the crashed run logged but the checkpoint does not hold, are dropped (from TensorBoard too), so that the log
+    of a resumed run equals an uninterrupted run's.
+    """
+
+    def __init__(self, out_dir: str | Path | None, tensorboard: bool = True,
+                 resume_at: tuple[int, int] | None = None):
         self.history: list[dict] = []
         self.path = None if out_dir is None else Path(out_dir) / "metrics.jsonl"
-        self.writer = None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer, self._lock = None, None
+        if self.path is None:
+            return
+        self._lock = FolderLock(self.path.parent, "run folder").acquire()
+        try:
+            if self.path.is_file():
+                self.history = self._kept(resume_at)
             if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:  # tensorboard is optional
-                    SummaryWriter = None
-                if SummaryWriter is not None:
-                    self.writer = SummaryWriter(str(self.path.parent / "tensorboard"))
+                self.writer = _tensorboard(self.path.parent / "tensorboard",
+                                           None if resume_at is None else resume_at[1] + 1)
+        except BaseException:
+            self.close()
+            raise
+
+    def _kept(self, resume_at: tuple[int, int] | None) -> list[dict]:
+        """The existing records a run continues from: those up to update ``resume_at[0]`` (rewritten atomically
+        without the rest); a fresh run (None) refuses a log that holds records."""
+        history = read_history(self.path)
+        if resume_at is None and history:
+            raise ValueError(f"{self.path.parent} already holds the metrics of a run ({len(history)} updates): "
+                             "resume it from its checkpoint (load(..., out_dir=...)) or choose another folder")
+        kept = [h for h in history if resume_at is not None and h.get("time/updates", 0) <= resume_at[0]]
+        if self.path.read_bytes() != _lines(kept).encode("utf-8"):  # lost updates, or a torn last line
+            atomic_write(self.path, _lines(kept))
+        return kept
 
     def log(self, metrics: dict) -> None:
         self.history.append(metrics)
         if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_line(self.path, json.dumps(metrics))
         if self.writer is not None:
             step = metrics.get("time/timesteps", len(self.history))
             for key, value in metrics.items():
@@ -39,13 +64,46 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
+        """Flush TensorBoard and give up the folder (another run may then write to it)."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _lines(history: list[dict]) -> str:
+    return "".join(json.dumps(h) + "\n" for h in history)
+
+
+def _tensorboard(directory: Path, purge_step: int | None):
+    """A TensorBoard writer (None when tensorboard is not installed); events from `purge_step` on are dropped."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(directory), purge_step=purge_step)
 
 
 def read_history(path: str | Path) -> list[dict]:
-    """The metrics of a run, one dict per update, from its ``metrics.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The metrics of a run, one dict per update, from its ``metrics.jsonl``.
+
+    A torn last line (a crash in mid-write) is dropped with a warning; any other line that is not a JSON object is
+    a `ValueError` naming the file and the line."""
+    lines, torn = read_lines(path)
+    if torn:
+        warnings.warn(f"{path}: dropped a torn last line (the run stopped while writing it)", stacklevel=2)
+    history = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: not a JSON object")
+        history.append(record)
+    return history
 
 
 def _series(history: list[dict], key: str) -> np.ndarray:

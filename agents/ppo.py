@@ -22,6 +22,7 @@ from typing import get_args
 import numpy as np
 import torch
 
+from agents.checkpoint import load_agent, save_checkpoint
 from agents.common import (
     Batch,
     acting_world,
@@ -30,7 +31,6 @@ from agents.common import (
     autocast,
     batch_tensors,
     check_field,
-    checkpoint_config,
     clipped_step,
     exact_div,
     learn_loop,
@@ -38,10 +38,8 @@ from agents.common import (
     none_or,
     positive,
     predict,
-    restore_agent,
     rollout,
     run_command,
-    save_agent,
     seeded_generators,
     unit_interval,
 )
@@ -298,18 +296,19 @@ class PPO:
         return predict(self, observation, deterministic)
 
     def save(self, directory: str | Path) -> None:
-        """Policy (safetensors), critic, optimizer, RNG states, KL controller, counters and config."""
-        save_agent(self, directory, "ppo", self.model.critic_state_dict())
+        """Policy (safetensors), critic, optimizer, RNG states, KL controller, counters, config and the env's
+        settings, as one checkpoint written in one step (`agents.checkpoint`)."""
+        save_checkpoint(self, directory, "ppo", self.model.critic_state_dict())
 
     @classmethod
     def load(cls, directory: str | Path, env, out_dir: str | Path | None = None, progress: bool = True) -> PPO:
-        """Resume from `save`: `env` must be built like the original (same task, reference and reward)."""
-        agent = cls(env, PPOConfig(**checkpoint_config(directory, "ppo")), out_dir=out_dir, progress=progress)
-        critic, _ = restore_agent(agent, directory)
-        missing, unexpected = agent.model.load_state_dict(critic, strict=False)
-        if unexpected or any(not k.startswith("lm.") for k in missing):
-            raise ValueError(f"critic weights do not match: missing {missing}, unexpected {unexpected}")
-        return agent
+        """Resume from `save` in `env`, built like the original (same task, reference, reward and KL settings).
+
+        Check-then-change: a damaged checkpoint, another env or another shape raises `ValueError` and leaves the env
+        as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update."""
+        return load_agent(cls, PPOConfig, "ppo", directory, env, out_dir, progress,
+                          own=lambda agent, _: agent.model.critic_state_dict(),
+                          write_own=lambda agent, c: agent.model.load_state_dict(c.tensors, strict=False))
 
 
 def main(argv: list[str] | None = None) -> dict | list[str]:

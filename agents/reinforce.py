@@ -31,6 +31,7 @@ Legend: ``B`` episodes per update, ``K`` samples per prompt, ``T`` response toke
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from agents.checkpoint import load_agent, save_checkpoint
 from agents.common import (
     Batch,
     acting_world,
@@ -47,7 +49,6 @@ from agents.common import (
     autocast,
     batch_tensors,
     check_field,
-    checkpoint_config,
     clipped_step,
     exact_div,
     learn_loop,
@@ -55,10 +56,8 @@ from agents.common import (
     none_or,
     positive,
     predict,
-    restore_agent,
     rollout,
     run_command,
-    save_agent,
     seeded_generators,
 )
 from agents.core import (
@@ -257,21 +256,30 @@ class Reinforce:
         return predict(self, observation, deterministic)
 
     def save(self, directory: str | Path) -> None:
-        """Policy (safetensors), value head, optimizer, RNG states, KL controller, baseline, counters and config."""
+        """Policy (safetensors), value head, optimizer, RNG states, KL controller, baseline, counters, config and
+        the env's settings, as one checkpoint written in one step (`agents.checkpoint`)."""
         tensors = self.model.critic_state_dict() if self.model is not None else {}
-        save_agent(self, directory, "reinforce", tensors, {"moving_average": self.moving_average})
+        save_checkpoint(self, directory, "reinforce", tensors, {"moving_average": self.moving_average})
 
     @classmethod
     def load(cls, directory: str | Path, env, out_dir: str | Path | None = None,
              progress: bool = True) -> Reinforce:
-        """Resume from `save`: `env` must be built like the original (same task, reference and reward)."""
-        config = ReinforceConfig(**checkpoint_config(directory, "reinforce"))
-        agent = cls(env, config, out_dir=out_dir, progress=progress)
-        tensors, meta = restore_agent(agent, directory)
-        if agent.model is not None:
-            agent.model.value_head.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items()})
-        agent.moving_average = meta["moving_average"]
-        return agent
+        """Resume from `save` in `env`, built like the original (same task, reference, reward and KL settings).
+
+        Check-then-change: a damaged checkpoint, another env or another shape raises `ValueError` and leaves the env
+        as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update."""
+        def own(agent, checkpoint):
+            average = checkpoint.meta.get("moving_average")
+            if average is not None and not math.isfinite(average):
+                raise ValueError(f"{checkpoint.directory}: the moving-average baseline is {average}")
+            return agent.model.critic_state_dict() if agent.model is not None else {}
+
+        def write_own(agent, checkpoint):
+            if agent.model is not None:
+                agent.model.load_state_dict(checkpoint.tensors, strict=False)
+            agent.moving_average = checkpoint.meta.get("moving_average")
+
+        return load_agent(cls, ReinforceConfig, "reinforce", directory, env, out_dir, progress, own, write_own)
 
 
 def main(argv: list[str] | None = None) -> dict | list[str]:

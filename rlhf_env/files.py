@@ -275,6 +275,9 @@ class FolderLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
+    def __del__(self) -> None:  # an owner dropped without release (as a crashed run's) frees the folder
+        self.release()
+
     def __enter__(self) -> FolderLock:
         return self.acquire()
 

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-import torch
 
-from agents.checkpoint import load_training_state, save_training_state
 from agents.metrics import MetricsLogger, diagnose, read_history
+from rlhf_env.files import FolderInUse
 
 
 def history(n=16, **series):
@@ -43,24 +42,43 @@ def test_logger_writes_jsonl_that_reads_back(tmp_path):
     assert read_history(tmp_path / "metrics.jsonl") == history(3)
 
 
-def test_training_state_round_trips_optimizer_and_rngs(tmp_path):
-    param = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.Adam([param], lr=0.1)
-    param.grad = torch.tensor([1.0, -2.0, 3.0])
-    optimizer.step()
-    rng, generator = np.random.default_rng(5), torch.Generator().manual_seed(5)
-    rng.random(), torch.rand(2, generator=generator)
-    save_training_state(tmp_path, optimizer, rng, generator, {"counter": 7})
-    expected = (rng.random(), torch.rand(2, generator=generator), optimizer.state_dict()["state"][0]["exp_avg"])
-    new_optimizer = torch.optim.Adam([torch.nn.Parameter(torch.ones(3))], lr=0.5)
-    rng2, generator2 = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    state = load_training_state(tmp_path, new_optimizer, rng2, generator2)
-    assert state == {"counter": 7}
-    assert rng2.random() == expected[0] and torch.equal(torch.rand(2, generator=generator2), expected[1])
-    assert torch.equal(new_optimizer.state_dict()["state"][0]["exp_avg"], expected[2])
-    assert new_optimizer.param_groups[0]["lr"] == 0.1
-    with pytest.raises(ValueError, match="not a checkpoint"):
-        load_training_state(tmp_path / "missing", new_optimizer, rng2, generator2)
+def test_one_run_per_folder_and_a_fresh_run_never_appends_to_another(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    with pytest.raises(FolderInUse, match="in use by another run"):
+        MetricsLogger(tmp_path, tensorboard=False)  # two runs on one folder would interleave their metrics
+    logger.log({"time/updates": 1})
+    logger.close()
+    with pytest.raises(ValueError, match="already holds the metrics of a run"):
+        MetricsLogger(tmp_path, tensorboard=False)
+    assert read_history(tmp_path / "metrics.jsonl") == [{"time/updates": 1}]
+
+
+def test_a_resumed_log_drops_the_updates_after_its_checkpoint(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for update in (1, 2, 3):  # the crashed run logged 3 updates; its last checkpoint was at update 2
+        logger.log({"time/updates": update, "time/timesteps": 10 * update})
+    del logger  # a crash: nothing closed, the lock goes with the process (here: the object)
+    resumed = MetricsLogger(tmp_path, tensorboard=False, resume_at=(2, 20))
+    assert [h["time/updates"] for h in resumed.history] == [1, 2]
+    for update in (3, 4):
+        resumed.log({"time/updates": update, "time/timesteps": 10 * update})
+    resumed.close()
+    assert [h["time/updates"] for h in read_history(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_torn_last_line_is_dropped_and_a_damaged_one_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"time/updates": 1}\n{"time/upd')  # killed in mid-write
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert read_history(path) == [{"time/updates": 1}]
+    with pytest.warns(UserWarning, match="torn last line"):
+        logger = MetricsLogger(tmp_path, tensorboard=False, resume_at=(1, 0))
+    logger.log({"time/updates": 2})
+    logger.close()
+    assert read_history(path) == [{"time/updates": 1}, {"time/updates": 2}]
+    path.write_text('{"time/updates": 1}\nnot json\n{"time/updates": 3}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl, line 2: not JSON"):
+        read_history(path)
 
 
 class FakeSummaryWriter:
@@ -68,7 +86,7 @@ class FakeSummaryWriter:
 
     instances = []
 
-    def __init__(self, log_dir):
+    def __init__(self, log_dir, purge_step=None):
         self.log_dir, self.scalars, self.closed = log_dir, [], False
         FakeSummaryWriter.instances.append(self)
 
