@@ -13,18 +13,19 @@ from pathlib import Path
 
 import gymnasium as gym
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
 from agents.evaluate import evaluate
 from agents.ppo import PPO, PPOConfig
 from rlhf_env.assets import asset_dir
+from rlhf_env.models import load_tokenizer
 from rlhf_env.tasks import FileTask
 
 
 def make_stand_ins(folder: Path) -> tuple[Path, Path]:
     """A model folder (weights + tokenizer) and a prompt file, as a user would have them."""
-    tokenizer = AutoTokenizer.from_pretrained(asset_dir("sentiment") / "tokenizer")  # any local tokenizer
+    tokenizer = load_tokenizer(asset_dir("sentiment") / "tokenizer")  # any local tokenizer folder
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id)

@@ -5,11 +5,14 @@ Legend: ``P`` query tokens (padded to the longest prompt of the task), ``T`` = m
 
 from __future__ import annotations
 
+import copy
+
 import gymnasium as gym
 import numpy as np
 from gymnasium.error import ResetNeeded
+from gymnasium.utils import seeding
 
-from rlhf_env.world import RLHFWorld, WorldParts
+from rlhf_env.world import RLHFWorld, WorldParts, check_seed
 
 
 class RLHFEnv(WorldParts, gym.Env):
@@ -66,7 +69,25 @@ class RLHFEnv(WorldParts, gym.Env):
     ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy", "agent" or
     "reference", see above), ``max_new_tokens``, ``temperature``, ``device`` ("auto" picks CUDA), ``dtype``,
     ``missing_eos_penalty``, ``nonfinite_reward`` ("raise" or "mask"), ``backend`` ("auto", "gpt2" or "hf": how
-    the models run, decided once, `rlhf_env.models.choose_backend`), ``render_mode`` ("ansi").
+    the models run, decided once, `rlhf_env.models.choose_backend`), ``trust_remote_code`` (default False: applies
+    to loading the policy, reference, reward model and tokenizer from local folders; only True lets code shipped in
+    a folder, e.g. a tokenizer's ``auto_map``, run), ``render_mode`` ("ansi").
+
+    Paths load from local folders only (`rlhf_env.models.load_causal_lm`, `rlhf_env.models.load_tokenizer`), and
+    parts that do not fit together raise `ValueError` here, when the env is built: a reward model with fewer
+    embedding rows than the policy's vocabulary, a ``max_new_tokens`` that leaves no room for a prompt in the
+    shortest context of the models the env runs, weights that do not match their config, a tokenizer without EOS
+    (a tokenizer without a pad token pads with EOS inside the env; the object itself is not changed).
+
+    ## Failures
+    ``reset`` refuses a ``seed`` that is not an int ≥ 0 or None (`TypeError`/`ValueError`) and ``options`` that are
+    not a dict or None (`ValueError`), changing nothing. ``step`` is transactional: it computes and checks the step
+    (log-probs, the reward function or model, ``task.gold``, ``agent.action_logprobs``, finiteness) before it
+    changes anything, so an error there leaves the env as it was and the step can be retried. A reward function or
+    ``task.gold`` must return a real number (`rlhf_env.reward.real_score`; bool, str, None, complex, sequences:
+    `TypeError` naming it); a score, token KL or reward not finite in float32 is `NonFiniteReward` (a score is
+    masked instead under ``nonfinite_reward="mask"``). An error while the step is committed (the models' forward)
+    makes ``step`` and ``next_token_logprobs`` raise `ResetNeeded`, naming it, until ``reset``.
 
     ## Vectorized environment
     ``gym.make_vec("RLHF-v0", num_envs=N)`` returns the native `RLHFVectorEnv`: one batch and one KV cache per
@@ -74,6 +95,8 @@ class RLHFEnv(WorldParts, gym.Env):
     reproduces this env exactly (same seed, same actions).
 
     ## Version History
+    * v0 (unreleased): transactional steps, checked reward values (real numbers, finite in float32), parts
+      checked for compatibility when the env is built, tokenizers loaded from local folders only.
     * v0 (rlhf-gym 0.2): an adaptive β moves once per ``kl_batch_episodes`` finished episodes by the error of their
       mean KL (it moved after each episode by that episode's); unseeded resets continue the seeded generators.
     * v0: initial version.
@@ -103,33 +126,55 @@ class RLHFEnv(WorldParts, gym.Env):
 
     @property
     def next_token_logprobs(self) -> np.ndarray:
-        """log π(· | state) at the env's temperature, ``(V,)``: what an LM agent samples its action from."""
+        """log π(· | state) at the env's temperature, ``(V,)``: what an LM agent samples its action from.
+        `ResetNeeded` before the first reset, after the episode ended, or after a step that failed half-way."""
         self._require_acting_policy()
-        logprobs = self._episodes.policy_logprobs()  # (1, V)
+        self._check_not_failed()
         if not self._episodes.active[0]:
             raise ResetNeeded("no active episode: call reset() first")
-        return logprobs[0].cpu().numpy().copy()
+        return self._episodes.policy_logprobs()[0].cpu().numpy().copy()  # (V,)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode. `seed`: an int ≥ 0 (numpy integers too) or None (`TypeError` / `ValueError` naming it);
+        `options`: a dict or None (`ValueError`). A rejected reset changes nothing, the generator included."""
+        seed = check_seed(seed)
+        # Drawn on a copy (or a fresh generator for a seed), so that bad options leave the generator as it was.
+        rng = seeding.np_random(seed)[0] if seed is not None else copy.deepcopy(self.np_random)
+        prompt, query = self.world.draw_prompt(options, rng)
         super().reset(seed=seed)
-        prompt, query = self.world.draw_prompt(options, self.np_random)
-        self._episodes.start(0, prompt, query)
-        self._episodes.feed([query], restart=[True])
+        self._np_random = rng
+        try:
+            self._episodes.start(0, prompt, query)
+            self._episodes.feed([query], restart=[True])
+        except BaseException as error:  # the models' forward failed half-way: only a reset can help
+            self._failed = error
+            raise
+        self._failed = None
         self._last_info = {}
         return self._observation(), {"prompt": prompt, "prompt_tokens": len(query)}
 
     def step(self, action):
+        """One token. Transactional: an error in a user callback (reward_fn, reward model, task.gold,
+        agent.action_logprobs) or a non-finite reward leaves the env exactly as before the call, so the same step
+        can be retried. If the commit itself fails (the models' forward raises), the env needs a reset
+        (`ResetNeeded` naming the error on the next step)."""
+        self._check_not_failed()
         if not self._episodes.active[0]:
             raise ResetNeeded("step() called before reset() or after the episode ended; call reset()")
         token = self.world.check_action(action)
         logprobs, ref_logprobs = self._episodes.token_logprobs([token])
         if self.world.kl_mode == "agent":
             logprobs = self.world.agent_logprobs(self._episodes.observation(slice(0, 1)), [token], [0])
-        step, ends = self.world.step_rows(self._episodes, [0], [token], logprobs[:1], ref_logprobs[:1])
+        step, ends = self.world.pay_rows(self._episodes, [0], [token], logprobs[:1], ref_logprobs[:1])  # no change
         info = {key: values[0].item() for key, values in step.items()} | ends.get(0, {})
         reward, terminated = info.pop("reward"), info.pop("terminated")
-        if not terminated:
-            self._episodes.feed([[token]], restart=[False])
+        try:
+            self.world.commit_rows(self._episodes, [0], [token], logprobs[:1], ref_logprobs[:1], ends)
+            if not terminated:
+                self._episodes.feed([[token]], restart=[False])
+        except BaseException as error:
+            self._failed = error
+            raise
         self._last_info = dict(info, reward=reward)
         return self._observation(), float(reward), terminated, False, info
 
@@ -137,6 +182,8 @@ class RLHFEnv(WorldParts, gym.Env):
         if self.render_mode != "ansi":
             return None
         info = self._last_info
+        if self._episodes.prompts[0] is None:
+            return "(no episode yet: call reset())\n"
         text = self.tokenizer.decode(self._episodes.responses[0], skip_special_tokens=True)
         parts = [f"prompt:   {self._episodes.prompts[0]}", f"response: {text}"]
         if "kl" in info:

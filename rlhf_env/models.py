@@ -6,8 +6,11 @@ Presets (parameter counts for the sentiment vocabulary of ~140 tokens):
 * ``tiny``: d=128, 2 layers, 4 heads, ~0.42M parameters: the default task's π_SFT and reward-model trunk.
 * ``small``: d=256, 3 layers, 4 heads, ~2.4M parameters.
 
-Loading is safetensors-only and `trust_remote_code` stays off unless the caller asks for it: a directory that
-holds only pickle weights (``pytorch_model.bin``) is refused, because unpickling runs arbitrary code.
+Loading is local, safetensors-only and `trust_remote_code` stays off unless the caller asks for it: a directory that
+holds only pickle weights (``pytorch_model.bin``) is refused, because unpickling runs arbitrary code; a checkpoint
+whose weights do not match its config (missing or unexpected tensors: more or fewer layers than the config says) is
+refused rather than completed with random weights (`check_loading_info`). Tokenizers load by the same rules
+(`load_tokenizer`): a local folder only, no network, and no code from the folder (``auto_map``) unless asked.
 
 Backends (`choose_backend`): ``"gpt2"`` runs a plain GPT-2 through `rlhf_env.decoding.gpt2` (transformers'
 arithmetic with a fraction of its Python), ``"hf"`` through the model's own ``forward``; ``"auto"`` picks
@@ -18,6 +21,7 @@ arithmetic with a fraction of its Python), ``"hf"`` through the model's own ``fo
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -69,17 +73,69 @@ def check_safe_weights(path: str | Path) -> None:
         raise ValueError(f"{path} holds no *.safetensors weights")
 
 
+def check_loading_info(path: str | Path, info: dict, allowed_unexpected: tuple[str, ...] = ()) -> None:
+    """Raise `ValueError` if transformers' loading report (``output_loading_info=True``) for `path` lists weights the
+    model needed but the checkpoint lacks (they would be left at random), weights the checkpoint holds but the model
+    has no place for (dropped silently; e.g. a config with fewer layers than the weights), or weights of the wrong
+    shape. Tied weights (an ``lm_head`` tied to the input embeddings) are not reported by transformers, so a normal
+    save of GPT-2, Llama or Qwen2 passes. Unexpected keys starting with one of `allowed_unexpected` pass (a causal
+    LM's ``lm_head.`` when only its trunk is loaded)."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.startswith(allowed_unexpected))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
+    problems = [f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}" for what, keys in
+                (("missing from the weights (would be random)", missing),
+                 ("in the weights but not in the config's model (would be dropped)", unexpected),
+                 ("of the wrong shape", mismatched)) if keys]
+    if problems:
+        raise ValueError(f"{path}: the weights do not match config.json; " + "; ".join(problems))
+
+
 def load_causal_lm(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
 ):
-    """Load a local causal LM (any architecture transformers knows) from safetensors, in eval mode."""
+    """Load a local causal LM (any architecture transformers knows) from safetensors, in eval mode.
+
+    `ValueError` for a path that is not a local directory of safetensors weights (`check_safe_weights`) or whose
+    weights do not match its config (`check_loading_info`)."""
     check_safe_weights(path)
     with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype, output_loading_info=True,
+            local_files_only=True,
         )
+    check_loading_info(path, info)
     return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer saved in the local folder `path`: never from the network (``local_files_only``), and
+    without running code from the folder unless `trust_remote_code` (a folder whose ``tokenizer_config.json`` or
+    ``config.json`` names its own classes in ``auto_map`` is refused up front, so that transformers never stops to
+    ask on stdin).
+
+    `ValueError` for a path that is not an existing local directory (a Hub id such as ``"gpt2"`` included) or for
+    an ``auto_map`` without `trust_remote_code`.
+    """
+    from transformers import AutoTokenizer
+
+    if not isinstance(path, (str, Path)) or not Path(path).is_dir():
+        raise ValueError(f"tokenizer {path!r} is not a local directory; rlhf-gym loads tokenizers from local folders "
+                         "only (save one with tokenizer.save_pretrained(folder), or pass the tokenizer object)")
+    path = Path(path)
+    if not trust_remote_code:
+        for name in ("tokenizer_config.json", "config.json"):
+            file = path / name
+            try:
+                config = json.loads(file.read_text()) if file.is_file() else {}
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{file} is not readable JSON: {error}") from error
+            if isinstance(config, dict) and config.get("auto_map"):
+                raise ValueError(f"{file} has an auto_map entry ({config['auto_map']}): loading this tokenizer runs "
+                                 "code from the folder; pass trust_remote_code=True if you trust it")
+    with quiet_loading():
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
 
 
 @contextlib.contextmanager

@@ -3,22 +3,64 @@
 Every token pays ``r_t = −β·KL_t`` (`token_reward`); the last token adds the score of the whole response, less a
 penalty when the token cap cut it off before EOS (`terminal_reward`). So Σ_t r_t = R(x, y) − β·Σ_t KL_t, and with
 the k1 estimator Σ_t KL_t = log π(y|x) − log π_ref(y|x). A NaN/±inf score is refused (`NonFiniteReward`) or, with
-``nonfinite_reward="mask"``, paid as 0.0 and flagged so that no agent takes it for data.
+``nonfinite_reward="mask"``, paid as 0.0 and flagged so that no agent takes it for data. "Finite" means finite in
+float32: agents train in float32, where a score beyond ±3.4e38 (e.g. 1e39) becomes ±inf, so such a score counts as
+non-finite too (`fits_float32`).
+
+Scores come from user code (a ``reward_fn``, a task's ``gold``), so they are checked before any arithmetic
+(`real_score`): a real number (int, float, a numpy real scalar, or a 0-d numpy array / torch tensor of real dtype)
+is accepted; a bool, a string, None, a complex number or a sequence is a `TypeError` naming the function.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
+import torch
 
 from rlhf_env.kl import kl_estimate
 
 NONFINITE_POLICIES = ("raise", "mask")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # ≈ 3.4e38: the largest magnitude an agent's float32 can hold
 
 
 class NonFiniteReward(ValueError):
-    """The reward model or reward function returned NaN or ±inf."""
+    """The reward model or reward function returned NaN or ±inf (or a number beyond float32's range), or a token's
+    KL estimate or reward is not finite."""
+
+
+def fits_float32(value: float) -> bool:
+    """Whether `value` is finite once stored in float32 (|value| ≤ 3.4e38, not NaN)."""
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+def real_score(value, source: str, prompt: str) -> float:
+    """`value`, returned by user code `source` (e.g. ``"reward_fn my_reward"``) for `prompt`, as a float.
+
+    Accepts int, float, numpy real scalars and 0-d numpy arrays / torch tensors of a real (integer or floating)
+    dtype; NaN and ±inf pass here (`checked_score` decides about them). Raises `TypeError` naming `source`, the
+    prompt and the value's type for anything else: str, None, complex, sequences and arrays with more than one
+    element, and bool (refused: a pass/fail flag is ambiguous as a reward; return ``float(flag)`` if 1.0/0.0 is
+    meant).
+
+    >>> real_score(np.float32(0.5), "reward_fn f", "p")
+    0.5
+    """
+    item = value
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0 and not value.dtype.is_complex and value.dtype != torch.bool:
+            item = value.item()
+    elif isinstance(value, np.ndarray):
+        if value.ndim == 0 and value.dtype.kind in "iuf":
+            item = value.item()
+    if isinstance(item, numbers.Real) and not isinstance(item, (bool, np.bool_)):
+        return float(item)
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise TypeError(f"{source} must return a real number (int or float), got {type(value).__name__} {shown} for "
+                    f"prompt {prompt!r}")
 
 
 def token_reward(logprobs: np.ndarray, ref_logprobs: np.ndarray, beta: float,
@@ -35,9 +77,10 @@ def token_reward(logprobs: np.ndarray, ref_logprobs: np.ndarray, beta: float,
 
 
 def checked_score(score: float, nonfinite_reward: str = "raise", context: str = "") -> tuple[float, bool]:
-    """``(score, False)`` for a finite score. For NaN/±inf: `NonFiniteReward` (``nonfinite_reward="raise"``,
-    `context` appended to its message) or ``(0.0, True)`` (``"mask"``: the flag says the score is not data)."""
-    if math.isfinite(score):
+    """``(score, False)`` for a finite score. For NaN/±inf, or a magnitude beyond float32's (> 3.4e38, which is
+    inf where agents train): `NonFiniteReward` (``nonfinite_reward="raise"``, `context` appended to its message) or
+    ``(0.0, True)`` (``"mask"``: the flag says the score is not data)."""
+    if fits_float32(score):
         return float(score), False
     if nonfinite_reward == "raise":
         raise NonFiniteReward(f"the reward returned {score}{context}")
@@ -47,7 +90,8 @@ def checked_score(score: float, nonfinite_reward: str = "raise", context: str = 
 def terminal_reward(score: float, finished: bool, missing_eos_penalty: float = 0.0, nonfinite_reward: str = "raise",
                     context: str = "") -> tuple[float, float, bool]:
     """What the last token of an episode adds to its −β·KL: ``(reward, score, masked)``, where ``reward`` is the
-    score (`checked_score`) less `missing_eos_penalty` unless the response ended with EOS (`finished`).
+    score (`checked_score`) less `missing_eos_penalty` unless the response ended with EOS (`finished`). A reward
+    that leaves float32's range (a score near ±3.4e38 less a penalty) is treated as a non-finite score.
 
     >>> terminal_reward(0.8, finished=False, missing_eos_penalty=0.5)
     (0.30000000000000004, 0.8, False)
@@ -55,4 +99,20 @@ def terminal_reward(score: float, finished: bool, missing_eos_penalty: float = 0
     (0.0, 0.0, True)
     """
     score, masked = checked_score(score, nonfinite_reward, context)
-    return score - (0.0 if finished else missing_eos_penalty), score, masked
+    reward = score - (0.0 if finished else missing_eos_penalty)
+    if not fits_float32(reward):
+        checked_score(reward, nonfinite_reward, context)  # raises under "raise"
+        return 0.0, 0.0, True
+    return reward, score, masked
+
+
+def check_token_rewards(kl: np.ndarray, reward: np.ndarray, logprobs, ref_logprobs, context: str = "") -> None:
+    """Raise `NonFiniteReward` unless every token's KL estimate and reward ``(N,)`` are finite in float32 (a −inf
+    log π_ref, or a k3 estimate that overflows, would otherwise reach the agent as inf or NaN). Whatever
+    ``nonfinite_reward`` says: that policy masks scores of whole responses, not the per-token KL."""
+    bad = [i for i, (k, r) in enumerate(zip(np.asarray(kl).tolist(), np.asarray(reward).tolist()))
+           if not (fits_float32(k) and fits_float32(r))]
+    if bad:
+        i = bad[0]
+        raise NonFiniteReward(f"token {i} of the step has KL estimate {float(kl[i])} and reward {float(reward[i])} "
+                              f"(log π {logprobs[i]}, log π_ref {ref_logprobs[i]}){context}: not finite in float32")

@@ -17,7 +17,7 @@ from transformers import AutoModel
 
 from rlhf_env.decoding.gpt2 import GPT2Stack
 from rlhf_env.lm import position_ids
-from rlhf_env.models import check_safe_weights, choose_backend, quiet_loading
+from rlhf_env.models import check_loading_info, check_safe_weights, choose_backend, quiet_loading
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -76,18 +76,36 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device="cpu", dtype=None, trust_remote_code: bool = False,
                         backend: str = "auto"):
-        """Load a reward model saved by `save_pretrained` (safetensors only), in eval mode."""
+        """Load a reward model saved by `save_pretrained` (safetensors only), in eval mode.
+
+        `ValueError` for a folder without safetensors weights or the head, a trunk whose weights do not match its
+        config (`rlhf_env.models.check_loading_info`; a causal LM's ``lm_head`` beside the trunk is ignored), or a
+        ``reward_config.json`` that is not a JSON object with a numeric ``"offset"``."""
         directory = Path(directory)
         check_safe_weights(directory)
         if not (directory / HEAD_FILE).is_file():
             raise ValueError(f"{directory} has no {HEAD_FILE}: not a reward model saved by rlhf-gym")
+        offset = _read_offset(directory / CONFIG_FILE)
         with quiet_loading():
-            trunk = AutoModel.from_pretrained(directory, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                              dtype=dtype)
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        model = cls(trunk, offset=config["offset"], backend=backend)
+            trunk, info = AutoModel.from_pretrained(directory, use_safetensors=True, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code, output_loading_info=True,
+                                                    local_files_only=True)
+        check_loading_info(directory, info, allowed_unexpected=("lm_head.",))
+        model = cls(trunk, offset=offset, backend=backend)
         model.head.load_state_dict(load_file(directory / HEAD_FILE))
         return model.to(device).eval()
+
+
+def _read_offset(file: Path) -> float:
+    """The ``"offset"`` of a ``reward_config.json``, or `ValueError` naming the file and the field."""
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{file} is not a readable JSON file: {error}") from error
+    offset = config.get("offset") if isinstance(config, dict) else None
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"{file}: field 'offset' must be a finite number, got {offset!r}")
+    return float(offset)
 
 
 def _last(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,8 @@ class PairedText:
 def encode_pairs(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
 ) -> PairedText:
-    """Encode aligned prompts and responses; raise `ValueError` if a query plus response exceeds `max_length`."""
+    """Encode aligned prompts and responses; raise `ValueError` if a query plus response exceeds `max_length`.
+    A tokenizer without a pad token pads with EOS (the masks mark the real tokens)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     queries = encode_prompts(tokenizer, prompts, max_length)
@@ -79,8 +80,9 @@ def encode_pairs(
     for i, (q, a) in enumerate(zip(queries, answers)):
         if len(q) + len(a) > max_length:
             raise ValueError(f"example {i}: query + response is {len(q) + len(a)} tokens, over {max_length}")
-    query_ids, query_mask = pad_left(queries, tokenizer.pad_token_id)
-    response_ids, response_mask = pad_right(answers, tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # GPT-2's has none
+    query_ids, query_mask = pad_left(queries, pad)
+    response_ids, response_mask = pad_right(answers, pad)
     return PairedText(query_ids, query_mask, response_ids, response_mask)
 
 

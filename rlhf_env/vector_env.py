@@ -11,7 +11,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rlhf_env.world import RLHFWorld, WorldParts
+from rlhf_env.world import RLHFWorld, WorldParts, check_options, check_seed
 
 
 class RLHFVectorEnv(WorldParts, VectorEnv):
@@ -54,6 +54,8 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
     episodes of any rows).
 
     ## Version History
+    * v0 (unreleased): transactional steps (a failed step changes no row, autoreset rows included), as in
+      `RLHFEnv`.
     * v0 (rlhf-gym 0.2): an adaptive β moves once per ``kl_batch_episodes`` finished episodes by the error of their
       mean KL (it moved after each episode by that episode's); unseeded resets continue the seeded generators.
     * v0: initial version.
@@ -104,6 +106,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         """The same log-probs as a torch tensor ``(num_envs, V)`` on the env's device, without a copy (read it before
         the next step; an agent samples from it without a round trip through numpy)."""
         self._require_acting_policy()
+        self._check_not_failed()
         if not self._started:
             raise ResetNeeded("call reset() first")
         return self._episodes.policy_logprobs()
@@ -112,15 +115,19 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         """Each row's current query (prompt token ids), as the models saw it."""
         return [list(query) for query in self._episodes.queries]
 
-    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        """Start every row's episode. `seed`: an int ≥ 0 (numpy integers too), a list of ``num_envs`` such ints or
+        None, or None (`TypeError` / `ValueError` naming it); `options`: a dict or None (`ValueError`). A rejected
+        reset changes nothing, the generators included."""
         if seed is None:
             seeds = [None] * self.num_envs
-        elif isinstance(seed, (int, np.integer)):
-            seeds = [int(seed) + i for i in range(self.num_envs)]
-        else:
-            seeds = list(seed)
+        elif isinstance(seed, (list, tuple, np.ndarray)):
+            seeds = [check_seed(s) for s in seed]
             if len(seeds) != self.num_envs:
-                raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
+                raise ValueError(f"seed: expected {self.num_envs} seeds, got {len(seeds)}")
+        else:
+            seeds = [check_seed(seed) + i for i in range(self.num_envs)]
+        check_options(options)
         # Gymnasium's rule, row by row: a seed starts a new generator, no seed continues the row's own (seeded
         # earlier, or from OS entropy when the env was made), as each sub-env of a SyncVectorEnv does. Drawn on
         # copies, so that a rejected reset leaves every generator as it was.
@@ -128,9 +135,14 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         row_options = self._row_options(options)
         drawn = [self.world.draw_prompt(o, rng) for o, rng in zip(row_options, rngs)]  # checked before any change
         self._rngs = rngs
-        for row, (prompt, query) in enumerate(drawn):
-            self._episodes.start(row, prompt, query)
-        self._episodes.feed([query for _, query in drawn], restart=[True] * self.num_envs)
+        try:
+            for row, (prompt, query) in enumerate(drawn):
+                self._episodes.start(row, prompt, query)
+            self._episodes.feed([query for _, query in drawn], restart=[True] * self.num_envs)
+        except BaseException as error:  # the models' forward failed half-way: only a reset can help
+            self._failed = error
+            raise
+        self._failed = None
         self._autoreset[:] = False
         self._started, self.closed = True, False  # a closed env is usable again after a reset
         infos = {"prompt": np.array([p for p, _ in drawn], dtype=object),
@@ -150,6 +162,11 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         return [dict(rest, prompt=prompt) for prompt in prompts]
 
     def step(self, actions):
+        """One token per row. Transactional, as `RLHFEnv.step`: the step is computed and checked first (user
+        callbacks, scores), and only then committed (tokens appended, autoreset rows started, KLs recorded, the
+        models fed); a failure before the commit leaves the env exactly as it was, one during it (the models'
+        forward) makes the next step raise `ResetNeeded`."""
+        self._check_not_failed()
         if not self._started:
             raise ResetNeeded("step() called before reset(); call reset()")
         tokens = self._check_actions(actions)
@@ -159,6 +176,18 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         logprobs, ref_logprobs = self._episodes.token_logprobs(tokens)
         if self.world.kl_mode == "agent":
             logprobs = self.world.agent_logprobs(self._observations(), tokens, stepping)
+        stepped = ([tokens[r] for r in stepping], [logprobs[r] for r in stepping], [ref_logprobs[r] for r in stepping])
+        step, ends = self.world.pay_rows(self._episodes, stepping, *stepped)  # computed and checked; nothing changed
+        try:
+            return self._commit(tokens, stepping, stepped, step, ends, rewards, terminated)
+        except BaseException as error:  # the models' forward failed half-way: only a reset can help
+            self._failed = error
+            raise
+
+    def _commit(self, tokens, stepping, stepped, step, ends, rewards, terminated):
+        """The step's changes, in order: append and record KLs, start the autoreset rows, feed the models."""
+        n = self.num_envs
+        self.world.commit_rows(self._episodes, stepping, *stepped, ends)
         row_infos: dict[int, dict] = {}  # per row: a new episode's prompt, a finished one's end-of-episode info
         inputs: list[list[int] | None] = [None] * n
         restart = [False] * n
@@ -168,8 +197,6 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
                 self._episodes.start(row, prompt, query)
                 row_infos[row] = {"prompt": prompt}
                 inputs[row], restart[row] = query, True
-        step, ends = self.world.step_rows(self._episodes, stepping, [tokens[r] for r in stepping],
-                                          [logprobs[r] for r in stepping], [ref_logprobs[r] for r in stepping])
         terminated[stepping], rewards[stepping] = step.pop("terminated"), step.pop("reward")  # arrays over stepping
         index = {row: i for i, row in enumerate(stepping)}  # row -> its entry in the step's arrays
         ended = [row for row in stepping if terminated[row]]
@@ -211,6 +238,8 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
     def render(self):
         if self.render_mode != "ansi":
             return None
+        if not self._started:
+            return "(no episodes yet: call reset())\n"
         decode = self.tokenizer.decode
         return "".join(f"[{row}] {self._episodes.prompts[row]} | "
                        f"{decode(self._episodes.responses[row], skip_special_tokens=True)}\n"

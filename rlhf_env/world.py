@@ -9,26 +9,57 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from gymnasium import spaces
-from gymnasium.error import InvalidAction
+from gymnasium.error import InvalidAction, ResetNeeded
 
 from rlhf_env.decoding.batched import BatchedDecoder
 from rlhf_env.episodes import EpisodeBatch
 from rlhf_env.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_env.lm import pad_left, pad_right
-from rlhf_env.models import check_decodable, choose_backend, load_causal_lm, resolve_device
-from rlhf_env.reward import NONFINITE_POLICIES, checked_score, terminal_reward, token_reward
+from rlhf_env.models import check_decodable, choose_backend, load_causal_lm, load_tokenizer, resolve_device
+from rlhf_env.reward import (
+    NONFINITE_POLICIES,
+    NonFiniteReward,
+    check_token_rewards,
+    checked_score,
+    fits_float32,
+    real_score,
+    terminal_reward,
+    token_reward,
+)
 from rlhf_env.reward_model import RewardModel
 from rlhf_env.tasks import DEFAULT_TASK, Task, get_task
 from rlhf_env.text import encode_prompts
 
 RESET_OPTIONS = frozenset({"prompt", "split"})
 KL_MODES = ("policy", "agent", "reference")
+
+
+def check_seed(seed) -> int | None:
+    """A reset's `seed` as an int ≥ 0 or None: `TypeError` for anything but an int, a numpy integer or None (a bool,
+    a float such as 2.5, a string), `ValueError` for a negative int."""
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int ≥ 0 or None, got {type(seed).__name__} {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be an int ≥ 0 or None, got {seed}")
+    return int(seed)
+
+
+def check_options(options) -> None:
+    """`ValueError` naming ``options`` unless it is a dict (any mapping) or None."""
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict or None, got {type(options).__name__} {options!r}")
+
+
+def _qualname(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 class RLHFWorld:
@@ -62,6 +93,7 @@ class RLHFWorld:
         nonfinite_reward: str = "raise",
         compact_at: int | None = None,
         backend: str = "auto",
+        trust_remote_code: bool = False,
     ):
         self.task = get_task(task)
         if kl_estimator not in KL_ESTIMATORS:
@@ -81,8 +113,12 @@ class RLHFWorld:
             raise ValueError("reward_fn must be callable as reward_fn(prompt, response) -> float")
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        if not math.isfinite(missing_eos_penalty):
-            raise ValueError(f"missing_eos_penalty must be finite, got {missing_eos_penalty}")
+        if (isinstance(missing_eos_penalty, bool) or not isinstance(missing_eos_penalty, (int, float, np.floating))
+                or not fits_float32(float(missing_eos_penalty))):
+            raise ValueError(f"missing_eos_penalty must be a number finite in float32 (|x| ≤ 3.4e38), got "
+                             f"{missing_eos_penalty!r}")
+        if not isinstance(trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
         if isinstance(kl_horizon, bool) or not isinstance(kl_horizon, int) or kl_horizon < 1:
             raise ValueError(f"kl_horizon must be a positive integer (episodes), got {kl_horizon!r}")
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
@@ -102,7 +138,7 @@ class RLHFWorld:
         self._kl_batch: list[float] = []  # KL sums of finished episodes that have not moved β yet
         self._beta_frozen = False
         self.tokenizer, self.policy, self.reference, self.reward_model = self._load(
-            policy, reference, reward_model if reward_fn is None else False, tokenizer, dtype)
+            policy, reference, reward_model if reward_fn is None else False, tokenizer, dtype, trust_remote_code)
         self.reward_fn = reward_fn
         self.backends = {name: choose_backend(model, backend) for name, model in
                          (("policy", self.policy), ("reference", self.reference)) if model is not None}
@@ -119,7 +155,23 @@ class RLHFWorld:
         if len(self.tokenizer) > self.vocab_size:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the models only "
                              f"{self.vocab_size} logits")
-        context = int(self.reference.config.max_position_embeddings)
+        if self.reward_model is not None:
+            rm_vocab = self.reward_model.trunk.get_input_embeddings().weight.shape[0]
+            if rm_vocab < self.vocab_size:
+                raise ValueError(f"the reward model's vocabulary ({rm_vocab} embedding rows) is smaller than the "
+                                 f"policy's ({self.vocab_size} actions): it cannot read every response")
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token: episodes end at EOS, so the env needs one")
+        # The prompt plus the response must fit every model the env runs.
+        contexts = {name: getattr(getattr(model, "config", None), "max_position_embeddings", None) for name, model in
+                    (("policy", self.policy), ("reference", self.reference),
+                     ("reward model", self.reward_model and self.reward_model.trunk)) if model is not None}
+        contexts = {name: int(c) for name, c in contexts.items() if c is not None}
+        shortest = min(contexts, key=contexts.get)
+        context = contexts[shortest]
+        if context - self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} leaves no room for a prompt in the {shortest}'s "
+                             f"context of {context} tokens (contexts: {contexts})")
         prompts = self.task.train_prompts() + self.task.eval_prompts()
         # The task's queries, tokenized once: resets then cost a dictionary lookup, not a tokenizer call.
         self._queries = dict(zip(prompts, encode_prompts(self.tokenizer, prompts, context - self.max_new_tokens)))
@@ -128,7 +180,11 @@ class RLHFWorld:
         width = self.max_prompt_tokens + self.max_new_tokens
         # The vector env's cache is compacted once it is twice as wide as the widest live episode can be.
         self.compact_at = int(compact_at or 2 * width)
-        self.eos_token_id, self.pad_token_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        # A tokenizer without a pad token (GPT-2's) pads with EOS here: padding is always masked (the observations
+        # and every forward carry an attention mask), and the user's tokenizer is left as it is.
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                             else self.eos_token_id)
         self.action_space = spaces.Discrete(self.vocab_size)
         self.observation_space = spaces.Dict({
             "input_ids": spaces.Box(0, self.vocab_size - 1, shape=(width,), dtype=np.int64),
@@ -143,8 +199,9 @@ class RLHFWorld:
         return EpisodeBatch(decoder, self.policy is not None, self.max_prompt_tokens, self.max_new_tokens,
                             self.pad_token_id, self.eos_token_id)
 
-    def _load(self, policy, reference, reward_model, tokenizer, dtype):
-        """Resolve models given as objects, paths or None (the task's shipped assets)."""
+    def _load(self, policy, reference, reward_model, tokenizer, dtype, trust_remote_code=False):
+        """Resolve models given as objects, local paths or None (the task's shipped assets); paths load by
+        `rlhf_env.models.load_causal_lm` / `load_tokenizer` rules."""
         from rlhf_env.assets import asset_dir
 
         assets = asset_dir(self.task)
@@ -158,13 +215,11 @@ class RLHFWorld:
             if given is None:
                 given = default_dir
             if isinstance(given, (str, Path)):
-                return load_causal_lm(given, device=self.device, dtype=dtype)
+                return load_causal_lm(given, device=self.device, dtype=dtype, trust_remote_code=trust_remote_code)
             return given.to(self.device).eval()
 
         if tokenizer is None or isinstance(tokenizer, (str, Path)):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer or assets / "tokenizer")
+            tokenizer = load_tokenizer(tokenizer or assets / "tokenizer", trust_remote_code=trust_remote_code)
         policy = causal_lm(policy, assets / "policy") if self.kl_mode == "policy" else None
         reference = causal_lm(reference, assets / "policy")
         if reference is policy:
@@ -175,7 +230,7 @@ class RLHFWorld:
             reward_model = None
         elif reward_model is None or isinstance(reward_model, (str, Path)):
             reward_model = RewardModel.from_pretrained(reward_model or assets / "reward_model", device=self.device,
-                                                       dtype=dtype)
+                                                       dtype=dtype, trust_remote_code=trust_remote_code)
         else:
             reward_model = reward_model.to(self.device).eval()
         return tokenizer, policy, reference, reward_model
@@ -221,7 +276,9 @@ class RLHFWorld:
         return self._train_prompts if split == "train" else self._eval_prompts
 
     def draw_prompt(self, options: dict | None, rng: np.random.Generator) -> tuple[str, list[int]]:
-        """The prompt (text, query ids) for a reset with `options`, drawn with `rng` unless pinned."""
+        """The prompt (text, query ids) for a reset with `options`, drawn with `rng` unless pinned (`ValueError` for
+        bad options, before `rng` draws)."""
+        check_options(options)
         options = dict(options or {})
         unknown = set(options) - RESET_OPTIONS
         if unknown:
@@ -285,9 +342,12 @@ class RLHFWorld:
     @torch.no_grad()
     def score(self, prompts: list[str], queries: list[list[int]], responses: list[list[int]],
               texts: list[str]) -> list[float]:
-        """Raw scores of finished responses: one batched RM forward, or one reward_fn call per response."""
+        """Raw scores of finished responses: one batched RM forward, or one reward_fn call per response. Changes
+        nothing. A reward_fn's value must be a real number (`rlhf_env.reward.real_score`: `TypeError` naming the
+        function otherwise); NaN/inf are returned for the caller to check."""
         if self.reward_fn is not None:
-            return [float(self.reward_fn(p, t)) for p, t in zip(prompts, texts)]
+            source = f"reward_fn {_qualname(self.reward_fn)}"
+            return [real_score(self.reward_fn(p, t), source, p) for p, t in zip(prompts, texts)]
         pad = self.pad_token_id
         query_ids, query_mask = pad_left(queries, pad, self.device)
         response_ids, response_mask = pad_right(responses, pad, device=self.device)
@@ -301,43 +361,72 @@ class RLHFWorld:
     def _context(self, prompt: str, text: str) -> str:
         return f" ({'reward function' if self.reward_fn else 'reward model'}; prompt {prompt!r}, response {text!r})"
 
-    def step_rows(self, episodes: EpisodeBatch, rows: list[int], tokens: list[int], logprobs: list[float],
-                  ref_logprobs: list[float]) -> tuple[dict[str, np.ndarray], dict[int, dict]]:
-        """Append ``tokens[i]`` to the episode in ``rows[i]`` and pay it: returns the step's info over `rows` as
-        arrays (``logprob``, ``ref_logprob``, ``kl``, ``beta``, ``non_score_reward`` = −β·KL_t, ``reward``,
-        ``terminated``, ``finished``), where ``reward`` already holds the terminal reward of the rows whose episode
-        ended, and those rows' end-of-episode info by row (`end_episodes`)."""
+    def pay_rows(self, episodes: EpisodeBatch, rows: list[int], tokens: list[int], logprobs: list[float],
+                 ref_logprobs: list[float]) -> tuple[dict[str, np.ndarray], dict[int, dict]]:
+        """What appending ``tokens[i]`` to the episode in ``rows[i]`` pays, computed and checked **without changing
+        anything** (`commit_rows` then records it): the step's info over `rows` as arrays (``logprob``,
+        ``ref_logprob``, ``kl``, ``beta``, ``non_score_reward`` = −β·KL_t, ``reward``, ``terminated``,
+        ``finished``), where ``reward`` already holds the terminal reward of the rows whose episode ends, and
+        those rows' end-of-episode info by row (`end_episodes`).
+
+        Raises, with the env as it was: `NonFiniteReward` for a token KL/reward that is not finite in float32, or a
+        non-finite score under ``nonfinite_reward="raise"``; `TypeError` for a reward_fn or task.gold value that is
+        not a real number; whatever the reward function, reward model or task.gold raise.
+        """
         kl, reward = token_reward(np.array(logprobs), np.array(ref_logprobs), self.beta, self.kl_estimator)
-        finished, terminated = episodes.append(rows, tokens, logprobs, ref_logprobs)
+        check_token_rewards(kl, reward, logprobs, ref_logprobs, f" (rows {rows})")
+        lengths = np.array([len(episodes.responses[row]) + 1 for row in rows], dtype=np.int64)
+        finished = np.array(tokens, dtype=np.int64) == self.eos_token_id
+        terminated = finished | (lengths == self.max_new_tokens)
         step = {"logprob": np.array(logprobs, dtype=np.float64), "ref_logprob": np.array(ref_logprobs, np.float64),
                 "kl": kl, "beta": np.full(len(rows), self.beta), "non_score_reward": reward,
                 "reward": reward.copy(), "terminated": terminated, "finished": finished}
-        ended = np.flatnonzero(terminated)
-        ends = self.end_episodes(episodes, [rows[i] for i in ended], [bool(finished[i]) for i in ended])
+        ended = np.flatnonzero(terminated).tolist()
+        ends = self.end_episodes([episodes.prompts[rows[i]] for i in ended],
+                                 [episodes.queries[rows[i]] for i in ended],
+                                 [episodes.responses[rows[i]] + [tokens[i]] for i in ended],
+                                 [episodes.logprobs[rows[i]] + [logprobs[i]] for i in ended],
+                                 [episodes.ref_logprobs[rows[i]] + [ref_logprobs[i]] for i in ended],
+                                 [bool(finished[i]) for i in ended])
         by_row = {}
         for i, (end, terminal) in zip(ended, ends):
             step["reward"][i] += terminal
+            if not fits_float32(float(step["reward"][i])):
+                raise NonFiniteReward(f"the last token's reward {step['reward'][i]} (−β·KL {reward[i]} + terminal "
+                                      f"{terminal}) is not finite in float32"
+                                      f"{self._context(end['prompt'], end['response_text'])}")
+            del end["prompt"]
             by_row[rows[i]] = end
         return step, by_row
 
-    def end_episodes(self, episodes: EpisodeBatch, rows: list[int], finished: list[bool]) -> list[tuple[dict, float]]:
-        """Score the episodes of `rows` (one batched reward call) and return each one's end-of-episode info (score,
-        score_nonfinite, gold_score, response_text, length, finished, kl_sum) with its terminal reward; their KL
-        feeds the controller once every row's end is known."""
-        texts = [self.tokenizer.decode(episodes.responses[row], skip_special_tokens=True) for row in rows]
-        prompts = [episodes.prompts[row] for row in rows]
-        scores = self.score(prompts, [episodes.queries[row] for row in rows], [episodes.responses[row] for row in rows],
-                            texts) if rows else []
+    def commit_rows(self, episodes: EpisodeBatch, rows: list[int], tokens: list[int], logprobs: list[float],
+                    ref_logprobs: list[float], ends: dict[int, dict]) -> None:
+        """Record a step `pay_rows` computed: append the tokens to their episodes and feed the KL controller the
+        KL sums of the episodes that ended (``ends``). The caller then feeds the rows that go on."""
+        episodes.append(rows, tokens, logprobs, ref_logprobs)
+        self.record_episode_kls([ends[row]["kl_sum"] for row in rows if row in ends])
+
+    def end_episodes(self, prompts: list[str], queries: list[list[int]], responses: list[list[int]],
+                     logprobs: list[list[float]], ref_logprobs: list[list[float]],
+                     finished: list[bool]) -> list[tuple[dict, float]]:
+        """Score finished episodes (one batched reward call; nothing changes) and return each one's end-of-episode
+        info (score, score_nonfinite, gold_score, response_text, length, finished, kl_sum, and its prompt) with
+        its terminal reward. `responses` and the per-token log-probs include the last token."""
+        if not prompts:
+            return []
+        texts = [self.tokenizer.decode(response, skip_special_tokens=True) for response in responses]
+        scores = self.score(prompts, queries, responses, texts)
+        gold = f"task.gold {_qualname(self.task.gold)}"
         out = []
-        for row, prompt, text, score, eos in zip(rows, prompts, texts, scores, finished):
+        for prompt, text, response, score, lp, ref, eos in zip(prompts, texts, responses, scores, logprobs,
+                                                               ref_logprobs, finished):
             terminal, score, masked = terminal_reward(score, eos, self.missing_eos_penalty, self.nonfinite_reward,
                                                       self._context(prompt, text))
-            kl_sum = float(np.sum(kl_estimate(np.array(episodes.logprobs[row]), np.array(episodes.ref_logprobs[row]),
-                                              self.kl_estimator)))
-            out.append(({"score": score, "score_nonfinite": masked, "gold_score": float(self.task.gold(prompt, text)),
-                         "response_text": text, "length": len(episodes.responses[row]), "finished": eos,
-                         "kl_sum": kl_sum}, terminal))
-        self.record_episode_kls([info["kl_sum"] for info, _ in out])
+            kl_sum = float(np.sum(kl_estimate(np.array(lp), np.array(ref), self.kl_estimator)))
+            out.append(({"score": score, "score_nonfinite": masked,
+                         "gold_score": real_score(self.task.gold(prompt, text), gold, prompt),
+                         "response_text": text, "length": len(response), "finished": eos, "kl_sum": kl_sum,
+                         "prompt": prompt}, terminal))
         return out
 
 
@@ -363,6 +452,14 @@ class WorldParts:
     def attach_agent(self, agent) -> None:
         """kl_mode="agent": the agent whose ``action_logprobs`` the env asks for log π(a|s) at every step."""
         self.world.attach_agent(agent)
+
+    _failed: BaseException | None = None  # an error that struck while a step or reset was being committed
+
+    def _check_not_failed(self) -> None:
+        """`ResetNeeded` naming the error if an earlier step or reset failed half-way (a model forward raised)."""
+        if self._failed is not None:
+            raise ResetNeeded(f"an earlier step or reset failed while the env was changing "
+                              f"({type(self._failed).__name__}: {self._failed}); call reset()") from self._failed
 
     def _require_acting_policy(self) -> None:
         if self.world.policy is None:
