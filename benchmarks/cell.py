@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_env.files import atomic_write_json
+
 # What each algorithm name runs, and what its `budget` counts.
 ALGORITHMS = {
     "sft": "π_SFT itself, untrained: the floor (budget unused)",
@@ -213,10 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("usage: python -m benchmarks.cell CONFIG.json OUT.json")
     config = CellConfig(**json.loads(Path(argv[0]).read_text()))
     result = run_cell(config)
-    out = Path(argv[1])
-    partial = out.with_suffix(".partial")
-    partial.write_text(json.dumps(result, indent=1) + "\n")
-    partial.replace(out)
+    atomic_write_json(argv[1], result)
     return result
 
 

@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from rlhf_env.files import atomic_write
 
 COLORS = {"sft": "black", "best_of_n": "tab:gray", "ppo": "tab:blue", "rloo": "tab:orange", "grpo": "tab:green",
           "reinforce_ma": "tab:purple", "reinforce_value": "tab:brown", "dpo": "tab:red"}
@@ -145,12 +148,22 @@ def _figure(rows: int, cols: int):
     return plt, fig, axes
 
 
+def save_figure(fig, path: Path, **savefig) -> Path:
+    """Save `fig` as a PNG at `path` atomically: rendered in memory, then `atomic_write`, so that a crash leaves the
+    old plot or the whole new one."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig)
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
 def _save(plt, fig, path: Path, title: str) -> Path:
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_all(groups: list[dict], out: Path) -> list[Path]:

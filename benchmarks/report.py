@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from rlhf_env.files import atomic_write
+
 
 def git_commit() -> str | None:
     """The short hash of HEAD, with "-dirty" when tracked files differ from it; None outside a git checkout."""
@@ -20,9 +22,9 @@ def git_commit() -> str | None:
 
 
 def report(results: dict, out: str | None) -> dict:
-    """Print `results` as JSON and, when `out` is set, write them there too."""
+    """Print `results` as JSON and, when `out` is set, write them there too (atomically: the old file or the new)."""
     text = json.dumps(results, indent=2)
     print(text)
     if out:
-        Path(out).write_text(text + "\n")
+        atomic_write(out, text + "\n")
     return results

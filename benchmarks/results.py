@@ -9,10 +9,13 @@ means the estimate is low, so shares above 100% are possible and say the estimat
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from rlhf_env.files import atomic_write, read_lines
 
 ORDER = ["sft", "best_of_n", "ppo", "rloo", "grpo", "reinforce_ma", "reinforce_value", "dpo"]
 LABELS = {"sft": "π_SFT (floor)", "best_of_n": "best-of-{n}", "ppo": "PPO", "rloo": "REINFORCE + RLOO (K=4)",
@@ -24,10 +27,46 @@ def label(algorithm: str, budget: int) -> str:
     return LABELS[algorithm].format(n=budget)
 
 
+CELL_KEYS = ("name", "config", "commit", "metrics", "timing", "memory", "curve", "checkpoints", "machine")
+"""What a cell record holds (`benchmarks.cell.run_cell` writes them all; the report reads them all)."""
+CONFIG_KEYS = ("algorithm", "task", "reward", "beta", "budget", "seed")
+"""The fields of a record's config that the report groups by."""
+
+
+def read_cell(path: Path) -> dict:
+    """The cell record in `path`; `ValueError` naming the file when it does not parse (truncated, say) or lacks one
+    of `CELL_KEYS` / `CONFIG_KEYS`."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ValueError(f"{path} is not a cell record: it does not parse as JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a cell record: a JSON {type(record).__name__}, not an object")
+    missing = [key for key in CELL_KEYS if key not in record]
+    if not missing and isinstance(record["config"], dict):
+        missing = [f"config.{key}" for key in CONFIG_KEYS if key not in record["config"]]
+    elif not missing:
+        missing = ["config (an object)"]
+    if missing:
+        raise ValueError(f"{path} is not a cell record: it lacks {', '.join(missing)}")
+    return record
+
+
 def load_cells(out: Path) -> list[dict]:
-    """Every finished cell record in ``out/cells``."""
-    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))
-            if not p.name.endswith(".config.json")]
+    """Every finished cell record in ``out/cells``. A damaged file (see `read_cell`) is skipped with a message on
+    stderr naming it, so that ``--report-only`` still reports the other cells; rerunning the grid moves it aside
+    and redoes the cell (`benchmarks.run.finished`)."""
+    cells = []
+    for path in sorted((Path(out) / "cells").glob("*.json")):
+        if path.name.endswith(".config.json"):
+            continue
+        try:
+            cells.append(read_cell(path))
+        except ValueError as error:
+            print(f"skipped a damaged cell: {error}; rerun the grid (without --report-only) to redo it",
+                  file=sys.stderr)
+    return cells
 
 
 def aggregate(cells: list[dict]) -> list[dict]:
@@ -142,13 +181,13 @@ def write_report(out: Path) -> list[Path]:
     groups = aggregate(cells)
     plots = plot_all(groups, out)
     log = out / "commands.txt"
-    commands = list(dict.fromkeys(log.read_text().splitlines())) if log.is_file() else []
-    (out / "results.md").write_text(markdown(groups, cells, commands, plots))
+    commands = list(dict.fromkeys(read_lines(log)[0])) if log.is_file() else []  # a torn last line is dropped
+    atomic_write(out / "results.md", markdown(groups, cells, commands, plots))
     summary = [{**{k: g[k] for k in ("task", "reward", "beta", "optimum")},
                 "rows": [{"algorithm": r["algorithm"], "budget": r["budget"], "seeds": r["seeds"],
                           "commits": r["commits"], "metrics": {key: values(r, key).tolist() for key in (
                               "objective/gold_score", "objective/score", "objective/kl", "objective/rlhf_reward",
                               "objective/win_rate", "episode/well_formed", "episode/length", "perplexity",
                               "train_seconds", "peak_rss_mib")}} for r in g["rows"]]} for g in groups]
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write(out / "results.json", json.dumps(summary, indent=1) + "\n")
     return [out / "results.md", out / "results.json", *plots]

@@ -6,18 +6,37 @@ held-out prompts, then a results table and plots.
     python -m benchmarks.run --algorithms ppo rloo --betas 0.05 0.1 --seeds 0 1 2 --out runs/mine
 
 Everything goes to one folder (``--out``): ``cells/<cell>.json`` (one per cell: config, commit, seed, metrics,
-timing, peak memory, training curve and held-out checkpoints), ``results.md``, ``results.json`` and the PNG plots.
-A cell whose JSON exists is not rerun, so an interrupted grid resumes where it stopped, and a grid can be widened
-later into the same folder. Each cell runs in its own process (``benchmarks.cell``), one at a time: its peak
-memory is its own and its numbers do not depend on what ran before it.
+timing, peak memory, training curve and held-out checkpoints), ``results.md``, ``results.json``, ``commands.txt``
+and the PNG plots. A cell whose JSON exists is not rerun, so an interrupted grid resumes where it stopped, and a
+grid can be widened later into the same folder. Each cell runs in its own process (``benchmarks.cell``), one at a
+time: its peak memory is its own and its numbers do not depend on what ran before it.
+
+Nothing lost, nothing half-done:
+
+* One writer per folder: a run (``--report-only`` too) holds a lock on ``--out`` (`rlhf_env.files.FolderLock`) from
+  start to end; a second run on the same folder stops at once with exit code 2, naming the folder and the pid that
+  holds it. The kernel drops the lock when its owner dies, however it dies.
+* Every file is written atomically (a temporary sibling, fsync, rename; ``commands.txt`` by fsynced appends): a
+  crash leaves the old file or the whole new one.
+* Damaged cells are moved aside and rerun: a cell JSON that does not parse or lacks a key the report reads is renamed
+  to ``<cell>.json.damaged`` (kept, not deleted; the run prints its name) and the cell runs again. ``--report-only``
+  skips such a file with a message naming it and reports the other cells.
+* A killed grid takes its cell with it: on Linux the cell process gets SIGKILL from the kernel when the grid process
+  dies (``PR_SET_PDEATHSIG``), even by SIGKILL; on Ctrl-C or SIGTERM the grid stops the cell (SIGTERM, then SIGKILL
+  after 10 s) and waits for it before it exits. Elsewhere (macOS, Windows) only the second holds: after a hard kill
+  of the grid, stop its cell by hand before rerunning it. So a rerun never runs a cell twice at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import ctypes
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,6 +44,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from benchmarks.cell import ALGORITHMS, CellConfig
+from benchmarks.results import read_cell
+from rlhf_env.files import FolderInUse, FolderLock, append_line, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -70,28 +91,131 @@ FULL = Grid(tasks=("sentiment", "verbose"), betas=(0.05, 0.1, 0.25), seeds=(0, 1
             best_of=(2, 4, 8, 16, 32, 64))
 
 
+CELL_COMMAND = [sys.executable, "-m", "benchmarks.cell"]
+"""How `run_grid` starts a cell, before its two arguments (CONFIG.json OUT.json); tests put a stand-in here."""
+
+STOP_SECONDS = 10
+"""How long a stopped cell gets to exit after SIGTERM before it is killed."""
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None
+
+
+_PRCTL = _load_prctl()  # looked up here, not in the child between fork and exec
+_PR_SET_PDEATHSIG = 1
+
+
+def _dies_with(parent: int):
+    """A ``preexec_fn`` that makes the kernel SIGKILL the child when `parent` dies (Linux ``PR_SET_PDEATHSIG``; the
+    signal follows the thread that started the child, so start cells from a thread that lives as long as the grid).
+    None where there is no prctl: there only `_run_cell_process`'s own cleanup (Ctrl-C, SIGTERM) stops a cell."""
+    if _PRCTL is None:
+        return None
+
+    def preexec() -> None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:  # the grid died before the request took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def _run_cell_process(command: list[str]) -> int:
+    """Run one cell's process to its end and return its exit code. If the grid is interrupted meanwhile (Ctrl-C,
+    SIGTERM: any exception), the cell is stopped (SIGTERM, then SIGKILL after `STOP_SECONDS`) and waited for first,
+    so that no cell outlives its grid."""
+    child = subprocess.Popen(command, preexec_fn=_dies_with(os.getpid()))
+    try:
+        return child.wait()
+    except BaseException:
+        child.terminate()
+        try:
+            child.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the block runs, SIGTERM raises ``SystemExit(143)`` (as Ctrl-C raises KeyboardInterrupt), so that the
+    grid unwinds and stops its cell. Only the main thread can set signal handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged `path` to ``<name>.damaged`` (``.damaged-1``, … when taken): kept for a look, not deleted."""
+    target, n = path.with_name(path.name + ".damaged"), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    os.rename(path, target)
+    return target
+
+
+def finished(path: Path) -> bool:
+    """Whether the cell JSON `path` holds a finished cell. A damaged one (`benchmarks.results.read_cell` refuses it)
+    is moved aside (`move_aside`) with a message naming it, and counts as not finished."""
+    if not path.is_file():
+        return False
+    try:
+        read_cell(path)
+    except ValueError as error:
+        aside = move_aside(path)
+        print(f"damaged cell result: {error}\n   moved aside to {aside}; the cell runs again")
+        return False
+    return True
+
+
 def run_grid(cells: list[CellConfig], out: Path, progress: bool = True) -> list[str]:
-    """Run every cell without a JSON in ``out/cells`` (each in a fresh process, one at a time); returns the names of
-    the cells that failed."""
+    """Run every cell without a finished JSON in ``out/cells`` (each in a fresh process, one at a time); returns the
+    names of the cells that failed. The caller holds ``FolderLock(out)`` (`main` does).
+
+    Ctrl-C or SIGTERM stops the running cell, waits for it, and is raised again; on Linux the cell dies with this
+    process however it dies (see the module's docstring)."""
     directory = out / "cells"
     directory.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in cells if not (directory / f"{c.name}.json").is_file()]
+    todo = [c for c in cells if not finished(directory / f"{c.name}.json")]
     if len(todo) < len(cells):
         print(f"{len(cells) - len(todo)} of {len(cells)} cells already done in {directory}: not rerun")
     failed = []
     bar = tqdm(todo, desc="cells", unit="cell", disable=not progress)
-    for config in bar:
-        bar.set_postfix_str(config.name)
-        bar.write(f"── {config.name}")
-        config_path = directory / f"{config.name}.config.json"
-        config_path.write_text(json.dumps(asdict(config), indent=1) + "\n")
-        done = subprocess.run([sys.executable, "-m", "benchmarks.cell", str(config_path),
-                               str(directory / f"{config.name}.json")])
-        if done.returncode != 0:
-            bar.write(f"   cell {config.name} failed (exit {done.returncode}); rerunning the grid retries it")
-            failed.append(config.name)
-        else:
-            config_path.unlink()
+    with _sigterm_raises():
+        for config in bar:
+            bar.set_postfix_str(config.name)
+            bar.write(f"── {config.name}")
+            config_path, result_path = directory / f"{config.name}.config.json", directory / f"{config.name}.json"
+            atomic_write_json(config_path, asdict(config))
+            try:
+                returncode = _run_cell_process([*CELL_COMMAND, str(config_path), str(result_path)])
+            except BaseException:
+                bar.close()
+                print(f"grid interrupted: cell {config.name} was stopped; rerunning the grid redoes it",
+                      file=sys.stderr, flush=True)
+                raise
+            if returncode != 0:
+                bar.write(f"   cell {config.name} failed (exit {returncode}); rerunning the grid retries it")
+                failed.append(config.name)
+            else:
+                config_path.unlink()
     bar.close()
     return failed
 
@@ -145,16 +269,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(c.name for c in cells))
         return 0
-    failed = []
-    if not args.report_only:
-        start = time.perf_counter()
-        failed = run_grid(cells, out, progress=not args.no_progress)
-        print(f"grid: {len(cells)} cells, {time.perf_counter() - start:.0f} s this run")
-    command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
-    if not args.report_only:  # results.md lists every command whose cells the folder holds
-        with (out / "commands.txt").open("a") as f:
-            f.write(command + "\n")
-    written = write_report(out)
+    lock = FolderLock(out, "benchmark folder")
+    try:
+        lock.acquire()  # one writer per folder, from the first cell to the last plot
+    except FolderInUse as error:
+        print(f"benchmarks.run: {error}", file=sys.stderr)
+        return 2
+    try:
+        failed = []
+        if not args.report_only:
+            start = time.perf_counter()
+            failed = run_grid(cells, out, progress=not args.no_progress)
+            print(f"grid: {len(cells)} cells, {time.perf_counter() - start:.0f} s this run")
+        command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+        if not args.report_only:  # results.md lists every command whose cells the folder holds
+            append_line(out / "commands.txt", command)
+        written = write_report(out)
+    finally:
+        lock.release()
     print("wrote " + ", ".join(str(p) for p in written))
     if failed:
         print(f"{len(failed)} cells failed: {', '.join(failed)}", file=sys.stderr)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from benchmarks.report import git_commit, report
+from rlhf_env.files import atomic_write
 
 TRL_HINT = 'TRL is not installed: pip install -e ".[compare]"'
 
@@ -384,7 +385,7 @@ def _run_side(request_path: str, result_path: str) -> None:
     torch.set_num_threads(request["threads"])
     result = globals()[request["name"]](request["world"], **request["work"])
     result["peak_rss_mib"] = round(peak_memory_mib(), 1)
-    Path(result_path).write_text(json.dumps(result))
+    atomic_write(result_path, json.dumps(result))  # a killed side leaves no half result
 
 
 def alternate(names: list[str], world: dict, rounds: int, **work) -> list[dict]:

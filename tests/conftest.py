@@ -158,3 +158,25 @@ def reference_logprob():
         return float(response_logprobs(world.reference, q, qm, r, rm).sum())
 
     return logprob
+
+
+@pytest.fixture
+def cell_record():
+    """``cell_record(config)``: a benchmark cell record as `benchmarks.cell.run_cell` writes it, with made-up numbers
+    (every key the report reads; a training curve and checkpoints for the trained algorithms)."""
+    from dataclasses import asdict
+
+    metrics = {"objective/gold_score": 0.1, "objective/score": 0.2, "objective/kl": 0.5, "objective/rlhf_reward": 0.1,
+               "objective/win_rate": 0.5, "episode/well_formed": 1.0, "episode/length": 5.0, "perplexity": 10.0}
+
+    def make(config, gold: float = 0.1) -> dict:
+        points = [{"timesteps": t, "updates": t, "seconds": t, **metrics, "objective/gold_score": gold * t / 100}
+                  for t in (0, 50, 100)] if config.algorithm not in ("sft", "best_of_n", "optimum") else []
+        values = ({"optimum": 0.3, "n_samples": 8, "n_prompts": 4, "ess_mean": 2.0} if config.algorithm == "optimum"
+                  else {**metrics, "objective/gold_score": gold})
+        return {"name": config.name, "config": asdict(config), "commit": "abc1234", "metrics": values,
+                "timing": {"train_seconds": 1.0, "wall_seconds": 2.0, "updates": 2, "timesteps": 100},
+                "memory": {"peak_rss_mib": 300.0}, "curve": points, "checkpoints": points,
+                "machine": {"device": "cpu", "threads": 1, "torch": torch.__version__}}
+
+    return make

@@ -5,7 +5,9 @@
                                     [--device cpu|cuda|auto] [--quick]
     python -m rlhf_env.assets check [--task sentiment]     # rebuild in a temp dir, compare with the shipped hashes
 
-Without ``--out``, ``build`` writes into the package (``rlhf_env/assets/<task>/``), which is what ships.
+Without ``--out``, ``build`` writes into the package (``rlhf_env/assets/<task>/``), which is what ships. ``build``
+replaces its folder in one step once the new build is complete, and only when the folder is missing, empty or a
+previous build: a folder holding anything else is refused (exit code 2, naming the files) before the build starts.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import transformers
 
 from rlhf_env.assets import MANIFEST, asset_dir
 from rlhf_env.models import PRESETS, resolve_device
-from rlhf_env.pipeline.assets import BuildConfig, build_assets
+from rlhf_env.pipeline.assets import BuildConfig, build_assets, check_replaceable
 from rlhf_env.tasks import DEFAULT_TASK, TASKS
 
 
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "build":
         out = args.out or asset_dir(args.task)
+        try:
+            check_replaceable(out)  # before the (minutes-long) build, not after it
+        except ValueError as error:
+            parser.error(str(error))
         manifest = build_assets(args.task, out, config, progress=progress, device=device)
         print(json.dumps(summary(manifest), indent=2))
         print(f"assets written to {out}")

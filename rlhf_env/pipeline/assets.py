@@ -1,7 +1,10 @@
 """Building a task's assets: tokenizer → π_SFT → preference data → reward model, from one seed, into a folder.
 
-A build writes into a temporary directory and renames it into place, so a failed build leaves nothing behind.
-The command line is ``python -m rlhf_env.assets build|check``; loading is `rlhf_env.assets`.
+A build writes into a temporary sibling of its folder and swaps it into place in one step
+(`rlhf_env.files.atomic_directory`), so a failed or killed build leaves the folder as it was: missing, or the
+previous build, complete. A build never deletes what it did not make: its folder must be missing, empty, or a
+previous build (`check_replaceable`), which it checks before it starts. The command line is
+``python -m rlhf_env.assets build|check``; loading is `rlhf_env.assets`.
 """
 
 from __future__ import annotations
@@ -9,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import transformers
 
 from rlhf_env.assets import MANIFEST, file_hashes
+from rlhf_env.files import atomic_directory
 from rlhf_env.jsonl import write_jsonl
 from rlhf_env.models import build_policy
 from rlhf_env.pipeline.preferences import PreferenceConfig, label_groups, sample_groups
@@ -62,19 +64,76 @@ class BuildConfig:
                    reward=RewardConfig(steps=10, batch_size=16))
 
 
+def build_owned_entries(out_dir: Path) -> set[str] | None:
+    """The paths (relative, "/"-separated) that a previous build in `out_dir` made: its manifest, every file its
+    manifest's "sha256" lists (``preferences/pairs_{split}.jsonl``, which `load_preference_pairs` re-derives, is
+    listed too) and the folders above them. None when `out_dir` holds no manifest that parses."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        listed = manifest["sha256"]
+        if not isinstance(listed, dict):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    owned = {MANIFEST}
+    for name in listed:
+        parts = Path(name).parts
+        owned.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return owned
+
+
+def foreign_entries(out_dir: str | os.PathLike) -> list[str]:
+    """What in `out_dir` a build did not make (relative paths, sorted): everything, unless `out_dir` holds a previous
+    build's manifest; then what its manifest does not list. Symbolic links are never a build's."""
+    out_dir = Path(out_dir)
+    owned = build_owned_entries(out_dir) or set()
+    foreign = []
+    for root, dirs, files in os.walk(out_dir):
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            relative = path.relative_to(out_dir).as_posix()
+            if relative not in owned or path.is_symlink():
+                foreign.append(relative)
+        dirs[:] = [d for d in dirs if (Path(root) / d).relative_to(out_dir).as_posix() in owned]
+    return sorted(foreign)
+
+
+def check_replaceable(out_dir: str | os.PathLike) -> None:
+    """Raise `ValueError` unless a build may write `out_dir`: missing, an empty folder, or a previous build (a
+    ``manifest.json`` that parses, and nothing beside it that the manifest does not list). The message names
+    `out_dir` and the first few files that are not a build's; nothing is deleted."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a folder: refusing to replace it with a task's assets")
+    foreign = foreign_entries(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        what = ("its manifest.json does not list" if build_owned_entries(out_dir) is not None
+                else "it is neither empty nor a previous build (whose manifest.json lists its files under "
+                "\"sha256\"); it holds")
+        raise ValueError(f"refusing to build into {out_dir}: a build replaces the whole folder, and {what} {shown}. "
+                         "Choose a new or empty folder, or move those files away")
+
+
 def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = BuildConfig(),
                  progress: bool = True, device: str | torch.device = "cpu") -> dict:
     """Build tokenizer, π_SFT, preference data and reward model for `task` into `out_dir`; returns the manifest.
 
+    `out_dir` must be missing, empty or a previous build (`check_replaceable`, checked before the build starts and
+    again just before the swap): anything else is a `ValueError` and nothing is touched. The build fills a
+    temporary sibling and replaces `out_dir` in one step, so a failure or a kill at any point leaves the previous
+    `out_dir` complete (at most a hidden ``.NAME.tmp-*`` sibling stays behind after a kill).
+
     Models train in fp32 on `device`; they are saved from the CPU. Bitwise reproducibility holds on CPU.
     """
     task = get_task(task)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # ".", "..", a link: the temporary sibling goes beside the real folder
+    check_replaceable(out_dir)
     start = time.perf_counter()
     seed = config.seed
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_directory(out_dir) as tmp:
         timings = {}
         tokenizer = train_tokenizer(task.tokenizer_corpus(np.random.default_rng(seed)))
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -124,12 +183,5 @@ def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = Bu
             "sha256": file_hashes(tmp),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp/mkstemp create private files; assets are for everyone
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_replaceable(out_dir)  # the folder may have changed during the (minutes-long) build
     return manifest

@@ -1,18 +1,28 @@
-"""benchmarks.run: the grid's cells, resuming, reproducible cells, and the report (table and plots)."""
+"""benchmarks.run: the grid's cells, resuming, reproducible cells, and the report (table and plots); one writer per
+folder, damaged cells moved aside and rerun, and no cell outliving its grid."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
+import benchmarks.run as run
 import rlhf_env  # noqa: F401  (registers the envs)
 from agents.reinforce import Reinforce, ReinforceConfig
 from benchmarks.cell import CellConfig, Checkpoints, training_curve
-from benchmarks.run import FULL, QUICK, command_line, grid_from_args, main
+from benchmarks.results import read_cell
+from benchmarks.run import FULL, QUICK, command_line, grid_from_args, main, run_grid
+from rlhf_env.files import FolderLock
+
+ROOT = Path(__file__).parents[2]
 
 
 def test_cell_configs_reject_bad_input():
@@ -115,3 +125,142 @@ def test_a_tiny_grid_writes_cells_table_and_plots_resumes_and_reproduces(tmp_pat
         return [{k: v for k, v in p.items() if k != "seconds"} for p in points]
 
     assert untimed(again["checkpoints"]) == untimed(rloo["checkpoints"])
+
+
+# A stand-in for `python -m benchmarks.cell CONFIG OUT` that trains nothing: it writes a made-up record for the cell.
+STAND_IN = """
+import json, sys
+from pathlib import Path
+record = json.loads({template!r})
+record["config"] = json.loads(Path(sys.argv[1]).read_text())
+record["name"] = Path(sys.argv[2]).name[:-len(".json")]
+Path(sys.argv[2]).write_text(json.dumps(record))
+"""
+
+
+@pytest.fixture
+def stand_in_cells(tmp_path, monkeypatch, cell_record):
+    """Make `run_grid` start the stand-in instead of training cells."""
+    script = tmp_path / "stand_in_cell.py"
+    script.write_text(STAND_IN.format(template=json.dumps(cell_record(CellConfig("sft")))))
+    monkeypatch.setattr(run, "CELL_COMMAND", [sys.executable, str(script)])
+
+
+def test_damaged_cells_are_moved_aside_and_rerun(tmp_path, capsys, cell_record, stand_in_cells):
+    out = tmp_path / "grid"
+    cells = [CellConfig("sft", seed=seed, eval_episodes=16) for seed in range(4)]
+    paths = [out / "cells" / f"{c.name}.json" for c in cells]
+    paths[0].parent.mkdir(parents=True)
+    paths[0].write_text(json.dumps(cell_record(cells[0])))  # finished
+    truncated = json.dumps(cell_record(cells[1]))[:300]
+    paths[1].write_text(truncated)
+    paths[1].with_name(paths[1].name + ".damaged").write_text("an older damaged copy")
+    no_metrics = json.dumps({k: v for k, v in cell_record(cells[2]).items() if k != "metrics"})
+    paths[2].write_text(no_metrics)
+    finished = paths[0].read_bytes(), paths[0].stat().st_mtime_ns
+
+    assert run_grid(cells, out, progress=False) == []
+    printed = capsys.readouterr().out
+    assert f"{paths[1]} is not a cell record" in printed and f"{paths[1]}.damaged-1" in printed
+    assert f"{paths[2]} is not a cell record: it lacks metrics" in printed and f"{paths[2]}.damaged" in printed
+    assert "1 of 4 cells already done" in printed
+    # Moved aside, not deleted (an older damaged copy kept too); every cell finished, the good one not rerun.
+    assert paths[1].with_name(paths[1].name + ".damaged-1").read_text() == truncated
+    assert paths[1].with_name(paths[1].name + ".damaged").read_text() == "an older damaged copy"
+    assert paths[2].with_name(paths[2].name + ".damaged").read_text() == no_metrics
+    assert [read_cell(p)["name"] for p in paths] == [c.name for c in cells]
+    assert (paths[0].read_bytes(), paths[0].stat().st_mtime_ns) == finished
+    assert not list(out.glob("cells/*.config.json"))
+
+
+def test_one_writer_per_folder(tmp_path, capsys, stand_in_cells):
+    out = tmp_path / "grid"
+    argv = ["--quick", "--algorithms", "sft", "--seeds", "0", "--out", str(out), "--no-progress"]
+    with FolderLock(out):  # another run holds the folder
+        assert main(argv) == 2
+        assert main(["--report-only", *argv]) == 2
+        error = capsys.readouterr().err
+        assert f"{out} is in use by another run (pid {os.getpid()})" in error
+    assert not (out / "cells").exists()  # nothing ran
+
+    # Another process holds it: refused, naming that process; once it dies (SIGKILL), the folder is free.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rlhf_env.files import FolderLock\n"
+                               "FolderLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(60)",
+                               str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(argv) == 2
+        assert f"(pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.communicate()
+    with FolderLock(out):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# A stand-in for a long cell: it writes its pid next to its OUT, then sleeps; asked to stop (SIGTERM), it notes it.
+SLEEPING_CELL = """
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[2])
+
+def stop(signum, frame):
+    out.with_name("stopped").write_text("SIGTERM")
+    sys.exit(1)
+
+signal.signal(signal.SIGTERM, stop)
+out.with_name("pid.tmp").write_text(str(os.getpid()))
+os.replace(out.with_name("pid.tmp"), out.with_name("pid"))
+time.sleep(120)
+"""
+# A grid of one such cell.
+SLEEPING_GRID = """
+import sys
+from pathlib import Path
+import benchmarks.run as run
+from benchmarks.cell import CellConfig
+run.CELL_COMMAND = [sys.executable, sys.argv[2]]
+run.run_grid([CellConfig("sft")], Path(sys.argv[1]), progress=False)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda how: how.name)
+def test_a_killed_grid_takes_its_cell_with_it(tmp_path, how):
+    (tmp_path / "sleeping_cell.py").write_text(SLEEPING_CELL)
+    grid = subprocess.Popen([sys.executable, "-c", SLEEPING_GRID, str(tmp_path / "grid"),
+                             str(tmp_path / "sleeping_cell.py")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "grid" / "cells" / "pid"
+    cell = None
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():
+            assert grid.poll() is None and time.monotonic() < deadline, grid.communicate()
+            time.sleep(0.05)
+        cell = int(pid_file.read_text())
+        assert _alive(cell)
+        grid.send_signal(how)
+        _, error = grid.communicate(timeout=30)
+        deadline = time.monotonic() + 5
+        while _alive(cell) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(cell), f"the cell outlived its grid ({how.name})"
+        if how != signal.SIGKILL:  # stopped (SIGTERM) and waited for by the grid itself, which says so
+            assert (tmp_path / "grid" / "cells" / "stopped").is_file()
+            assert "cell sft-sentiment" in error and "was stopped" in error, error
+            assert grid.returncode == (128 + signal.SIGTERM if how == signal.SIGTERM else -signal.SIGINT)
+    finally:
+        grid.kill()
+        grid.wait()
+        if cell is not None and _alive(cell):
+            os.kill(cell, signal.SIGKILL)
