@@ -46,6 +46,7 @@ import torch
 
 from benchmarks.report import git_commit, report
 from rlhf_env.files import atomic_write
+from rlhf_env.models import load_tokenizer
 
 TRL_HINT = 'TRL is not installed: pip install -e ".[compare]"'
 
@@ -172,11 +173,10 @@ def _trl_online(trainer_cls, config_cls, world: dict, prompts: int, k: int, leng
     """Seconds per optimizer step of TRL's `trainer_cls` (RLOO or GRPO): `prompts` × `k` samples of ≤ `length`
     tokens, the same reward model as a reward function, a reference model (β = 0.05), one step per batch."""
     from datasets import Dataset
-    from transformers import AutoTokenizer
 
     from rlhf_env.reward_model import RewardModel
 
-    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    tokenizer = load_tokenizer(world["tokenizer"])
     reward_model = RewardModel.from_pretrained(world["reward_model"])
 
     @torch.no_grad()
@@ -215,9 +215,9 @@ def trl_ppo(world: dict, prompts: int, k: int, length: int, updates: int, warmup
     except ImportError:
         return {"skipped": "this TRL has no trl.experimental.ppo (TRL <= 1.12 has)"}
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2ForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    tokenizer = load_tokenizer(world["tokenizer"])
 
     def scalar_model(seed: int):
         torch.manual_seed(seed)
@@ -303,10 +303,9 @@ def ours_dpo(world: dict, pairs: int, updates: int, warmup: int) -> dict:
 
 def trl_dpo(world: dict, pairs: int, updates: int, warmup: int) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    tokenizer = load_tokenizer(world["tokenizer"])
     records = _dpo_pairs(world, pairs * (warmup + updates))
     dataset = Dataset.from_dict({key: [r[key] for r in records] for key in ("prompt", "chosen", "rejected")})
     with tempfile.TemporaryDirectory() as out:

@@ -252,6 +252,8 @@ class FolderLock:
         self.folder, self.what, self._fd = Path(folder), what, None
 
     def acquire(self) -> FolderLock:
+        if self._fd is not None:  # already held by this object
+            return self
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows

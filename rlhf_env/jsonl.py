@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from rlhf_env.files import atomic_write
 
 _TYPE_NAMES = {str: "string", list: "list", dict: "object", int: "integer", float: "number"}
 
@@ -60,15 +61,6 @@ def dumps_jsonl(records: list[dict]) -> str:
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
-    """Write records atomically: a crash leaves either the old file or the whole new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = dumps_jsonl(records)  # serialise first: an unserialisable record fails before anything is written
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write records atomically (`rlhf_env.files.atomic_write`): a crash leaves either the old file or the whole
+    new one, never half."""
+    atomic_write(path, dumps_jsonl(records))  # serialised first: an unserialisable record writes nothing

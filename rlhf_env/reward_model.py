@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModel
 
 from rlhf_env.decoding.gpt2 import GPT2Stack
+from rlhf_env.files import atomic_directory
 from rlhf_env.lm import position_ids
 from rlhf_env.models import check_loading_info, check_safe_weights, choose_backend, quiet_loading
 
@@ -67,11 +68,16 @@ class RewardModel(nn.Module):
         return self.head(h_last.to(self.head.weight.dtype))[:, 0].float() - self.offset  # (B,)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Trunk via `save_pretrained` (safetensors), head as safetensors, offset as JSON."""
+        """Trunk via `save_pretrained` (safetensors), head as safetensors, offset as JSON, written in one step
+        (`rlhf_env.files.atomic_directory`). `ValueError` for a folder that holds files but is not a reward model
+        (nothing of it is replaced)."""
         directory = Path(directory)
-        self.trunk.save_pretrained(directory, safe_serialization=True)
-        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, directory / HEAD_FILE)
-        (directory / CONFIG_FILE).write_text(json.dumps({"offset": float(self.offset)}, indent=2) + "\n")
+        if directory.is_dir() and any(directory.iterdir()) and not (directory / CONFIG_FILE).is_file():
+            raise ValueError(f"{directory} holds files that are not a saved reward model; refusing to replace them")
+        with atomic_directory(directory) as tmp:
+            self.trunk.save_pretrained(tmp, safe_serialization=True)
+            save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, tmp / HEAD_FILE)
+            (tmp / CONFIG_FILE).write_text(json.dumps({"offset": float(self.offset)}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device="cpu", dtype=None, trust_remote_code: bool = False,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from rlhf_env.jsonl import dumps_jsonl, write_jsonl
-from rlhf_env.models import load_causal_lm
+from rlhf_env.models import load_causal_lm, load_tokenizer
 from rlhf_env.pipeline.preferences import label_groups, load_groups, load_pairs
 from rlhf_env.reward_model import RewardModel
 from rlhf_env.tasks import AnnotatorConfig, Task, get_task
@@ -65,13 +65,11 @@ def asset_dir(task: str | Task) -> Path:
 
 def load_assets(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load ``(tokenizer, policy, reward_model)`` from an asset directory (safetensors only)."""
-    from transformers import AutoTokenizer
-
     directory = Path(directory)
     if not (directory / MANIFEST).is_file():
         raise ValueError(f"{directory} is not an asset directory (no {MANIFEST}); build one with "
                          "`python -m rlhf_env.assets build --task TASK --out DIR`")
-    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+    tokenizer = load_tokenizer(directory / "tokenizer")
     policy = load_causal_lm(directory / "policy", device=device, dtype=dtype)
     reward_model = RewardModel.from_pretrained(directory / "reward_model", device=device, dtype=dtype)
     return tokenizer, policy, reward_model
