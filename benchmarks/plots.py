@@ -166,6 +166,12 @@ def _save(plt, fig, path: Path, title: str) -> Path:
         plt.close(fig)
 
 
+def _legend(ax) -> None:
+    """A legend for the labelled lines of `ax`, if it has any (cells without curves draw none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+
+
 def plot_all(groups: list[dict], out: Path) -> list[Path]:
     """Write the plots for the aggregated `groups` (see `benchmarks.results.aggregate`) into `out`."""
     tasks = _by_task(groups)
@@ -175,7 +181,7 @@ def plot_all(groups: list[dict], out: Path) -> list[Path]:
     for ax, ((task, reward), task_groups) in zip(axes[:, 0], tasks.items()):
         _frontier_panel(ax, task_groups)
         ax.set_title(f"{task}: agents optimise the {'reward model' if reward == 'rm' else 'gold reward'}")
-        ax.legend(fontsize=8, loc="best")
+        _legend(ax)
     written.append(_save(plt, fig, out / "frontier.png",
                          "Gold reward vs KL to π_ref (lines: held-out checkpoints during training)"))
 
@@ -186,7 +192,7 @@ def plot_all(groups: list[dict], out: Path) -> list[Path]:
             _overoptimisation_panels(ax_row, task_groups)
             for ax, name in zip(ax_row, ("gold", "proxy")):
                 ax.set_title(f"{task}: {name} score along training")
-            ax_row[1].legend(fontsize=8, loc="best")
+            _legend(ax_row[1])
         written.append(_save(plt, fig, out / "overoptimisation.png",
                              "Over-optimisation (Gao et al. 2023): true and proxy reward vs √KL"))
 
@@ -195,7 +201,7 @@ def plot_all(groups: list[dict], out: Path) -> list[Path]:
         _learning_panels(ax_row, task_groups)
         for ax in ax_row:
             ax.set_title(f"{task}, reward = {reward}")
-        ax_row[0].legend(fontsize=8, loc="best")
+        _legend(ax_row[0])
     written.append(_save(plt, fig, out / "learning_curves.png",
                          "Learning curves (training batches; mean ± std over seeds)"))
     return written
