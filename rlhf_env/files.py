@@ -244,8 +244,9 @@ class FolderLock:
     """One writer per folder: ``with FolderLock(out_dir):`` holds an exclusive ``flock`` on ``out_dir/.lock``.
 
     A second owner gets `FolderInUse` naming the process that holds it. The kernel drops the lock when its process
-    exits, however it exits, so a killed run never leaves the folder locked. (Where ``fcntl`` does not exist, e.g.
-    Windows, the lock is a no-op.)
+    exits, however it exits, so a killed run never leaves the folder locked; it is also released with this object
+    (keep a reference for as long as the folder is yours). (Where ``fcntl`` does not exist, e.g. Windows, the lock
+    is a no-op.)
     """
 
     def __init__(self, folder: str | os.PathLike, what: str = "output folder"):

@@ -185,7 +185,7 @@ def test_one_writer_per_folder(tmp_path, capsys, stand_in_cells):
 
     # Another process holds it: refused, naming that process; once it dies (SIGKILL), the folder is free.
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rlhf_env.files import FolderLock\n"
-                               "FolderLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(60)",
+                               "lock = FolderLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(60)",
                                str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
