@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf_env.files import MANIFEST, atomic_directory, fault_point, verify_manifest, write_manifest
+from rlhf_env.files import MANIFEST, atomic_directory, fault_point, refuse_foreign, verified_snapshot, write_manifest
 from rlhf_env.models import load_causal_lm, quiet_loading
 
 log = logging.getLogger(__name__)
@@ -103,17 +103,15 @@ def _check_env(saved: dict, world, num_envs: int, directory: Path) -> None:
 
 
 # ---------------------------------------------------------------- saving
-def _check_replaceable(directory: Path) -> None:
-    """Refuse to replace a folder that is not a checkpoint (never delete what a save did not write)."""
-    if not directory.exists():
-        return
-    if not directory.is_dir():
-        raise ValueError(f"cannot save a checkpoint to {directory}: it is a file")
-    contents = sorted(p.name for p in directory.iterdir())
-    if contents and not (MANIFEST in contents and STATE_FILE in contents):
-        raise ValueError(f"{directory} holds files that are not an rlhf-gym checkpoint ({', '.join(contents[:5])}"
-                         f"{', ...' if len(contents) > 5 else ''}); refusing to replace them: choose an empty or new "
-                         "folder")
+def _checkpoint_files(directory: Path) -> set[str] | None:
+    """The files a previous save wrote into `directory` (its manifest and what it lists), None if it holds no
+    checkpoint manifest."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {MANIFEST, *files} if manifest.get("format") == FORMAT and isinstance(files, dict) else None
 
 
 def save_checkpoint(agent, directory: str | Path, algorithm: str, tensors: dict[str, torch.Tensor],
@@ -123,7 +121,7 @@ def save_checkpoint(agent, directory: str | Path, algorithm: str, tensors: dict[
     from dataclasses import asdict
 
     directory = Path(directory)
-    _check_replaceable(directory)
+    refuse_foreign(directory, _checkpoint_files(directory) if directory.is_dir() else None, "an agent checkpoint")
     optim = agent.optimizer.state_dict()
     state_tensors = {"rng/torch_generator": agent.generator.get_state()}
     for index, slots in optim["state"].items():
@@ -181,27 +179,27 @@ def read_checkpoint(directory: str | Path, algorithm: str, envs) -> Checkpoint:
     another algorithm or format, or an env that differs in a `REQUIRED` setting. Changes nothing.
     """
     directory = Path(directory)
-    manifest = verify_manifest(directory, "checkpoint")
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{directory} is not an rlhf-gym agent checkpoint (its {MANIFEST} has format "
-                         f"{manifest.get('format')!r})")
-    for name in (STATE_FILE, TENSORS_FILE, AGENT_FILE):
-        if name not in manifest["files"]:
-            raise ValueError(f"checkpoint {directory} is incomplete: its manifest lists no {name}")
-    try:
-        meta = json.loads((directory / STATE_FILE).read_text())
-    except ValueError as error:
-        raise ValueError(f"{directory / STATE_FILE} is not valid JSON: {error}") from None
-    if meta.get("algorithm") != algorithm:
-        raise ValueError(f"{directory} is a {meta.get('algorithm')!r} checkpoint, not {algorithm!r}")
-    missing = [k for k in ("config", "kl_controller", "env", "optimizer_param_groups", "numpy_rng", *COUNTERS)
-               if k not in meta]
-    if missing:
-        raise ValueError(f"{directory / STATE_FILE} lacks {', '.join(missing)}")
-    _check_env(meta["env"], envs.world, envs.num_envs, directory)
-    policy = load_causal_lm(directory / "policy", device="cpu").state_dict()
-    return Checkpoint(directory, meta, policy, load_file(directory / AGENT_FILE),
-                      load_file(directory / TENSORS_FILE))
+    with verified_snapshot(directory, "checkpoint") as (copy, manifest):
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{directory} is not an rlhf-gym agent checkpoint (its {MANIFEST} has format "
+                             f"{manifest.get('format')!r})")
+        for name in (STATE_FILE, TENSORS_FILE, AGENT_FILE):
+            if name not in manifest["files"]:
+                raise ValueError(f"checkpoint {directory} is incomplete: its manifest lists no {name}")
+        try:
+            meta = json.loads((copy / STATE_FILE).read_text())
+        except ValueError as error:
+            raise ValueError(f"{directory / STATE_FILE} is not valid JSON: {error}") from None
+        if not isinstance(meta, dict) or meta.get("algorithm") != algorithm:
+            found = meta.get("algorithm") if isinstance(meta, dict) else None
+            raise ValueError(f"{directory} is a {found!r} checkpoint, not {algorithm!r}")
+        missing = [k for k in ("config", "kl_controller", "env", "optimizer_param_groups", "numpy_rng", *COUNTERS)
+                   if k not in meta]
+        if missing:
+            raise ValueError(f"{directory / STATE_FILE} lacks {', '.join(missing)}")
+        _check_env(meta["env"], envs.world, envs.num_envs, directory)
+        policy = load_causal_lm(copy / "policy", device="cpu").state_dict()
+        return Checkpoint(directory, meta, policy, load_file(copy / AGENT_FILE), load_file(copy / TENSORS_FILE))
 
 
 def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:

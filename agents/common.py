@@ -119,6 +119,9 @@ def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True
 
     ``callback(agent, metrics)`` runs after every update; returning False stops training.
     """
+    if isinstance(total_timesteps, (bool, np.bool_)) or not isinstance(total_timesteps, (int, np.integer)) \
+            or total_timesteps < 0:
+        raise ValueError(f"total_timesteps must be an integer ≥ 0, got {total_timesteps!r}")
     bar = tqdm(total=total_timesteps, initial=min(agent.num_timesteps, total_timesteps), unit=unit,
                disable=not progress)
     while agent.num_timesteps < total_timesteps:
@@ -289,10 +292,10 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
     task = rlhf_env.tasks.get_task(args.task)
     kwargs = dict(beta=args.beta, kl_target=args.kl_target, device=args.device)
     if args.reward == "gold":
-        kwargs["reward_fn"] = task.gold
+        kwargs["reward_fn"] = task.gold_reward
     envs = gym.make_vec(rlhf_env.env_id(args.task), num_envs=args.num_envs, **kwargs)
     agent = agent_cls(envs, config, out_dir=args.out, progress=not args.no_progress)
-    optimum = kl_regularised_optimum(envs, task.gold, args.beta) if args.estimate_optimum else None
+    optimum = kl_regularised_optimum(envs, task.gold_reward, args.beta) if args.estimate_optimum else None
     def evaluate_all():
         return {**evaluate(envs, args.eval_episodes, seed=10_000), **(extra_eval(agent) if extra_eval else {})}
 

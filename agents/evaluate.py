@@ -17,6 +17,7 @@ import torch
 
 from agents.rollout import Episodes, collect_episodes, episode_stats
 from rlhf_env.decoding.sampling import sample
+from rlhf_env.reward import call_reward_fn
 from rlhf_env.vector_env import RLHFVectorEnv
 
 # The π_SFT samples a win rate compares against are drawn with a seed of their own, so that they never share a
@@ -77,7 +78,8 @@ def best_of_n(envs, n: int, n_episodes: int, seed: int = 10_000, batch_size: int
         responses = samples.response_lists()
         texts = world.tokenizer.batch_decode(responses, skip_special_tokens=True)
         checked = [world.checked_score(score, prompt, text)  # NaN/inf: NonFiniteReward, or masked
-                   for score, prompt, text in zip(world.score(prompts, queries, responses, texts), prompts, texts)]
+                   for score, prompt, text in zip(world.score(prompts, queries, responses, texts,
+                                                                          samples.finished.tolist()), prompts, texts)]
         scores = np.array([score for score, _ in checked]).reshape(-1, n)
         masked = np.array([flag for _, flag in checked]).reshape(-1, n)
         for group, best in enumerate(np.where(masked, -np.inf, scores).argmax(1)):  # ties: the first sample
@@ -118,8 +120,9 @@ def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn=None, beta: float | No
     """Estimate max_π E[r] − β·KL(π ‖ π_ref) on held-out prompts by sampling `n_samples` responses per prompt from
     π_ref; also reports the effective sample size of the importance weights exp(r/β) (low ESS: underestimate).
 
-    ``reward_fn(prompt, text)`` is the reward r; None scores with the env's own reward (its reward model, in one
-    batched forward per prompt, or its ``reward_fn``). ``beta`` defaults to the env's β.
+    ``reward_fn`` (batched, `rlhf_env.reward.call_reward_fn`; e.g. ``task.gold_reward``) is the reward r; None
+    scores with the env's own reward (its reward model or its ``reward_fn``), in one call per prompt. ``beta``
+    defaults to the env's β.
     """
     world = envs.unwrapped.world
     beta = world.beta if beta is None else beta
@@ -137,10 +140,13 @@ def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn=None, beta: float | No
                          temperature=world.temperature, generator=generator)
         responses = samples.response_lists()
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        finished = samples.finished.tolist()
         if reward_fn is None:
-            rewards = world.score([prompt] * n_samples, [query] * n_samples, responses, texts)
+            rewards = world.score([prompt] * n_samples, [query] * n_samples, responses, texts, finished)
         else:
-            rewards = [reward_fn(prompt, text) for text in texts]
+            rewards = call_reward_fn(reward_fn, [prompt] * n_samples, texts, {
+                "query_ids": [query] * n_samples, "response_ids": responses, "finished": finished,
+                "task": world.task})
         checked = [world.checked_score(float(r), prompt, text) for r, text in zip(rewards, texts)]
         kept = [score for score, masked in checked if not masked]  # a masked sample is left out of the estimate
         if not kept:

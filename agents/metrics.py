@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,10 @@ class MetricsLogger:
     def __init__(self, out_dir: str | Path | None, tensorboard: bool = True,
                  resume_at: tuple[int, int] | None = None):
         self.history: list[dict] = []
+        if out_dir is not None and (not isinstance(out_dir, (str, os.PathLike)) or str(out_dir) == ""):
+            raise ValueError(f"out_dir must be a folder path or None, got {out_dir!r}")
+        if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+            raise ValueError(f"out_dir {out_dir} is a file, not a folder")
         self.path = None if out_dir is None else Path(out_dir) / "metrics.jsonl"
         self.writer, self._lock = None, None
         if self.path is None:

@@ -148,9 +148,10 @@ class PPO:
         if config.ptx_coef > 0:  # PPO-ptx needs the task's demonstrations: a task without them raises here
             self.world.task.demonstrations(0, np.random.default_rng(0))
         self.device, self.lm = self.world.device, self.world.policy
-        torch.manual_seed(config.seed)  # the value head's init
-        self.model = ActorCritic(self.lm, self.world.backends["policy"], config.value_init, config.separate_critic,
-                                 self.world.reward_model)
+        with torch.random.fork_rng(devices=[]):  # the value head's init, seeded; the global RNG is left as it was
+            torch.manual_seed(config.seed)
+            self.model = ActorCritic(self.lm, self.world.backends["policy"], config.value_init,
+                                     config.separate_critic, self.world.reward_model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adam(self.params, config)
         self.rng, self.generator = seeded_generators(config.seed)

@@ -138,8 +138,9 @@ class Reinforce:
         self.config = config
         self.envs, self.world = acting_world(env, "Reinforce", config.episodes_per_update)
         self.device, self.lm, self.backend = self.world.device, self.world.policy, self.world.backends["policy"]
-        torch.manual_seed(config.seed)  # the value head's init
-        self.model = ActorCritic(self.lm, self.backend, config.value_init) if config.baseline == "value" else None
+        with torch.random.fork_rng(devices=[]):  # the value head's init, seeded; the global RNG is left as it was
+            torch.manual_seed(config.seed)
+            self.model = ActorCritic(self.lm, self.backend, config.value_init) if config.baseline == "value" else None
         self.params = [p for p in (self.model or self.lm).parameters() if p.requires_grad]
         self.optimizer = adam(self.params, config)
         self.rng, self.generator = seeded_generators(config.seed)

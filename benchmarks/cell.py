@@ -170,7 +170,7 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict:
     task = rlhf_env.tasks.get_task(config.task)
     kwargs = dict(beta=config.beta, device=config.device)
     if config.reward == "gold":
-        kwargs["reward_fn"] = task.gold
+        kwargs["reward_fn"] = task.gold_reward
     envs = gym.make_vec(rlhf_env.env_id(config.task), num_envs=config.num_envs, **kwargs)
     world = envs.unwrapped.world
     eval_seed = 10_000 + config.seed

@@ -288,7 +288,7 @@ def ours_dpo(world: dict, pairs: int, updates: int, warmup: int) -> dict:
     path = Path(world["prompts"]).with_name("pairs.jsonl")
     write_jsonl(path, _dpo_pairs(world, pairs * (warmup + updates)))
     envs = gym.make_vec("RLHF-v0", num_envs=1, task=_task(world), policy=world["policy"],
-                        reference=world["policy"], reward_fn=lambda prompt, response: 0.0,
+                        reference=world["policy"], reward_fn=lambda prompts, responses: [0.0] * len(prompts),
                         tokenizer=world["tokenizer"], beta=0.1)
     agent = DPO(envs, DPOConfig(batch_size=pairs, learning_rate=1e-6, pairs=str(path), eval_pairs=str(path)),
                 progress=False)  # reference log-probs are computed here, before the timed steps

@@ -47,7 +47,7 @@ def main(updates: int = 40, seed: int = 0) -> tuple[float, float]:
         model, prompts = make_stand_ins(Path(tmp))
         task = FileTask(prompts, gold=says_great, max_new_tokens=8)
         envs = gym.make_vec("RLHF-v0", num_envs=16, task=task, policy=model, reference=model, tokenizer=model,
-                            reward_fn=task.gold, beta=0.02)
+                            reward_fn=task.gold_reward, beta=0.02)
         agent = PPO(envs, PPOConfig(episodes_per_update=16, learning_rate=3e-4, seed=seed), progress=False)
 
         before = evaluate(envs, 128)["objective/gold_score"]  # held-out prompts, sampled from the policy

@@ -62,8 +62,10 @@ class RLHFEnv(WorldParts, gym.Env):
 
     ## Arguments
     ``task`` (name or `Task`), ``policy`` / ``reference`` (causal LM modules or local paths; default: the task's
-    π_SFT), ``reward_model`` (module or path) or ``reward_fn(prompt, response) -> float`` (e.g. ``task.gold`` for
-    "PPO-GT" runs), ``tokenizer``, ``beta``, ``kl_target`` (adaptive β when set: Ziegler et al.'s controller, moved
+    π_SFT), ``reward_model`` (module or path) or ``reward_fn`` (batched, called once per batch of finished
+    episodes: ``fn(prompts, responses, **context) -> one float per response``, `rlhf_env.reward`; e.g.
+    ``task.gold_reward`` for "PPO-GT" runs; ``rlhf_env.reward.per_item(f)`` batches ``f(prompt, response)``),
+    ``tokenizer``, ``beta``, ``kl_target`` (adaptive β when set: Ziegler et al.'s controller, moved
     once per ``kl_batch_episodes`` finished episodes, default 64, by the error of their mean KL, see `rlhf_env.kl`;
     our agents freeze it and move it once per rollout instead), ``kl_horizon`` (episodes),
     ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy", "agent" or

@@ -179,8 +179,14 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """``with atomic_directory(path) as tmp:`` fill `tmp`; when the block ends without an error, `tmp` is fsynced
     and replaces `path` (`replace_directory`). An error, or a crash, leaves `path` as it was."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    if target.is_symlink():  # a save through a link replaces the folder it points to, and keeps the link
+        target = Path(os.path.realpath(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {target}: {error.strerror} (a save fills a temporary folder "
+                                   f"beside it, in {target.parent})") from None
     try:
         yield tmp
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes a private folder; what we save is for its owner's group
@@ -191,6 +197,44 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def foreign_entries(directory: str | os.PathLike, listed: set[str] | None) -> list[str]:
+    """What in `directory` is not among `listed` (relative "/"-separated file paths that a previous save of ours
+    wrote; None: nothing is ours), with the folders above listed files counted as ours. Symbolic links are never
+    ours. Sorted relative paths."""
+    directory = Path(directory)
+    owned = set()
+    for name in listed or ():
+        parts = Path(name).parts
+        owned.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    foreign = []
+    for root, dirs, names in os.walk(directory):
+        for name in sorted(dirs + names):
+            path = Path(root) / name
+            relative = path.relative_to(directory).as_posix()
+            if relative not in owned or path.is_symlink():
+                foreign.append(relative)
+        dirs[:] = [d for d in dirs if (Path(root) / d).relative_to(directory).as_posix() in owned]
+    return sorted(foreign)
+
+
+def refuse_foreign(directory: str | os.PathLike, listed: set[str] | None, what: str) -> None:
+    """`ValueError` naming `directory` and the first foreign entries (`foreign_entries`) unless it is missing,
+    empty, or holds only what a previous save of `what` wrote (`listed`): a save replaces the whole folder, so it
+    never replaces one that holds anything else."""
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a folder: refusing to replace it with {what}")
+    foreign = foreign_entries(directory, listed)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        reason = (f"its {MANIFEST} does not list" if listed is not None
+                  else f"it is neither empty nor {what} (whose {MANIFEST} lists its files); it holds")
+        raise ValueError(f"refusing to write {what} to {directory}: a save replaces the whole folder, and {reason} "
+                         f"{shown}. Choose a new or empty folder, or move those files away")
 
 
 # ---------------------------------------------------------------- manifests
@@ -226,6 +270,11 @@ def verify_manifest(directory: str | os.PathLike, what: str = "directory") -> di
         files = manifest["files"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is damaged ({error}): not a {what} rlhf-gym can verify") from None
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+            for e in files.values()):
+        raise ValueError(f"{path} is damaged (its \"files\" are not name → {{sha256, bytes}}): not a {what} "
+                         "rlhf-gym can verify")
     for name, expected in sorted(files.items()):
         file = directory / name
         if not file.is_file():
@@ -233,6 +282,77 @@ def verify_manifest(directory: str | os.PathLike, what: str = "directory") -> di
         if file.stat().st_size != expected["bytes"] or sha256_file(file) != expected["sha256"]:
             raise ValueError(f"{what} {directory} is damaged: {name} does not match its sha256 in {MANIFEST}")
     return manifest
+
+
+@contextlib.contextmanager
+def verified_snapshot(directory: str | os.PathLike, what: str = "directory",
+                      attempts: int = 3) -> Iterator[tuple[Path, dict]]:
+    """``with verified_snapshot(path) as (copy, manifest):`` read from `copy`, a private copy of `directory` whose
+    every file matches its manifest (`verify_manifest`; `ValueError` naming the damage otherwise), so that a save
+    swapping `directory` while it is read cannot hand the reader files of two versions.
+
+    The copy hard-links the files (a save never rewrites a file in place: it swaps in a new folder, so a linked file
+    stays as it was), or copies them where links are impossible. A copy that fails to verify because a save swapped
+    `directory` meanwhile (its manifest changed) is made again, up to `attempts` times. Deleted on exit.
+    """
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        verify_manifest(directory, what)  # raises, naming what is missing
+    for attempt in range(attempts):
+        copy, listed = _scratch(directory), b""
+        try:
+            try:
+                listed = (directory / MANIFEST).read_bytes()
+                (copy / MANIFEST).write_bytes(listed)
+                for name in _listed_files(listed):
+                    _link_or_copy(directory / name, copy / name)
+                manifest = verify_manifest(copy, what)
+            except (OSError, ValueError) as error:
+                if attempt + 1 < attempts and _changed(directory / MANIFEST, listed):
+                    continue  # a save swapped the folder while it was copied: copy the new version
+                raise ValueError(str(error).replace(str(copy), str(directory))) from None
+            yield copy, manifest
+            return
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+
+
+def _scratch(directory: Path) -> Path:
+    """A private folder beside `directory` (so that hard links work), or in the system's temporary folder."""
+    try:
+        return Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.read-"))
+    except OSError:  # a read-only parent
+        return Path(tempfile.mkdtemp(prefix=f"{directory.name}.read-"))
+
+
+def _listed_files(manifest: bytes) -> list[str]:
+    """The file names a manifest lists ([] if it does not parse: `verify_manifest` then says so)."""
+    try:
+        files = json.loads(manifest)["files"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [name for name in files if isinstance(name, str) and ".." not in Path(name).parts] \
+        if isinstance(files, dict) else []
+
+
+def _changed(path: Path, before: bytes) -> bool:
+    try:
+        return path.read_bytes() != before
+    except OSError:
+        return True
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """Hard-link `source` at `destination` (a copy where links are impossible); a missing source is skipped (the
+    manifest check then names it)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, destination)
+    except FileNotFoundError:
+        return
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copy2(source, destination)
 
 
 # ---------------------------------------------------------------- ownership

@@ -159,7 +159,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` picks CUDA when present, else CPU; anything else is passed to `torch.device`."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', ...; got {device!r} ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but this torch build sees no CUDA device (torch "
+                         f"{torch.__version__}); use 'cpu' or 'auto'")
+    return device
 
 
 BACKENDS = ("auto", "gpt2", "hf")

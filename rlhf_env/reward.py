@@ -10,12 +10,20 @@ non-finite too (`fits_float32`).
 Scores come from user code (a ``reward_fn``, a task's ``gold``), so they are checked before any arithmetic
 (`real_score`): a real number (int, float, a numpy real scalar, or a 0-d numpy array / torch tensor of real dtype)
 is accepted; a bool, a string, None, a complex number or a sequence is a `TypeError` naming the function.
+
+A reward function is **batched**, the convention of TRL's reward functions: it is called once per batch of finished
+episodes as ``fn(prompts: list[str], responses: list[str], **context) -> Sequence[float]`` (`call_reward_fn`;
+`REWARD_CONTEXT` lists what the context holds). A function of one response, ``f(prompt, response) -> float``, is
+made batched with `per_item` (``reward_fn=per_item(f)``); passed as it is, it gets a `TypeError` saying so.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,10 +65,86 @@ def real_score(value, source: str, prompt: str) -> float:
             item = value.item()
     if isinstance(item, numbers.Real) and not isinstance(item, (bool, np.bool_)):
         return float(item)
+    raise TypeError(f"{source} must return a real number (int or float), got {type(value).__name__} "
+                    f"{_shown(value)} for prompt {prompt!r}")
+
+
+REWARD_CONTEXT = ("query_ids", "response_ids", "finished", "task")
+"""What a batched reward function may take besides prompts and responses, by keyword: the prompts' and responses'
+token ids (lists of lists; a response ends with its EOS when it has one), whether each response ended with EOS
+(``finished``; False: the token cap cut it off), and the task. Only the names in the function's signature are passed
+(all of them to a function with ``**context``)."""
+
+PER_ITEM_HINT = ("reward functions are batched: fn(prompts: list[str], responses: list[str], **context) -> one float "
+                 "per response, called once per batch of finished episodes; make a function of one response, "
+                 "f(prompt, response) -> float, batched with rlhf_env.reward.per_item(f)")
+
+
+def callable_name(fn) -> str:
+    """A function's name for messages and checkpoints (its qualname, or its type's)."""
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+def per_item(fn: Callable[[str, str], float]) -> Callable[..., list[float]]:
+    """A batched reward function that calls ``fn(prompt, response) -> float`` for each response in turn.
+
+    >>> batched = per_item(lambda prompt, response: float(len(response)))
+    >>> batched(["a", "b"], ["xy", "z"])
+    [2.0, 1.0]
+    """
+    @functools.wraps(fn)
+    def batched(prompts: list[str], responses: list[str]) -> list[float]:
+        return [fn(prompt, response) for prompt, response in zip(prompts, responses)]
+
+    batched.__qualname__ = f"per_item({callable_name(fn)})"
+    del batched.__wrapped__  # its signature is the batched one, not fn's
+    return batched
+
+
+def context_names(fn: Callable) -> tuple[str, ...]:
+    """The `REWARD_CONTEXT` names `fn` takes by keyword (all of them with ``**kwargs``; none if its signature cannot
+    be read)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return REWARD_CONTEXT
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return tuple(name for name in REWARD_CONTEXT if name in names)
+
+
+def call_reward_fn(fn: Callable, prompts: list[str], responses: list[str], context: dict,
+                   names: tuple[str, ...] | None = None) -> list[float]:
+    """Call the batched reward function `fn` once for ``len(prompts)`` responses and return its scores as floats.
+
+    `context` holds the `REWARD_CONTEXT` values; only `names` (default: `context_names(fn)`) are passed. Raises,
+    naming the function: `TypeError` if it returns anything but a sequence (a list, tuple, 1-d array or tensor) or
+    an element is not a real number (`real_score`), `ValueError` if the sequence has the wrong length. An error
+    raised inside `fn` gets a note on the batched convention. NaN/±inf are returned for the caller to check.
+    """
+    source = f"reward_fn {callable_name(fn)}"
+    names = context_names(fn) if names is None else names
+    try:
+        out = fn(prompts, responses, **{name: context[name] for name in names})
+    except Exception as error:
+        error.add_note(f"({source} was called with {len(prompts)} prompts and responses: {PER_ITEM_HINT})")
+        raise
+    if isinstance(out, torch.Tensor) and out.ndim == 1:
+        out = out.tolist()
+    elif isinstance(out, np.ndarray) and out.ndim == 1:
+        out = list(out)
+    if isinstance(out, (str, bytes, dict)) or not isinstance(out, Sequence):
+        raise TypeError(f"{source} returned {type(out).__name__} {_shown(out)} for a batch of {len(prompts)} "
+                        f"responses: {PER_ITEM_HINT}")
+    if len(out) != len(prompts):
+        raise ValueError(f"{source} returned {len(out)} scores for {len(prompts)} responses (one per response)")
+    return [real_score(value, source, prompt) for value, prompt in zip(out, prompts)]
+
+
+def _shown(value) -> str:
     shown = repr(value)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    raise TypeError(f"{source} must return a real number (int or float), got {type(value).__name__} {shown} for "
-                    f"prompt {prompt!r}")
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def token_reward(logprobs: np.ndarray, ref_logprobs: np.ndarray, beta: float,

@@ -11,7 +11,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rlhf_env.world import RLHFWorld, WorldParts, check_options, check_seed
+from rlhf_env.world import RLHFWorld, WorldParts, check_options, check_seed, checked_integer
 
 
 class RLHFVectorEnv(WorldParts, VectorEnv):
@@ -77,8 +77,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
 
     def __init__(self, num_envs: int = 1, render_mode: str | None = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, **world_kwargs):
-        if not isinstance(num_envs, int) or num_envs < 1:
-            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        num_envs = checked_integer("num_envs", num_envs)
         modes = (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP)
         if autoreset_mode not in modes and autoreset_mode not in [m.value for m in modes]:
             raise ValueError(f"autoreset_mode must be one of {[m.value for m in modes]}, got {autoreset_mode!r}")

@@ -24,9 +24,13 @@ from rlhf_env.lm import pad_left, pad_right
 from rlhf_env.models import check_decodable, choose_backend, load_causal_lm, load_tokenizer, resolve_device
 from rlhf_env.reward import (
     NONFINITE_POLICIES,
+    PER_ITEM_HINT,
     NonFiniteReward,
+    call_reward_fn,
+    callable_name,
     check_token_rewards,
     checked_score,
+    context_names,
     fits_float32,
     real_score,
     terminal_reward,
@@ -52,14 +56,22 @@ def check_seed(seed) -> int | None:
     return int(seed)
 
 
+def _is_real(value) -> bool:
+    """A real number that is not a bool (int, float, numpy real scalars)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def checked_integer(name: str, value, minimum: int = 1) -> int:
+    """`value` as an int ≥ `minimum` (numpy integers accepted), or `ValueError` naming the argument `name`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def check_options(options) -> None:
     """`ValueError` naming ``options`` unless it is a dict (any mapping) or None."""
     if options is not None and not isinstance(options, Mapping):
         raise ValueError(f"options must be a dict or None, got {type(options).__name__} {options!r}")
-
-
-def _qualname(fn) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 class RLHFWorld:
@@ -110,22 +122,26 @@ class RLHFWorld:
         if reward_model is not None and reward_fn is not None:
             raise ValueError("pass a reward_model or a reward_fn, not both")
         if reward_fn is not None and not callable(reward_fn):
-            raise ValueError("reward_fn must be callable as reward_fn(prompt, response) -> float")
+            raise ValueError(f"reward_fn must be callable: {PER_ITEM_HINT}")
+        if isinstance(getattr(reward_fn, "__self__", None), Task) and getattr(reward_fn, "__name__", "") == "gold":
+            raise ValueError("reward_fn=task.gold scores one response; the batched gold reward is task.gold_reward "
+                             f"({PER_ITEM_HINT})")
+        for name, value in (("temperature", temperature), ("beta", beta), ("kl_target", kl_target)):
+            if value is not None and not _is_real(value):
+                raise ValueError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        if (isinstance(missing_eos_penalty, bool) or not isinstance(missing_eos_penalty, (int, float, np.floating))
-                or not fits_float32(float(missing_eos_penalty))):
+        if not _is_real(missing_eos_penalty) or not fits_float32(float(missing_eos_penalty)):
             raise ValueError(f"missing_eos_penalty must be a number finite in float32 (|x| ≤ 3.4e38), got "
                              f"{missing_eos_penalty!r}")
         if not isinstance(trust_remote_code, bool):
             raise ValueError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
-        if isinstance(kl_horizon, bool) or not isinstance(kl_horizon, int) or kl_horizon < 1:
-            raise ValueError(f"kl_horizon must be a positive integer (episodes), got {kl_horizon!r}")
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                           or max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens must be None (the task's) or an integer ≥ 1, got {max_new_tokens!r}")
-        if isinstance(kl_batch_episodes, bool) or not isinstance(kl_batch_episodes, int) or kl_batch_episodes < 1:
-            raise ValueError(f"kl_batch_episodes must be a positive integer, got {kl_batch_episodes!r}")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+        kl_horizon = checked_integer("kl_horizon", kl_horizon)
+        kl_batch_episodes = checked_integer("kl_batch_episodes", kl_batch_episodes)
+        max_new_tokens = None if max_new_tokens is None else checked_integer("max_new_tokens", max_new_tokens)
+        compact_at = None if compact_at is None else checked_integer("compact_at", compact_at)
         if kl_target is not None and kl_batch_episodes > kl_horizon:
             raise ValueError(f"kl_batch_episodes ({kl_batch_episodes}) must not exceed kl_horizon ({kl_horizon}): β "
                              f"moves by up to 0.2·batch/horizon per batch")
@@ -140,6 +156,7 @@ class RLHFWorld:
         self.tokenizer, self.policy, self.reference, self.reward_model = self._load(
             policy, reference, reward_model if reward_fn is None else False, tokenizer, dtype, trust_remote_code)
         self.reward_fn = reward_fn
+        self._reward_context = () if reward_fn is None else context_names(reward_fn)
         self.backends = {name: choose_backend(model, backend) for name, model in
                          (("policy", self.policy), ("reference", self.reference)) if model is not None}
         if self.reward_model is not None:
@@ -340,14 +357,17 @@ class RLHFWorld:
         return int(action)
 
     @torch.no_grad()
-    def score(self, prompts: list[str], queries: list[list[int]], responses: list[list[int]],
-              texts: list[str]) -> list[float]:
-        """Raw scores of finished responses: one batched RM forward, or one reward_fn call per response. Changes
-        nothing. A reward_fn's value must be a real number (`rlhf_env.reward.real_score`: `TypeError` naming the
-        function otherwise); NaN/inf are returned for the caller to check."""
+    def score(self, prompts: list[str], queries: list[list[int]], responses: list[list[int]], texts: list[str],
+              finished: list[bool]) -> list[float]:
+        """Raw scores of finished responses (`texts` decoded, `finished`: ended with EOS): one batched reward-model
+        forward, or one call of the batched reward function (`rlhf_env.reward.call_reward_fn`: `TypeError` /
+        `ValueError` naming it for a value that is not one real number per response). Changes nothing; NaN/inf
+        are returned for the caller to check."""
+        if not prompts:
+            return []
         if self.reward_fn is not None:
-            source = f"reward_fn {_qualname(self.reward_fn)}"
-            return [real_score(self.reward_fn(p, t), source, p) for p, t in zip(prompts, texts)]
+            context = {"query_ids": queries, "response_ids": responses, "finished": finished, "task": self.task}
+            return call_reward_fn(self.reward_fn, prompts, texts, context, self._reward_context)
         pad = self.pad_token_id
         query_ids, query_mask = pad_left(queries, pad, self.device)
         response_ids, response_mask = pad_right(responses, pad, device=self.device)
@@ -415,8 +435,8 @@ class RLHFWorld:
         if not prompts:
             return []
         texts = [self.tokenizer.decode(response, skip_special_tokens=True) for response in responses]
-        scores = self.score(prompts, queries, responses, texts)
-        gold = f"task.gold {_qualname(self.task.gold)}"
+        scores = self.score(prompts, queries, responses, texts, finished)
+        gold = f"task.gold {callable_name(self.task.gold)}"
         out = []
         for prompt, text, response, score, lp, ref, eos in zip(prompts, texts, responses, scores, logprobs,
                                                                ref_logprobs, finished):

@@ -149,8 +149,8 @@ def test_same_step_autoreset_gives_the_same_episodes_as_next_step():
 def test_evaluate_agent_leaves_masked_scores_out_and_never_moves_beta():
     from rlhf_env.agent import evaluate_agent
 
-    def odd_words_nan(prompt, response):
-        return float("nan") if len(response.split()) % 2 else 1.0
+    def odd_words_nan(prompts, responses):
+        return [float("nan") if len(response.split()) % 2 else 1.0 for response in responses]
 
     envs = RLHFVectorEnv(num_envs=4, kl_mode="agent", max_new_tokens=6, reward_fn=odd_words_nan,
                          nonfinite_reward="mask", beta=0.1, kl_target=0.01, kl_horizon=10, kl_batch_episodes=4)

@@ -203,7 +203,7 @@ def test_token_cap_terminates_with_the_score_and_the_missing_eos_penalty():
 
 def test_reward_fn_replaces_the_reward_model():
     task = rlhf_env.tasks.get_task("sentiment")
-    env = RLHFEnv(reward_fn=task.gold)
+    env = RLHFEnv(reward_fn=task.gold_reward)
     assert env.reward_model is None
     env.reset(seed=0, options={"prompt": "the plot was not"})
     for word in ["bad", "<eos>"]:
@@ -213,11 +213,11 @@ def test_reward_fn_replaces_the_reward_model():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_rewards_raise_or_are_masked(bad):
-    env = RLHFEnv(reward_fn=lambda prompt, response: bad)
+    env = RLHFEnv(reward_fn=lambda prompts, responses: [bad] * len(prompts))
     env.reset(seed=0)
     with pytest.raises(NonFiniteReward, match="returned"):
         env.step(env.tokenizer.eos_token_id)
-    masked = RLHFEnv(reward_fn=lambda prompt, response: bad, nonfinite_reward="mask")
+    masked = RLHFEnv(reward_fn=lambda prompts, responses: [bad] * len(prompts), nonfinite_reward="mask")
     masked.reset(seed=0)
     _, reward, _, _, info = masked.step(masked.tokenizer.eos_token_id)
     assert np.isfinite(reward) and info["score_nonfinite"] and info["score"] == 0.0

@@ -34,7 +34,10 @@ class Switch:
     def __init__(self):
         self.mode = HONEST
 
-    def __call__(self, prompt, response):
+    def __call__(self, prompts, responses):  # batched: one value per response
+        return [self.one(response) for response in responses]
+
+    def one(self, response):
         if self.mode is HONEST:
             return 0.25 * len(response) - 1.0
         if isinstance(self.mode, str) and self.mode == "raise":
@@ -289,12 +292,26 @@ def test_a_score_beyond_float32_is_non_finite(tokens):
     dict(max_new_tokens=0), dict(max_new_tokens=2.5), dict(max_new_tokens=-1), dict(max_new_tokens=10**6),
     dict(kl_horizon=0.5), dict(kl_horizon=0), dict(kl_target=float("inf")), dict(kl_target=float("nan")),
     dict(kl_target=-1.0), dict(beta=float("nan")), dict(beta=float("inf")), dict(beta=-0.1),
-    dict(trust_remote_code="yes"),
+    dict(trust_remote_code="yes"), dict(beta="0.1"), dict(temperature="1"), dict(dtype="bogus"),
+    dict(device="cuda:0"), dict(device="nonsense"), dict(compact_at=-3), dict(compact_at=2.5),
 ], ids=lambda kwargs: f"{next(iter(kwargs))}={next(iter(kwargs.values()))}")
 def test_bad_arguments_are_refused_when_the_env_is_built(kwargs):
     name = next(iter(kwargs))
+    if name == "device" and torch.cuda.is_available() and kwargs["device"] == "cuda:0":
+        pytest.skip("a CUDA device exists")
     with pytest.raises(ValueError, match=name if name not in ("beta", "kl_target") else "beta|target"):
         RLHFEnv(**kwargs)
+
+
+@pytest.mark.parametrize("num_envs", [True, 0, 2.5, "4"])
+def test_bad_row_counts_are_named(num_envs):
+    with pytest.raises(ValueError, match="num_envs"):
+        gym.make_vec("RLHF-v0", num_envs=num_envs)
+
+
+def test_numpy_integers_are_integers():
+    envs = gym.make_vec("RLHF-v0", num_envs=np.int64(2), max_new_tokens=np.int64(4), kl_horizon=np.int32(100))
+    assert envs.num_envs == 2 and envs.unwrapped.world.max_new_tokens == 4
 
 
 @pytest.mark.parametrize("seed, error", [(2.5, TypeError), ("x", TypeError), (True, TypeError), (-1, ValueError)])

@@ -81,7 +81,8 @@ def test_other_architectures_run_through_the_env_with_an_exact_kl_seam(kind, tok
 
     policy, reference = tiny_causal_lm(kind, tokenizer, seed=0), tiny_causal_lm(kind, tokenizer, seed=1)
     envs = RLHFVectorEnv(num_envs=3, policy=policy, reference=reference, tokenizer=tokenizer, max_new_tokens=8,
-                         reward_fn=lambda prompt, response: 0.0, compact_at=20)  # compaction is exercised
+                         reward_fn=lambda prompts, responses: [0.0] * len(prompts),
+                         compact_at=20)  # compaction is exercised
     assert envs.world.backends == {"policy": "hf", "reference": "hf"}
     envs.reset(seed=0)
     rng, checked = np.random.default_rng(0), 0
@@ -108,4 +109,4 @@ def test_a_model_whose_cache_the_env_cannot_handle_is_refused_when_the_env_is_bu
 
     with pytest.raises(UnsupportedModel, match="full-attention|max_position_embeddings"):
         RLHFVectorEnv(num_envs=2, policy=tiny_causal_lm(kind, tokenizer), reference=tiny_causal_lm(kind, tokenizer),
-                      tokenizer=tokenizer, reward_fn=lambda prompt, response: 0.0)
+                      tokenizer=tokenizer, reward_fn=lambda prompts, responses: [0.0] * len(prompts))

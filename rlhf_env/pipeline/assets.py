@@ -21,7 +21,7 @@ import torch
 import transformers
 
 from rlhf_env.assets import MANIFEST, file_hashes
-from rlhf_env.files import atomic_directory
+from rlhf_env.files import atomic_directory, refuse_foreign
 from rlhf_env.jsonl import write_jsonl
 from rlhf_env.models import build_policy
 from rlhf_env.pipeline.preferences import PreferenceConfig, label_groups, sample_groups
@@ -64,57 +64,23 @@ class BuildConfig:
                    reward=RewardConfig(steps=10, batch_size=16))
 
 
-def build_owned_entries(out_dir: Path) -> set[str] | None:
-    """The paths (relative, "/"-separated) that a previous build in `out_dir` made: its manifest, every file its
-    manifest's "sha256" lists (``preferences/pairs_{split}.jsonl``, which `load_preference_pairs` re-derives, is
-    listed too) and the folders above them. None when `out_dir` holds no manifest that parses."""
+def build_files(out_dir: Path) -> set[str] | None:
+    """The files a previous build in `out_dir` wrote: its manifest and every file its manifest's "sha256" lists
+    (``preferences/pairs_{split}.jsonl``, which `load_preference_pairs` re-derives, is listed too). None when
+    `out_dir` holds no manifest that parses."""
     try:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
-        listed = manifest["sha256"]
-        if not isinstance(listed, dict):
-            return None
+        listed = json.loads((out_dir / MANIFEST).read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    owned = {MANIFEST}
-    for name in listed:
-        parts = Path(name).parts
-        owned.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return owned
-
-
-def foreign_entries(out_dir: str | os.PathLike) -> list[str]:
-    """What in `out_dir` a build did not make (relative paths, sorted): everything, unless `out_dir` holds a previous
-    build's manifest; then what its manifest does not list. Symbolic links are never a build's."""
-    out_dir = Path(out_dir)
-    owned = build_owned_entries(out_dir) or set()
-    foreign = []
-    for root, dirs, files in os.walk(out_dir):
-        for name in sorted(dirs + files):
-            path = Path(root) / name
-            relative = path.relative_to(out_dir).as_posix()
-            if relative not in owned or path.is_symlink():
-                foreign.append(relative)
-        dirs[:] = [d for d in dirs if (Path(root) / d).relative_to(out_dir).as_posix() in owned]
-    return sorted(foreign)
+    return {MANIFEST, *listed} if isinstance(listed, dict) else None
 
 
 def check_replaceable(out_dir: str | os.PathLike) -> None:
     """Raise `ValueError` unless a build may write `out_dir`: missing, an empty folder, or a previous build (a
     ``manifest.json`` that parses, and nothing beside it that the manifest does not list). The message names
-    `out_dir` and the first few files that are not a build's; nothing is deleted."""
+    `out_dir` and the first few files that are not a build's; nothing is deleted (`rlhf_env.files.refuse_foreign`)."""
     out_dir = Path(out_dir)
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    if not out_dir.is_dir():
-        raise ValueError(f"{out_dir} exists and is not a folder: refusing to replace it with a task's assets")
-    foreign = foreign_entries(out_dir)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        what = ("its manifest.json does not list" if build_owned_entries(out_dir) is not None
-                else "it is neither empty nor a previous build (whose manifest.json lists its files under "
-                "\"sha256\"); it holds")
-        raise ValueError(f"refusing to build into {out_dir}: a build replaces the whole folder, and {what} {shown}. "
-                         "Choose a new or empty folder, or move those files away")
+    refuse_foreign(out_dir, build_files(out_dir) if out_dir.is_dir() else None, "a task's assets")
 
 
 def build_assets(task: str | Task, out_dir: str | Path, config: BuildConfig = BuildConfig(),

@@ -72,6 +72,11 @@ class Task(abc.ABC):
     def gold(self, prompt: str, response: str) -> float:
         """The true reward of `response` to `prompt`."""
 
+    def gold_reward(self, prompts: list[str], responses: list[str]) -> list:
+        """The gold reward as a batched reward function: ``reward_fn=task.gold_reward`` trains on the true reward
+        (the "-GT" runs) instead of a reward model."""
+        return [self.gold(prompt, response) for prompt, response in zip(prompts, responses)]
+
     def is_well_formed(self, prompt: str, response: str) -> bool:
         """Whether the response is well formed (grammatical, parseable); tasks refine this."""
         return bool(response.strip())

@@ -106,8 +106,8 @@ def test_reinforce_micro_batches_equal_the_whole_batch(options):
         assert relative_difference(split, whole) <= TOLERANCE, micro
 
 
-def odd_words_nan(prompt: str, response: str) -> float:
-    return float("nan") if len(response.split()) % 2 else float(len(response.split()))
+def odd_words_nan(prompts: list[str], responses: list[str]) -> list[float]:
+    return [float("nan") if len(r.split()) % 2 else float(len(r.split())) for r in responses]
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo", "value"])

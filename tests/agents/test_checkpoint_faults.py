@@ -167,7 +167,7 @@ def test_a_damaged_or_truncated_checkpoint_is_refused_by_name(two_checkpoints, t
     (dict(beta=0.1, kl_target=2.0), "kl_controller"),  # fixed-β checkpoint, adaptive-β env
     (dict(max_new_tokens=6), "max_new_tokens"),
     (dict(temperature=0.7), "temperature"),
-    (dict(reward_fn=lambda prompt, response: 0.0), "reward"),
+    (dict(reward_fn=lambda prompts, responses: [0.0] * len(prompts)), "reward"),
     (dict(missing_eos_penalty=1.0), "missing_eos_penalty"),
     (dict(kl_estimator="k3"), "kl_estimator"),
 ])
@@ -232,7 +232,7 @@ def test_save_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     agent = PPO(make_envs(), CONFIG, progress=False)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("years of work")
-    with pytest.raises(ValueError, match="not an rlhf-gym checkpoint"):
+    with pytest.raises(ValueError, match="neither empty nor an agent checkpoint.*thesis.txt"):
         agent.save(tmp_path / "mine")
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary sibling left either
@@ -264,3 +264,109 @@ def test_a_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path, cls, config
 
     assert [h["time/updates"] for h in comparable(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert comparable(tmp_path / "run" / "metrics.jsonl") == comparable(tmp_path / "straight" / "metrics.jsonl")
+
+
+def test_save_refuses_a_look_alike_and_a_checkpoint_with_a_file_of_yours(two_checkpoints, tmp_path):
+    agent = PPO(make_envs(), CONFIG, progress=False)
+    fake = tmp_path / "site"
+    fake.mkdir()
+    for name in ("manifest.json", "training_state.json"):
+        (fake / name).write_text("{}")
+    (fake / "index.html").write_text("<html>")
+    with pytest.raises(ValueError, match="index.html"):
+        agent.save(fake)
+    shutil.copytree(two_checkpoints / "old", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "NOTES.txt").write_text("mine")
+    with pytest.raises(ValueError, match="does not list NOTES.txt"):
+        agent.save(tmp_path / "ckpt")
+    assert (fake / "index.html").is_file() and (tmp_path / "ckpt" / "NOTES.txt").is_file()
+
+
+def test_a_save_through_a_link_replaces_the_folder_it_points_to(two_checkpoints, tmp_path):
+    shutil.copytree(two_checkpoints / "old", tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    agent = PPO(make_envs(), CONFIG, progress=False)
+    agent.update()
+    agent.update()
+    agent.save(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert load_updates_and_policy(tmp_path / "real") == (2, state_digest(agent.lm))
+
+
+def test_a_load_never_mixes_two_versions_swapped_in_while_it_reads(two_checkpoints, tmp_path, monkeypatch):
+    """A save that swaps the folder in the middle of a load (here: after the load's first file) makes the load read
+    the new version whole, never the old version's counters with the new one's weights."""
+    shutil.copytree(two_checkpoints / "old", tmp_path / "ckpt")
+    link = files._link_or_copy
+    swapped = []
+
+    def swap_after_first(source, destination):
+        link(source, destination)
+        if not swapped:
+            swapped.append(True)
+            shutil.copytree(two_checkpoints / "new", tmp_path / "incoming")
+            files.replace_directory(tmp_path / "incoming", tmp_path / "ckpt")
+
+    monkeypatch.setattr(files, "_link_or_copy", swap_after_first)
+    agent = PPO.load(tmp_path / "ckpt", make_envs(), progress=False)
+    monkeypatch.undo()
+    assert swapped and (agent.num_updates, state_digest(agent.lm)) == load_updates_and_policy(two_checkpoints / "new")
+
+
+def test_a_manifest_with_damaged_entries_is_named(two_checkpoints, tmp_path):
+    shutil.copytree(two_checkpoints / "old", tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "manifest.json"
+    path.write_text(json.dumps({"format": "rlhf-gym agent checkpoint", "files": {"training_state.json": "abc"}}))
+    with pytest.raises(ValueError, match="manifest.json is damaged"):
+        PPO.load(tmp_path / "ckpt", make_envs(), progress=False)
+
+
+@pytest.mark.parametrize("out_dir, message", [("", "folder path or None"), (123, "folder path or None"),
+                                              ("FILE", "is a file")])
+def test_bad_out_dirs_are_named(tmp_path, out_dir, message):
+    if out_dir == "FILE":
+        out_dir = tmp_path / "file"
+        out_dir.write_text("x")
+    with pytest.raises(ValueError, match=message):
+        PPO(make_envs(), CONFIG, out_dir=out_dir, progress=False)
+
+
+@pytest.mark.parametrize("total", [-5, float("nan"), 2.5, True])
+def test_learn_refuses_a_budget_that_is_not_a_count(total):
+    agent = PPO(make_envs(), CONFIG, progress=False)
+    with pytest.raises(ValueError, match="total_timesteps"):
+        agent.learn(total)
+
+
+def test_a_refused_load_leaves_the_global_rng_alone(two_checkpoints, tmp_path):
+    envs = make_envs()
+    state = torch.get_rng_state()
+    with FolderLock(tmp_path / "run"), pytest.raises(FolderInUse):
+        PPO.load(two_checkpoints / "old", envs, out_dir=tmp_path / "run", progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_load_reads_one_version_even_if_a_save_swaps_the_folder_after_its_first_read(two_checkpoints, tmp_path,
+                                                                                          monkeypatch):
+    import agents.checkpoint
+
+    shutil.copytree(two_checkpoints / "old", tmp_path / "ckpt")
+    read_policy = agents.checkpoint.load_causal_lm
+
+    def read_then_swap(*args, **kwargs):
+        model = read_policy(*args, **kwargs)
+        if not (tmp_path / "incoming").exists():
+            shutil.copytree(two_checkpoints / "new", tmp_path / "incoming")
+            files.replace_directory(tmp_path / "incoming", tmp_path / "ckpt")
+        return model
+
+    monkeypatch.setattr(agents.checkpoint, "load_causal_lm", read_then_swap)
+    agent = PPO.load(tmp_path / "ckpt", make_envs(), progress=False)
+    monkeypatch.undo()
+    assert whole_state(agent) == whole_state(PPO.load(two_checkpoints / "old", make_envs(), progress=False))
+
+
+def whole_state(agent) -> tuple:
+    """Counters, policy and critic, and the optimizer's moments of an agent."""
+    moments = [v for slots in agent.optimizer.state_dict()["state"].values() for k, v in sorted(slots.items())]
+    return agent.num_updates, state_digest(agent.model), [m.sum().item() for m in moments]

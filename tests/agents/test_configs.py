@@ -75,7 +75,7 @@ def test_refusals_that_depend_on_the_env_come_at_construction(tmp_path, small_pa
     task = FileTask(prompts, gold=lambda prompt, response: 0.0)  # no demonstrations file
     assets = asset_dir("sentiment")
     world = dict(task=task, policy=assets / "policy", reference=assets / "policy", tokenizer=assets / "tokenizer",
-                 reward_fn=task.gold)
+                 reward_fn=task.gold_reward)
     with pytest.raises(ValueError, match="demonstrations"):  # PPO-ptx would fail at its first minibatch
         PPO(gym.make_vec("RLHF-v0", num_envs=2, **world), PPOConfig(episodes_per_update=2, minibatch_size=2,
                                                                     ptx_coef=0.1))

@@ -12,15 +12,16 @@ from agents.rollout import collect_episodes
 
 def test_optimum_of_a_constant_reward_is_that_constant():
     envs = gym.make_vec("RLHF-v0", num_envs=4, max_new_tokens=6)
-    result = kl_regularised_optimum(envs, lambda prompt, response: 0.25, beta=0.1, n_prompts=3, n_samples=4)
+    result = kl_regularised_optimum(envs, lambda prompts, responses: [0.25] * len(prompts), beta=0.1, n_prompts=3,
+                                    n_samples=4)
     assert result["optimum"] == pytest.approx(0.25) and result["ess_mean"] == pytest.approx(4.0)
 
 
 def test_optimum_lies_between_the_mean_and_the_best_sample():
     envs = gym.make_vec("RLHF-v0", num_envs=4, max_new_tokens=6)
     task = envs.unwrapped.task
-    low = kl_regularised_optimum(envs, task.gold, beta=100.0, n_prompts=4, n_samples=32)  # β → ∞: the mean
-    high = kl_regularised_optimum(envs, task.gold, beta=0.01, n_prompts=4, n_samples=32)  # β → 0: the max
+    low = kl_regularised_optimum(envs, task.gold_reward, beta=100.0, n_prompts=4, n_samples=32)  # β → ∞: the mean
+    high = kl_regularised_optimum(envs, task.gold_reward, beta=0.01, n_prompts=4, n_samples=32)  # β → 0: the max
     assert low["optimum"] < high["optimum"] <= task.best_gold + 1e-9
 
 
@@ -43,7 +44,7 @@ def test_evaluate_uses_held_out_prompts_and_leaves_beta_alone(monkeypatch):
 
 def test_best_of_n_keeps_the_sample_the_reward_prefers():
     task = rlhf_env.tasks.get_task("sentiment")
-    envs = gym.make_vec("RLHF-v0", num_envs=8, reward_fn=task.gold)  # select by gold: score is the gold itself
+    envs = gym.make_vec("RLHF-v0", num_envs=8, reward_fn=task.gold_reward)  # select by gold: score is the gold itself
     one = best_of_n(envs, 1, 128, seed=0)
     eight = best_of_n(envs, 8, 128, seed=0)
     assert one["objective/kl"] == 0.0 and eight["objective/kl"] == pytest.approx(np.log(8) - 7 / 8)

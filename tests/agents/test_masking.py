@@ -18,13 +18,13 @@ from agents.ppo import PPO, PPOConfig
 from agents.reinforce import Reinforce, ReinforceConfig
 
 
-def odd_words_nan(prompt: str, response: str) -> float:
+def odd_words_nan(prompts: list[str], responses: list[str]) -> list[float]:
     """NaN for responses with an odd number of words, 1.0 otherwise."""
-    return math.nan if len(response.split()) % 2 else 1.0
+    return [math.nan if len(response.split()) % 2 else 1.0 for response in responses]
 
 
-def always_nan(prompt: str, response: str) -> float:
-    return math.nan
+def always_nan(prompts: list[str], responses: list[str]) -> list[float]:
+    return [math.nan] * len(responses)
 
 
 def masked_envs(reward_fn=odd_words_nan, num_envs=16, beta=0.0, **kwargs):

@@ -114,7 +114,7 @@ def test_command_line_writes_metrics_model_and_summary_and_diagnoses(tmp_path, c
 
 def test_a_short_run_on_the_gold_reward_raises_held_out_gold():
     task = rlhf_env.tasks.get_task("sentiment")
-    envs = gym.make_vec("RLHF-v0", num_envs=64, reward_fn=task.gold, beta=0.1)
+    envs = gym.make_vec("RLHF-v0", num_envs=64, reward_fn=task.gold_reward, beta=0.1)
     before = evaluate(envs, 128)["objective/gold_score"]
     agent = PPO(envs, PPOConfig(learning_rate=3e-4), progress=False)  # a larger step: fast early progress
     for _ in range(30):

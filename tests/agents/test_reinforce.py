@@ -13,6 +13,7 @@ import rlhf_env
 from agents.evaluate import evaluate
 from agents.reinforce import Reinforce, ReinforceConfig
 from agents.rollout import NonFiniteLogits
+from rlhf_env.reward import per_item
 
 SMALL = ReinforceConfig(episodes_per_update=8, micro_batch_size=4)
 
@@ -37,7 +38,8 @@ def test_zero_signal_batch_leaves_the_parameters_unchanged(digest):
     # β = 0 and a constant reward: every return is equal, so every RLOO advantage is exactly 0. A first update with
     # signal gives Adam momentum, which would move the parameters on a zero gradient if the step were taken.
     reward = {"constant": False}
-    envs = make_envs(beta=0.0, reward_fn=lambda prompt, response: 1.0 if reward["constant"] else len(response) / 10)
+    envs = make_envs(beta=0.0, reward_fn=per_item(lambda prompt, response: 1.0 if reward["constant"]
+                                                   else len(response) / 10))
     agent = Reinforce(envs, SMALL, progress=False)
     before = digest(agent.lm)
     assert agent.update()["train/no_signal"] == 0 and digest(agent.lm) != before
@@ -129,7 +131,7 @@ def test_command_line_writes_metrics_model_and_summary(tmp_path):
 
 def test_a_short_rloo_run_on_the_gold_reward_raises_held_out_gold():
     task = rlhf_env.tasks.get_task("sentiment")
-    envs = gym.make_vec("RLHF-v0", num_envs=64, reward_fn=task.gold, beta=0.1)
+    envs = gym.make_vec("RLHF-v0", num_envs=64, reward_fn=task.gold_reward, beta=0.1)
     before = evaluate(envs, 128)["objective/gold_score"]
     agent = Reinforce(envs, ReinforceConfig(), progress=False)
     for _ in range(40):

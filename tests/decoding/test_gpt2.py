@@ -140,7 +140,7 @@ def test_a_non_gpt2_policy_runs_through_its_own_forward_with_an_exact_kl_seam(to
 
     policy, reference = llama(0), llama(1)
     envs = RLHFVectorEnv(num_envs=3, policy=policy, reference=reference, tokenizer=tokenizer,
-                         reward_fn=task.gold, max_new_tokens=8)
+                         reward_fn=task.gold_reward, max_new_tokens=8)
     rng = np.random.default_rng(0)
     envs.reset(seed=0)
     kl_sums, checked = np.zeros(3), 0

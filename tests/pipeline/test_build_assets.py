@@ -140,7 +140,7 @@ def test_a_build_never_deletes_what_it_did_not_make(tmp_path, no_training):
     other = tmp_path / "checkpoint"
     other.mkdir()
     (other / MANIFEST).write_text(json.dumps({"files": {}}))
-    with pytest.raises(ValueError, match="neither empty nor a previous build.*holds manifest.json"):
+    with pytest.raises(ValueError, match="neither empty nor a task.s assets.*holds manifest.json"):
         check_replaceable(other)
     (other / MANIFEST).write_text('{"sha256": {')  # truncated
     with pytest.raises(ValueError, match="checkpoint"):
