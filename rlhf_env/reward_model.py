@@ -107,38 +107,29 @@ class RewardModel(nn.Module):
 
     # --- the standard format ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def fold_offset(self) -> bool:
         """Move ``head.bias − offset`` into the trunk's final layer-norm bias (``ln_f.bias += c·w/‖w‖²``, so that
         w·(h + δ) = w·h + c), leaving head bias and offset 0: the plain logit w·h is then the normalised score, as a
         saved classifier (no score bias) computes it. Same scores up to float rounding. True when done (or nothing
         to fold); False, and nothing changed, where the architecture has no such bias (`FOLDABLE_NORMS`) or the
         head weight is 0."""
-        c = float(self.head.bias.double() - self.offset.double())
-        norm, w = _foldable_norm(self.trunk), self.head.weight[0].double()
-        squared = float(w @ w)
-        if c != 0.0 and (norm is None or squared == 0.0):
-            return False
-        if c != 0.0:
-            norm.bias.copy_((norm.bias.double() + c * w.to(norm.bias.device) / squared).to(norm.bias.dtype))
-        self.head.bias.zero_()
-        self.offset.zero_()
-        return True
+        return _fold(self.trunk, self.head, self.offset)
+
     def to_classifier_state(self) -> tuple[type, object, dict[str, torch.Tensor]]:
         """``(classifier class, config, state dict)`` of this reward model as a transformers sequence classifier
         with one label: trunk weights under the class's base-model prefix, ``score.weight`` = the head's weight,
-        the offset folded (`fold_offset`, on a copy) or else recorded as ``config.reward_offset``."""
-        model = copy.deepcopy(self).cpu()
-        model.fold_offset()
+        the offset folded (`fold_offset`, on copies) or else recorded as ``config.reward_offset``."""
+        trunk, head = copy.deepcopy(self.trunk).cpu(), copy.deepcopy(self.head).cpu()
+        offset = self.offset.detach().cpu().clone()
+        _fold(trunk, head, offset)
         config = copy.deepcopy(self.config)
         classifier_cls = _classifier_class(config)
         config.num_labels = 1
         config.architectures = [classifier_cls.__name__]
         prefix = classifier_cls.base_model_prefix
-        state = {f"{prefix}.{k}": v.detach().contiguous() for k, v in model.trunk.state_dict().items()}
-        weight = model.head.weight.detach().to(next(model.trunk.parameters()).dtype).contiguous()
-        state["score.weight"] = weight
-        remaining = float(model.offset.double() - model.head.bias.detach().double())  # what the logit still carries
+        state = {f"{prefix}.{k}": v.detach().contiguous() for k, v in trunk.state_dict().items()}
+        state["score.weight"] = head.weight.detach().to(next(trunk.parameters()).dtype).contiguous()
+        remaining = float(offset.double() - head.bias.detach().double())  # what the logit still carries
         setattr(config, OFFSET_FIELD, remaining)
         return classifier_cls, config, state
 
@@ -231,6 +222,21 @@ class RewardModel(nn.Module):
         model = cls(trunk, offset=offset, backend=backend)
         model.head.load_state_dict(load_file(directory / LEGACY_HEAD_FILE))
         return model
+
+
+@torch.no_grad()
+def _fold(trunk: nn.Module, head: nn.Linear, offset: torch.Tensor) -> bool:
+    """`RewardModel.fold_offset` on the given trunk, head and offset buffer (in place)."""
+    c = float(head.bias.double() - offset.double())
+    norm, w = _foldable_norm(trunk), head.weight[0].double()
+    squared = float(w @ w)
+    if c != 0.0 and (norm is None or squared == 0.0):
+        return False
+    if c != 0.0:
+        norm.bias.copy_((norm.bias.double() + c * w.to(norm.bias.device) / squared).to(norm.bias.dtype))
+    head.bias.zero_()
+    offset.zero_()
+    return True
 
 
 def _classifier_class(config) -> type:
