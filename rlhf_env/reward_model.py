@@ -30,7 +30,7 @@ from rlhf_env.models import check_loading_info, check_safe_weights, choose_backe
 
 OFFSET_FIELD = "reward_offset"
 """The ``config.json`` field holding what is subtracted from the classifier's logit (0 when folded into weights)."""
-LEGACY_HEAD_FILE = "reward_head.safetensors"  # rlhf-gym < 0.3: trunk + head file + reward_config.json
+LEGACY_HEAD_FILE = "reward_head.safetensors"  # rlhf-gym 0.2: trunk + head file + reward_config.json
 LEGACY_CONFIG_FILE = "reward_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -183,7 +183,7 @@ class RewardModel(nn.Module):
         `ValueError` for a folder without safetensors weights or ``config.json``, a config with ``num_labels`` other
         than 1, weights that do not match the config (`rlhf_env.models.check_loading_info`: a base model or a
         causal LM has no ``score`` weights), or a ``reward_offset`` that is not a finite number. A folder in the
-        format of rlhf-gym < 0.3 (``reward_head.safetensors`` + ``reward_config.json``) still loads; saving it
+        format of rlhf-gym 0.2 (``reward_head.safetensors`` + ``reward_config.json``) still loads; saving it
         again writes the standard format."""
         directory = Path(directory)
         check_safe_weights(directory)
@@ -211,7 +211,7 @@ class RewardModel(nn.Module):
 
     @classmethod
     def _from_legacy(cls, directory: Path, dtype, trust_remote_code: bool, backend: str) -> RewardModel:
-        """rlhf-gym < 0.3's format: the trunk (``AutoModel``), ``reward_head.safetensors`` and the offset in
+        """rlhf-gym 0.2's format: the trunk (``AutoModel``), ``reward_head.safetensors`` and the offset in
         ``reward_config.json``."""
         offset = _read_legacy_offset(directory / LEGACY_CONFIG_FILE)
         with quiet_loading():

@@ -406,7 +406,7 @@ def test_a_tokenizer_without_eos_is_refused(default_env):
 
 @pytest.mark.parametrize("content", ["{}", '{"scale": 1}', '{"offset": "0.5"}', '{"offset": null}', "[1]", "nope"])
 def test_a_bad_reward_config_names_the_file_and_the_field(tmp_path, content):
-    # The format of rlhf-gym < 0.3, which still loads: trunk + reward_head.safetensors + reward_config.json.
+    # The format of rlhf-gym 0.2, which still loads: trunk + reward_head.safetensors + reward_config.json.
     folder = tmp_path / "rm"
     model = RewardModel.from_pretrained(asset_dir("sentiment") / "reward_model")
     model.trunk.save_pretrained(folder)

@@ -168,7 +168,7 @@ def test_save_then_load_gives_the_same_scores_and_an_old_format_folder_still_loa
     reward_model.save_pretrained(tmp_path / "new")
     assert torch.allclose(RewardModel.from_pretrained(tmp_path / "new").score(*batch), reward_model.score(*batch),
                           atol=1e-5)
-    # rlhf-gym < 0.3 saved the trunk, reward_head.safetensors and reward_config.json: it loads, unchanged.
+    # rlhf-gym 0.2 saved the trunk, reward_head.safetensors and reward_config.json: it loads, unchanged.
     legacy = tmp_path / "legacy"
     reward_model.trunk.save_pretrained(legacy)
     head = {k: v.contiguous() for k, v in reward_model.head.state_dict().items()}
