@@ -62,10 +62,22 @@ class RLHFEnv(WorldParts, gym.Env):
 
     ## Arguments
     ``task`` (name or `Task`), ``policy`` / ``reference`` (causal LM modules or local paths; default: the task's
+<<<<<<< HEAD
     π_SFT), ``reward_model`` (module or path) or ``reward_fn`` (batched, called once per batch of finished
     episodes: ``fn(prompts, responses, **context) -> one float per response``, `rlhf_env.reward`; e.g.
     ``task.gold_reward`` for "PPO-GT" runs; ``rlhf_env.reward.per_item(f)`` batches ``f(prompt, response)``),
     ``tokenizer``, ``beta``, ``kl_target`` (adaptive β when set: Ziegler et al.'s controller, moved
+=======
+    π_SFT), ``reward_model`` (a `RewardModel`, a transformers sequence classifier with ``num_labels=1``, or a
+    local folder of one, `rlhf_env.reward_model.RewardModel.from_pretrained`: the score is its logit for prompt +
+    response, read at the last real token that is not the pad id, minus ``config.reward_offset``) or
+    ``reward_fn(prompt, response) -> float`` (e.g. ``task.gold`` for "PPO-GT" runs), ``tokenizer``,
+    ``reward_tokenizer`` (the reward model's own tokenizer, an object or a local folder; default: the one saved in
+    the reward model's folder, if any. One that does not tokenize like ``tokenizer`` gets the text: finished
+    episodes are decoded with ``tokenizer`` and re-encoded with it in one batched call, its special tokens
+    included, the prompt cut from the left to fit the reward model's context; otherwise the ids pass through),
+    ``beta``, ``kl_target`` (adaptive β when set: Ziegler et al.'s controller, moved
+>>>>>>> rm-standard
     once per ``kl_batch_episodes`` finished episodes, default 64, by the error of their mean KL, see `rlhf_env.kl`;
     our agents freeze it and move it once per rollout instead), ``kl_horizon`` (episodes),
     ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy", "agent" or
@@ -76,9 +88,10 @@ class RLHFEnv(WorldParts, gym.Env):
     a folder, e.g. a tokenizer's ``auto_map``, run), ``render_mode`` ("ansi").
 
     Paths load from local folders only (`rlhf_env.models.load_causal_lm`, `rlhf_env.models.load_tokenizer`), and
-    parts that do not fit together raise `ValueError` here, when the env is built: a reward model with fewer
-    embedding rows than the policy's vocabulary, a ``max_new_tokens`` that leaves no room for a prompt in the
-    shortest context of the models the env runs, weights that do not match their config, a tokenizer without EOS
+    parts that do not fit together raise `ValueError` here, when the env is built: a reward model read through
+    the policy's ids with fewer embedding rows than the policy's vocabulary, a ``max_new_tokens`` that leaves no
+    room for a prompt in the shortest context of the models the env runs (the reward model's when ids pass
+    through), weights that do not match their config, a tokenizer without EOS
     (a tokenizer without a pad token pads with EOS inside the env; the object itself is not changed).
 
     ## Failures

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from gymnasium.error import InvalidAction, ResetNeeded
+from transformers import PreTrainedModel
 
 from rlhf_env.decoding.batched import BatchedDecoder
 from rlhf_env.episodes import EpisodeBatch
@@ -36,7 +37,7 @@ from rlhf_env.reward import (
     terminal_reward,
     token_reward,
 )
-from rlhf_env.reward_model import RewardModel
+from rlhf_env.reward_model import RewardModel, encode_for_reward_model, same_tokenizer
 from rlhf_env.tasks import DEFAULT_TASK, Task, get_task
 from rlhf_env.text import encode_prompts
 
@@ -106,6 +107,7 @@ class RLHFWorld:
         compact_at: int | None = None,
         backend: str = "auto",
         trust_remote_code: bool = False,
+        reward_tokenizer=None,
     ):
         self.task = get_task(task)
         if kl_estimator not in KL_ESTIMATORS:
@@ -161,6 +163,8 @@ class RLHFWorld:
                          (("policy", self.policy), ("reference", self.reference)) if model is not None}
         if self.reward_model is not None:
             self.backends["reward_model"] = choose_backend(self.reward_model.trunk, backend)
+        # The reward model's own tokenizer when it is not the policy's (None: the env's ids pass straight through).
+        self.reward_tokenizer = self._reward_tokenizer(reward_tokenizer, trust_remote_code)
         for name in ("policy", "reference"):
             if self.backends.get(name) == "hf":
                 check_decodable(getattr(self, name), name)
@@ -174,15 +178,19 @@ class RLHFWorld:
                              f"{self.vocab_size} logits")
         if self.reward_model is not None:
             rm_vocab = self.reward_model.trunk.get_input_embeddings().weight.shape[0]
-            if rm_vocab < self.vocab_size:
+            if self.reward_tokenizer is None and rm_vocab < self.vocab_size:
                 raise ValueError(f"the reward model's vocabulary ({rm_vocab} embedding rows) is smaller than the "
                                  f"policy's ({self.vocab_size} actions): it cannot read every response")
+            if self.reward_tokenizer is not None and len(self.reward_tokenizer) > rm_vocab:
+                raise ValueError(f"the reward tokenizer has {len(self.reward_tokenizer)} tokens but the reward model "
+                                 f"only {rm_vocab} embedding rows")
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token: episodes end at EOS, so the env needs one")
         # The prompt plus the response must fit every model the env runs.
         contexts = {name: getattr(getattr(model, "config", None), "max_position_embeddings", None) for name, model in
                     (("policy", self.policy), ("reference", self.reference),
-                     ("reward model", self.reward_model and self.reward_model.trunk)) if model is not None}
+                     ("reward model", self.reward_tokenizer is None and self.reward_model and self.reward_model.trunk))
+                    if model is not None}
         contexts = {name: int(c) for name, c in contexts.items() if c is not None}
         shortest = min(contexts, key=contexts.get)
         context = contexts[shortest]
@@ -248,9 +256,26 @@ class RLHFWorld:
         elif reward_model is None or isinstance(reward_model, (str, Path)):
             reward_model = RewardModel.from_pretrained(reward_model or assets / "reward_model", device=self.device,
                                                        dtype=dtype, trust_remote_code=trust_remote_code)
+        elif isinstance(reward_model, PreTrainedModel):  # a transformers sequence classifier (num_labels=1)
+            reward_model = RewardModel.from_classifier(reward_model).to(self.device).eval()
         else:
             reward_model = reward_model.to(self.device).eval()
         return tokenizer, policy, reference, reward_model
+
+    def _reward_tokenizer(self, given, trust_remote_code: bool):
+        """The reward model's tokenizer when it differs from the policy's, else None (ids pass through): `given`
+        (an object or a local folder), else the one the reward model carries (saved in its folder)."""
+        if self.reward_model is None:
+            if given is not None:
+                raise ValueError("reward_tokenizer= is the reward model's tokenizer; this env has a reward_fn")
+            return None
+        if isinstance(given, (str, Path)):
+            given = load_tokenizer(given, trust_remote_code=trust_remote_code)
+        tokenizer = given if given is not None else getattr(self.reward_model, "tokenizer", None)
+        probes = self.task.train_prompts()[:1] + self.task.eval_prompts()[:1]
+        if tokenizer is None or same_tokenizer(tokenizer, self.tokenizer, probes):
+            return None
+        return tokenizer
 
     @property
     def beta(self) -> float:
@@ -368,6 +393,11 @@ class RLHFWorld:
         if self.reward_fn is not None:
             context = {"query_ids": queries, "response_ids": responses, "finished": finished, "task": self.task}
             return call_reward_fn(self.reward_fn, prompts, texts, context, self._reward_context)
+        if self.reward_tokenizer is not None:  # the RM reads the text, as its own tokenizer encodes it
+            text = self.tokenizer.batch_decode([q + r for q, r in zip(queries, responses)], skip_special_tokens=True)
+            context = getattr(self.reward_model.config, "max_position_embeddings", None)
+            ids, mask = encode_for_reward_model(self.reward_tokenizer, text, context, self.device)
+            return self.reward_model.score_sequences(ids, mask, backend=self.backends["reward_model"]).tolist()
         pad = self.pad_token_id
         query_ids, query_mask = pad_left(queries, pad, self.device)
         response_ids, response_mask = pad_right(responses, pad, device=self.device)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.error import ResetNeeded
+from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
@@ -422,12 +423,25 @@ def test_a_tokenizer_without_eos_is_refused(default_env):
 
 @pytest.mark.parametrize("content", ["{}", '{"scale": 1}', '{"offset": "0.5"}', '{"offset": null}', "[1]", "nope"])
 def test_a_bad_reward_config_names_the_file_and_the_field(tmp_path, content):
+    # The format of rlhf-gym 0.2, which still loads: trunk + reward_head.safetensors + reward_config.json.
     folder = tmp_path / "rm"
-    shutil.copytree(asset_dir("sentiment") / "reward_model", folder)
+    model = RewardModel.from_pretrained(asset_dir("sentiment") / "reward_model")
+    model.trunk.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, folder / "reward_head.safetensors")
     (folder / "reward_config.json").write_text(content)
     with pytest.raises(ValueError, match="reward_config.json") as raised:
         RewardModel.from_pretrained(folder)
     assert "offset" in str(raised.value) or content == "nope"
+
+
+@pytest.mark.parametrize("offset", ["0.5", None, [1], True, float("nan")])
+def test_a_bad_reward_offset_names_the_file_and_the_field(tmp_path, offset):
+    folder = tmp_path / "rm"
+    shutil.copytree(asset_dir("sentiment") / "reward_model", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, reward_offset=offset)))
+    with pytest.raises(ValueError, match="config.json.*reward_offset"):
+        RewardModel.from_pretrained(folder)
 
 
 # --- E. Tokenizers load from local folders only ----------------------------------------------------------------

@@ -6,7 +6,7 @@ They are built by project code from a fixed seed (`rlhf_env.pipeline.assets`; ``
 
     tokenizer/         PreTrainedTokenizerFast (save_pretrained)
     policy/            π_SFT = π_ref, a GPT-2 causal LM (safetensors)
-    reward_model/      RM trunk (safetensors) + reward_head.safetensors + reward_config.json (normalising offset)
+    reward_model/      a GPT2ForSequenceClassification, num_labels=1 (safetensors), normalising offset folded in
     preferences/       pairs_{train,eval}.jsonl and groups_{train,eval}.jsonl (see rlhf_env.pipeline.preferences)
     manifest.json      seed, configs, reports (perplexity, grammar, RM accuracy, seconds), sha256 of every file
 """

@@ -8,7 +8,8 @@ Losses (pure functions, tested against hand-computed values):
 * Optional centring: ``coef · mean((r_w + r_l)²)`` (for groups, the squared group sum) keeps rewards near 0
   (as TRL's `center_rewards_coefficient` does).
 
-After training the RM is normalised so its mean score on π_SFT samples is 0; the offset is stored with it.
+After training the RM is normalised so its mean score on π_SFT samples is 0; the offset is folded into its weights
+(GPT-2) or stored with it (`rlhf_env.reward_model`).
 
 Legend: ``B`` sequences, ``L`` tokens, ``H`` hidden size, ``G`` groups, ``K`` responses per group.
 """
@@ -151,12 +152,17 @@ def score_texts(model: RewardModel, tokenizer, prompts: list[str], responses: li
 
 
 def normalize_reward_model(model: RewardModel, tokenizer, groups: list[dict]) -> float:
-    """Shift the RM so its mean score on the (π_SFT-sampled) responses of `groups` is 0; returns the offset."""
+    """Shift the RM so its mean score on the (π_SFT-sampled) responses of `groups` is 0; returns the offset.
+
+    The shift (with the head's bias) is then folded into the weights where the architecture allows it
+    (`RewardModel.fold_offset`: GPT-2's final layer-norm bias), so that the model measured afterwards is the one a
+    save writes, whose plain classifier logit is the normalised score; elsewhere it stays in ``model.offset``."""
     prompts = [g["prompt"] for g in groups for _ in g["responses"]]
     responses = [r for g in groups for r in g["responses"]]
     model.offset.zero_()
     offset = float(score_texts(model, tokenizer, prompts, responses).mean())
     model.offset.fill_(offset)
+    model.fold_offset()
     return offset
 
 

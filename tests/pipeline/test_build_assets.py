@@ -30,7 +30,7 @@ def test_quick_build_is_bitwise_reproducible(tmp_path):
     assert a["sha256"] == b["sha256"]
     assert a["sha256"]["policy/model.safetensors"] != c["sha256"]["policy/model.safetensors"]
     for name in ("tokenizer/tokenizer.json", "policy/model.safetensors", "reward_model/model.safetensors",
-                 "reward_model/reward_head.safetensors", "preferences/pairs_train.jsonl",
+                 "reward_model/config.json", "preferences/pairs_train.jsonl",
                  "preferences/groups_eval.jsonl"):
         assert name in a["sha256"]
 
@@ -44,6 +44,16 @@ def test_built_assets_load_and_the_rm_is_centred_on_sft_samples(tmp_path):
     scores = score_texts(reward_model, tokenizer, [g["prompt"] for g in groups for _ in g["responses"]],
                          [r for g in groups for r in g["responses"]])
     assert abs(float(scores.mean())) < 1e-4
+    # The reward model is a standard classifier: transformers' own load and forward pay the same, centred scores.
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a/reward_model").eval()
+    prompts, responses = [g["prompt"] for g in groups[:4]], [g["responses"][0] for g in groups[:4]]
+    with torch.no_grad():
+        own = [float(classifier(input_ids=torch.tensor([tokenizer(p)["input_ids"] + tokenizer(
+            r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]])).logits[0, 0])
+               for p, r in zip(prompts, responses)]
+    assert torch.allclose(torch.tensor(own), score_texts(reward_model, tokenizer, prompts, responses), atol=1e-5)
     batch = encode_pairs(tokenizer, ["the plot was"], ["good"], 64).rows(slice(None))
     assert torch.isfinite(response_logprobs(policy, *batch)).all()
 
