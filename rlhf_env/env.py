@@ -62,22 +62,17 @@ class RLHFEnv(WorldParts, gym.Env):
 
     ## Arguments
     ``task`` (name or `Task`), ``policy`` / ``reference`` (causal LM modules or local paths; default: the task's
-<<<<<<< HEAD
-    π_SFT), ``reward_model`` (module or path) or ``reward_fn`` (batched, called once per batch of finished
-    episodes: ``fn(prompts, responses, **context) -> one float per response``, `rlhf_env.reward`; e.g.
-    ``task.gold_reward`` for "PPO-GT" runs; ``rlhf_env.reward.per_item(f)`` batches ``f(prompt, response)``),
-    ``tokenizer``, ``beta``, ``kl_target`` (adaptive β when set: Ziegler et al.'s controller, moved
-=======
     π_SFT), ``reward_model`` (a `RewardModel`, a transformers sequence classifier with ``num_labels=1``, or a
     local folder of one, `rlhf_env.reward_model.RewardModel.from_pretrained`: the score is its logit for prompt +
-    response, read at the last real token that is not the pad id, minus ``config.reward_offset``) or
-    ``reward_fn(prompt, response) -> float`` (e.g. ``task.gold`` for "PPO-GT" runs), ``tokenizer``,
+    response, read at the last real token that is not the pad id, minus ``config.reward_offset``) or ``reward_fn``
+    (batched, called once per batch of finished episodes: ``fn(prompts, responses, **context) -> one float per
+    response``, `rlhf_env.reward`; e.g. ``task.gold_reward`` for "PPO-GT" runs; ``rlhf_env.reward.per_item(f)``
+    batches ``f(prompt, response)``), ``tokenizer``,
     ``reward_tokenizer`` (the reward model's own tokenizer, an object or a local folder; default: the one saved in
     the reward model's folder, if any. One that does not tokenize like ``tokenizer`` gets the text: finished
     episodes are decoded with ``tokenizer`` and re-encoded with it in one batched call, its special tokens
     included, the prompt cut from the left to fit the reward model's context; otherwise the ids pass through),
     ``beta``, ``kl_target`` (adaptive β when set: Ziegler et al.'s controller, moved
->>>>>>> rm-standard
     once per ``kl_batch_episodes`` finished episodes, default 64, by the error of their mean KL, see `rlhf_env.kl`;
     our agents freeze it and move it once per rollout instead), ``kl_horizon`` (episodes),
     ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy", "agent" or
