@@ -266,7 +266,7 @@ def test_a_reward_model_with_its_own_tokenizer_scores_the_text_as_that_tokenizer
         return encode(self, *args, **kwargs)
 
     with mock.patch.object(type(bpe_tokenizer), "__call__", counted):
-        scores = world.score(prompts, queries, answers, texts)
+        scores = world.score(prompts, queries, answers, texts, [True] * len(prompts))
     assert len(calls) == 1  # batched: one call for every finished episode
     joined = [f"{p} {r}" if r else p for p, r in zip(prompts, responses)]
     assert [tok.decode(q + a, skip_special_tokens=True) for q, a in zip(queries, answers)] == joined
