@@ -190,13 +190,17 @@ def terminal_reward(score: float, finished: bool, missing_eos_penalty: float = 0
     return reward, score, masked
 
 
-def check_token_rewards(kl: np.ndarray, reward: np.ndarray, logprobs, ref_logprobs, context: str = "") -> None:
+def check_token_rewards(kl: np.ndarray, reward: np.ndarray, logprobs, ref_logprobs, rows=None) -> None:
     """Raise `NonFiniteReward` unless every token's KL estimate and reward ``(N,)`` are finite in float32 (a −inf
     log π_ref, or a k3 estimate that overflows, would otherwise reach the agent as inf or NaN). Whatever
-    ``nonfinite_reward`` says: that policy masks scores of whole responses, not the per-token KL."""
-    bad = [i for i, (k, r) in enumerate(zip(np.asarray(kl).tolist(), np.asarray(reward).tolist()))
-           if not (fits_float32(k) and fits_float32(r))]
-    if bad:
-        i = bad[0]
-        raise NonFiniteReward(f"token {i} of the step has KL estimate {float(kl[i])} and reward {float(reward[i])} "
-                              f"(log π {logprobs[i]}, log π_ref {ref_logprobs[i]}){context}: not finite in float32")
+    ``nonfinite_reward`` says: that policy masks scores of whole responses, not the per-token KL. `rows` (the
+    env rows of the N tokens) only goes into the message. One vectorised test per step: it runs on every token."""
+    kl, reward = np.asarray(kl), np.asarray(reward)
+    ok = (np.abs(kl) <= FLOAT32_MAX) & (np.abs(reward) <= FLOAT32_MAX)  # False for NaN as well
+    if ok.all():
+        return
+    i = int(np.flatnonzero(~ok)[0])
+    where = "" if rows is None else f" (row {rows[i]})"
+    raise NonFiniteReward(f"token {i} of the step{where} has KL estimate {float(kl[i])} and reward "
+                          f"{float(reward[i])} (log π {logprobs[i]}, log π_ref {ref_logprobs[i]}): not finite in "
+                          "float32")

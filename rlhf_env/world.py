@@ -424,7 +424,7 @@ class RLHFWorld:
         not a real number; whatever the reward function, reward model or task.gold raise.
         """
         kl, reward = token_reward(np.array(logprobs), np.array(ref_logprobs), self.beta, self.kl_estimator)
-        check_token_rewards(kl, reward, logprobs, ref_logprobs, f" (rows {rows})")
+        check_token_rewards(kl, reward, logprobs, ref_logprobs, rows)
         lengths = np.array([len(episodes.responses[row]) + 1 for row in rows], dtype=np.int64)
         finished = np.array(tokens, dtype=np.int64) == self.eos_token_id
         terminated = finished | (lengths == self.max_new_tokens)
