@@ -154,7 +154,7 @@ class RLHFEnv(WorldParts, gym.Env):
         super().reset(seed=seed)
         self._np_random = rng
         try:
-            self._episodes.start(0, prompt, query)
+            self.world.start_episode(self._episodes, 0, prompt, query)
             self._episodes.feed([query], restart=[True])
         except BaseException as error:  # the models' forward failed half-way: only a reset can help
             self._failed = error

@@ -32,6 +32,7 @@ class EpisodeBatch:
         self.responses: list[list[int]] = [[] for _ in range(self.batch)]
         self.logprobs: list[list[float]] = [[] for _ in range(self.batch)]
         self.ref_logprobs: list[list[float]] = [[] for _ in range(self.batch)]
+        self.weights: list[tuple[float, ...] | None] = [None] * self.batch  # reward weights each episode started with
         self.active = [False] * self.batch
 
     def release(self) -> None:
@@ -43,9 +44,10 @@ class EpisodeBatch:
         """One forward of each model over every row's input (see `BatchedDecoder.feed`)."""
         self.decoder.feed(inputs, restart)
 
-    def start(self, row: int, prompt: str, query: list[int]) -> None:
-        """Begin a new episode in `row` (its query is fed by the next `feed`)."""
-        self.prompts[row], self.queries[row] = prompt, query
+    def start(self, row: int, prompt: str, query: list[int], weights: tuple[float, ...] | None = None) -> None:
+        """Begin a new episode in `row` (its query is fed by the next `feed`), scored at its end with the reward
+        `weights` in force now (None: whatever is in force when it ends)."""
+        self.prompts[row], self.queries[row], self.weights[row] = prompt, query, weights
         self.responses[row], self.logprobs[row], self.ref_logprobs[row] = [], [], []
         self.active[row] = True
         self.obs_ids[row] = self.pad_token_id

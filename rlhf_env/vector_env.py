@@ -136,7 +136,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         self._rngs = rngs
         try:
             for row, (prompt, query) in enumerate(drawn):
-                self._episodes.start(row, prompt, query)
+                self.world.start_episode(self._episodes, row, prompt, query)
             self._episodes.feed([query for _, query in drawn], restart=[True] * self.num_envs)
         except BaseException as error:  # the models' forward failed half-way: only a reset can help
             self._failed = error
@@ -193,7 +193,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         for row in range(n):
             if self._autoreset[row]:  # NEXT_STEP autoreset: this step starts the row's next episode
                 prompt, query = self.world.draw_prompt(None, self._rngs[row])
-                self._episodes.start(row, prompt, query)
+                self.world.start_episode(self._episodes, row, prompt, query)
                 row_infos[row] = {"prompt": prompt}
                 inputs[row], restart[row] = query, True
         terminated[stepping], rewards[stepping] = step.pop("terminated"), step.pop("reward")  # arrays over stepping
@@ -209,7 +209,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
                 final[row] = (self._episodes.observation(row),
                               {**{key: values[index[row]].item() for key, values in step.items()}, **row_infos[row]})
                 prompt, query = self.world.draw_prompt(None, self._rngs[row])
-                self._episodes.start(row, prompt, query)
+                self.world.start_episode(self._episodes, row, prompt, query)
                 row_infos[row] = {"prompt": prompt, "prompt_tokens": len(query)}
                 inputs[row], restart[row] = query, True
         else:

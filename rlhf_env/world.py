@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from gymnasium import spaces
 from gymnasium.error import InvalidAction, ResetNeeded
+from torch import nn
 from transformers import PreTrainedModel
 
 from rlhf_env.decoding.batched import BatchedDecoder
@@ -69,6 +71,50 @@ def checked_integer(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+@dataclass
+class RewardSource:
+    """One reward the world scores finished episodes with: a reward model (``model``, read through the policy's ids
+    or, when ``tokenizer`` is set, its own re-encoding of the text) or a batched reward function (``fn``, called
+    with the `rlhf_env.reward.REWARD_CONTEXT` names in ``context``). ``backend`` is its key in ``world.backends``."""
+
+    name: str
+    model: RewardModel | None = None
+    fn: Callable | None = None
+    tokenizer: object = None
+    backend: str | None = None
+    context: tuple[str, ...] = ()
+
+
+def _check_reward_fn(fn, name: str) -> None:
+    """`ValueError` unless `fn` can be a batched reward function (named `name` in the message)."""
+    if not callable(fn):
+        raise ValueError(f"{name} must be callable: {PER_ITEM_HINT}")
+    if isinstance(getattr(fn, "__self__", None), Task) and getattr(fn, "__name__", "") == "gold":
+        raise ValueError(f"{name}=task.gold scores one response; the batched gold reward is task.gold_reward "
+                         f"({PER_ITEM_HINT})")
+
+
+def named_rewards(rewards) -> list[tuple[str, object]]:
+    """``rewards=`` as ``[(name, source)]``: a dict keeps its names, a list or tuple is named "r0", "r1", ... in
+    order. `ValueError` for anything else, an empty one, a name that is not a non-empty string, or a source that is
+    neither a reward model (a module or a local folder) nor a batched reward function."""
+    if isinstance(rewards, Mapping):
+        items = list(rewards.items())
+    elif isinstance(rewards, (list, tuple)):
+        items = [(f"r{i}", source) for i, source in enumerate(rewards)]
+    else:
+        raise ValueError(f"rewards must be a dict {{name: reward model or function}} or a list of them, got "
+                         f"{type(rewards).__name__}")
+    if not items:
+        raise ValueError("rewards is empty: pass at least one reward model or reward function")
+    for name, source in items:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"rewards: names must be non-empty strings, got {name!r}")
+        if not isinstance(source, (nn.Module, str, Path)):
+            _check_reward_fn(source, f"rewards[{name!r}]")
+    return items
+
+
 def check_options(options) -> None:
     """`ValueError` naming ``options`` unless it is a dict (any mapping) or None."""
     if options is not None and not isinstance(options, Mapping):
@@ -108,6 +154,8 @@ class RLHFWorld:
         backend: str = "auto",
         trust_remote_code: bool = False,
         reward_tokenizer=None,
+        rewards=None,
+        reward_weights=None,
     ):
         self.task = get_task(task)
         if kl_estimator not in KL_ESTIMATORS:
@@ -123,11 +171,16 @@ class RLHFWorld:
             raise ValueError(f"nonfinite_reward must be 'raise' or 'mask', got {nonfinite_reward!r}")
         if reward_model is not None and reward_fn is not None:
             raise ValueError("pass a reward_model or a reward_fn, not both")
-        if reward_fn is not None and not callable(reward_fn):
-            raise ValueError(f"reward_fn must be callable: {PER_ITEM_HINT}")
-        if isinstance(getattr(reward_fn, "__self__", None), Task) and getattr(reward_fn, "__name__", "") == "gold":
-            raise ValueError("reward_fn=task.gold scores one response; the batched gold reward is task.gold_reward "
-                             f"({PER_ITEM_HINT})")
+        if rewards is not None and (reward_model is not None or reward_fn is not None):
+            raise ValueError("pass rewards= (several rewards) or reward_model= / reward_fn= (one reward), not both")
+        if rewards is not None and reward_tokenizer is not None:
+            raise ValueError("reward_tokenizer= belongs to reward_model=; a reward model in rewards= reads with the "
+                             "tokenizer saved in its folder (or its RewardModel.tokenizer)")
+        if reward_weights is not None and rewards is None:
+            raise ValueError("reward_weights= weighs the rewards of rewards=; this env has a single reward")
+        if reward_fn is not None:
+            _check_reward_fn(reward_fn, "reward_fn")
+        components = None if rewards is None else named_rewards(rewards)
         for name, value in (("temperature", temperature), ("beta", beta), ("kl_target", kl_target)):
             if value is not None and not _is_real(value):
                 raise ValueError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
@@ -155,16 +208,39 @@ class RLHFWorld:
         self.kl_batch_episodes = kl_batch_episodes
         self._kl_batch: list[float] = []  # KL sums of finished episodes that have not moved β yet
         self._beta_frozen = False
+        single_model = reward_model if reward_fn is None and components is None else False
         self.tokenizer, self.policy, self.reference, self.reward_model = self._load(
-            policy, reference, reward_model if reward_fn is None else False, tokenizer, dtype, trust_remote_code)
+            policy, reference, single_model, tokenizer, dtype, trust_remote_code)
         self.reward_fn = reward_fn
-        self._reward_context = () if reward_fn is None else context_names(reward_fn)
         self.backends = {name: choose_backend(model, backend) for name, model in
                          (("policy", self.policy), ("reference", self.reference)) if model is not None}
         if self.reward_model is not None:
             self.backends["reward_model"] = choose_backend(self.reward_model.trunk, backend)
         # The reward model's own tokenizer when it is not the policy's (None: the env's ids pass straight through).
-        self.reward_tokenizer = self._reward_tokenizer(reward_tokenizer, trust_remote_code)
+        self.reward_tokenizer = self._reward_tokenizer(reward_tokenizer, self.reward_model, trust_remote_code)
+        # What scores an episode: the single reward of reward_model= / reward_fn= (its score is the source's), or
+        # the named rewards of rewards= (score = Σ w_i·r_i, each r_i reported as score/<name>).
+        self.named_rewards = components is not None
+        if components is None:
+            self.reward_sources = [RewardSource("reward_fn", fn=reward_fn, context=context_names(reward_fn))
+                                   if reward_fn is not None else
+                                   RewardSource("reward_model", model=self.reward_model,
+                                                tokenizer=self.reward_tokenizer, backend="reward_model")]
+        else:
+            self.reward_sources = []
+            for name, source in components:
+                if not isinstance(source, (nn.Module, str, Path)):
+                    self.reward_sources.append(RewardSource(name, fn=source, context=context_names(source)))
+                    continue
+                model = self._load_reward_model(source, dtype, trust_remote_code)
+                key = f"reward_model/{name}"
+                self.backends[key] = choose_backend(model.trunk, backend)
+                self.reward_sources.append(RewardSource(name, model=model, backend=key,
+                                                        tokenizer=self._reward_tokenizer(None, model,
+                                                                                         trust_remote_code)))
+        self._weights = (1.0,) * len(self.reward_sources)  # the weights new episodes start with, in source order
+        if reward_weights is not None:
+            self._weights = self._checked_weights(reward_weights, "reward_weights")
         for name in ("policy", "reference"):
             if self.backends.get(name) == "hf":
                 check_decodable(getattr(self, name), name)
@@ -176,20 +252,24 @@ class RLHFWorld:
         if len(self.tokenizer) > self.vocab_size:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the models only "
                              f"{self.vocab_size} logits")
-        if self.reward_model is not None:
-            rm_vocab = self.reward_model.trunk.get_input_embeddings().weight.shape[0]
-            if self.reward_tokenizer is None and rm_vocab < self.vocab_size:
-                raise ValueError(f"the reward model's vocabulary ({rm_vocab} embedding rows) is smaller than the "
+        for source in self.reward_sources:
+            if source.model is None:
+                continue
+            which = f"reward model {source.name!r}" if self.named_rewards else "reward model"
+            rm_vocab = source.model.trunk.get_input_embeddings().weight.shape[0]
+            if source.tokenizer is None and rm_vocab < self.vocab_size:
+                raise ValueError(f"the {which}'s vocabulary ({rm_vocab} embedding rows) is smaller than the "
                                  f"policy's ({self.vocab_size} actions): it cannot read every response")
-            if self.reward_tokenizer is not None and len(self.reward_tokenizer) > rm_vocab:
-                raise ValueError(f"the reward tokenizer has {len(self.reward_tokenizer)} tokens but the reward model "
+            if source.tokenizer is not None and len(source.tokenizer) > rm_vocab:
+                raise ValueError(f"the {which}'s tokenizer has {len(source.tokenizer)} tokens but the {which} "
                                  f"only {rm_vocab} embedding rows")
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token: episodes end at EOS, so the env needs one")
         # The prompt plus the response must fit every model the env runs.
+        read_through_ids = [(f"reward model {s.name!r}" if self.named_rewards else "reward model", s.model.trunk)
+                            for s in self.reward_sources if s.model is not None and s.tokenizer is None]
         contexts = {name: getattr(getattr(model, "config", None), "max_position_embeddings", None) for name, model in
-                    (("policy", self.policy), ("reference", self.reference),
-                     ("reward model", self.reward_tokenizer is None and self.reward_model and self.reward_model.trunk))
+                    [("policy", self.policy), ("reference", self.reference), *read_through_ids]
                     if model is not None}
         contexts = {name: int(c) for name, c in contexts.items() if c is not None}
         shortest = min(contexts, key=contexts.get)
@@ -224,6 +304,11 @@ class RLHFWorld:
         return EpisodeBatch(decoder, self.policy is not None, self.max_prompt_tokens, self.max_new_tokens,
                             self.pad_token_id, self.eos_token_id)
 
+    def start_episode(self, episodes: EpisodeBatch, row: int, prompt: str, query: list[int]) -> None:
+        """Begin an episode in `row` of `episodes`, recording the reward weights in force now: it is scored with
+        them when it ends, whatever `set_reward_weights` does meanwhile."""
+        episodes.start(row, prompt, query, self._weights)
+
     def _load(self, policy, reference, reward_model, tokenizer, dtype, trust_remote_code=False):
         """Resolve models given as objects, local paths or None (the task's shipped assets); paths load by
         `rlhf_env.models.load_causal_lm` / `load_tokenizer` rules."""
@@ -251,27 +336,33 @@ class RLHFWorld:
             raise ValueError("policy and reference must be different objects (the reference stays frozen)")
         for p in reference.parameters():
             p.requires_grad_(False)
-        if reward_model is False:  # a reward function replaces the RM
+        if reward_model is False:  # a reward function (or rewards=) replaces the single RM
             reward_model = None
-        elif reward_model is None or isinstance(reward_model, (str, Path)):
-            reward_model = RewardModel.from_pretrained(reward_model or assets / "reward_model", device=self.device,
-                                                       dtype=dtype, trust_remote_code=trust_remote_code)
-        elif isinstance(reward_model, PreTrainedModel):  # a transformers sequence classifier (num_labels=1)
-            reward_model = RewardModel.from_classifier(reward_model).to(self.device).eval()
         else:
-            reward_model = reward_model.to(self.device).eval()
+            given = assets / "reward_model" if reward_model is None else reward_model
+            reward_model = self._load_reward_model(given, dtype, trust_remote_code)
         return tokenizer, policy, reference, reward_model
 
-    def _reward_tokenizer(self, given, trust_remote_code: bool):
-        """The reward model's tokenizer when it differs from the policy's, else None (ids pass through): `given`
+    def _load_reward_model(self, given, dtype, trust_remote_code: bool) -> RewardModel:
+        """A reward model given as a `RewardModel`, a transformers sequence classifier (num_labels=1) or a local
+        folder (`RewardModel.from_pretrained`), on the world's device, in eval mode."""
+        if isinstance(given, (str, Path)):
+            return RewardModel.from_pretrained(given, device=self.device, dtype=dtype,
+                                               trust_remote_code=trust_remote_code)
+        if isinstance(given, PreTrainedModel):  # a transformers sequence classifier (num_labels=1)
+            return RewardModel.from_classifier(given).to(self.device).eval()
+        return given.to(self.device).eval()
+
+    def _reward_tokenizer(self, given, reward_model, trust_remote_code: bool):
+        """`reward_model`'s tokenizer when it differs from the policy's, else None (ids pass through): `given`
         (an object or a local folder), else the one the reward model carries (saved in its folder)."""
-        if self.reward_model is None:
+        if reward_model is None:
             if given is not None:
                 raise ValueError("reward_tokenizer= is the reward model's tokenizer; this env has a reward_fn")
             return None
         if isinstance(given, (str, Path)):
             given = load_tokenizer(given, trust_remote_code=trust_remote_code)
-        tokenizer = given if given is not None else getattr(self.reward_model, "tokenizer", None)
+        tokenizer = given if given is not None else getattr(reward_model, "tokenizer", None)
         probes = self.task.train_prompts()[:1] + self.task.eval_prompts()[:1]
         if tokenizer is None or same_tokenizer(tokenizer, self.tokenizer, probes):
             return None
@@ -280,6 +371,49 @@ class RLHFWorld:
     @property
     def beta(self) -> float:
         return self.kl_controller.beta
+
+    @property
+    def reward_names(self) -> list[str]:
+        """The names of the rewards of ``rewards=``, in order ([] for the single reward_model= / reward_fn=)."""
+        return [source.name for source in self.reward_sources] if self.named_rewards else []
+
+    @property
+    def reward_weights(self) -> dict[str, float]:
+        """The weights episodes that start now are scored with, by reward name (a copy)."""
+        return {source.name: w for source, w in zip(self.reward_sources, self._weights)}
+
+    def set_reward_weights(self, weights: Mapping[str, float] | Sequence[float]) -> None:
+        """New weights for the rewards of ``rewards=``: a dict {name: w} (the names it leaves out keep their weight)
+        or a list of one weight per reward, in order. They apply to the episodes that start from now on; a running
+        episode keeps the weights it started with. `ValueError` naming the problem (a single-reward env, an unknown
+        name, a wrong length, a weight that is not a finite real number), with nothing changed."""
+        self._weights = self._checked_weights(weights, "set_reward_weights")
+
+    def _checked_weights(self, weights, what: str) -> tuple[float, ...]:
+        """`weights` (a dict by name, or a list in order) as a tuple in source order, or `ValueError`."""
+        if not self.named_rewards:
+            raise ValueError(f"{what}: this env has a single reward (reward_model= / reward_fn=); weighted rewards "
+                             "need rewards={name: reward model or function, ...}")
+        names = [source.name for source in self.reward_sources]
+        if isinstance(weights, Mapping):
+            unknown = [name for name in weights if name not in names]
+            if unknown:
+                raise ValueError(f"{what}: unknown reward names {unknown}; the rewards are {names}")
+            out = dict(zip(names, self._weights)) | dict(weights)
+            values = [out[name] for name in names]
+        elif isinstance(weights, (list, tuple, np.ndarray)):
+            values = list(weights)
+            if len(values) != len(names):
+                raise ValueError(f"{what}: {len(values)} weights for {len(names)} rewards {names} (one per reward, "
+                                 "in order)")
+            out = dict(zip(names, values))
+        else:
+            raise ValueError(f"{what} must be a dict {{name: weight}} or a list of {len(names)} weights, got "
+                             f"{type(weights).__name__}")
+        for name, value in zip(names, values):
+            if not _is_real(value) or not fits_float32(float(value)):
+                raise ValueError(f"{what}: the weight of {name!r} must be a finite real number, got {value!r}")
+        return tuple(float(value) for value in values)
 
     def update_beta(self, kls: Sequence[float]) -> None:
         """One step of the KL controller for a batch of finished episodes, given their KL sums (nats): an adaptive
@@ -381,35 +515,73 @@ class RLHFWorld:
             raise InvalidAction(f"action {action} is not a token id in [0, {self.vocab_size})")
         return int(action)
 
-    @torch.no_grad()
     def score(self, prompts: list[str], queries: list[list[int]], responses: list[list[int]], texts: list[str],
               finished: list[bool]) -> list[float]:
-        """Raw scores of finished responses (`texts` decoded, `finished`: ended with EOS): one batched reward-model
-        forward, or one call of the batched reward function (`rlhf_env.reward.call_reward_fn`: `TypeError` /
-        `ValueError` naming it for a value that is not one real number per response). Changes nothing; NaN/inf
-        are returned for the caller to check."""
+        """Raw scores of finished responses (`texts` decoded, `finished`: ended with EOS), weighted by the current
+        weights when the env has several rewards (`score_components`). Changes nothing; NaN/inf are returned for
+        the caller to check."""
+        return self.weighted(self.score_components(prompts, queries, responses, texts, finished))
+
+    @torch.no_grad()
+    def score_components(self, prompts: list[str], queries: list[list[int]], responses: list[list[int]],
+                         texts: list[str], finished: list[bool]) -> dict[str, list[float]]:
+        """Each reward's raw scores of the responses, by reward name: one batched forward per reward model
+        (`score_with_model`), one call per batched reward function (`rlhf_env.reward.call_reward_fn`: `TypeError` /
+        `ValueError` naming it for a value that is not one real number per response). Changes nothing."""
         if not prompts:
-            return []
-        if self.reward_fn is not None:
-            context = {"query_ids": queries, "response_ids": responses, "finished": finished, "task": self.task}
-            return call_reward_fn(self.reward_fn, prompts, texts, context, self._reward_context)
-        if self.reward_tokenizer is not None:  # the RM reads the text, as its own tokenizer encodes it
+            return {source.name: [] for source in self.reward_sources}
+        out = {}
+        for source in self.reward_sources:
+            if source.fn is not None:
+                context = {"query_ids": queries, "response_ids": responses, "finished": finished, "task": self.task}
+                out[source.name] = call_reward_fn(source.fn, prompts, texts, context, source.context)
+            else:
+                out[source.name] = self.score_with_model(source, queries, responses)
+        return out
+
+    def score_with_model(self, source: RewardSource, queries: list[list[int]],
+                         responses: list[list[int]]) -> list[float]:
+        """One batched forward of the reward model of `source` over the responses: the policy's ids as they are,
+        or, for a reward model with its own tokenizer, the decoded text re-encoded by it."""
+        backend = self.backends[source.backend]
+        if source.tokenizer is not None:  # the RM reads the text, as its own tokenizer encodes it
             text = self.tokenizer.batch_decode([q + r for q, r in zip(queries, responses)], skip_special_tokens=True)
-            context = getattr(self.reward_model.config, "max_position_embeddings", None)
-            ids, mask = encode_for_reward_model(self.reward_tokenizer, text, context, self.device)
-            return self.reward_model.score_sequences(ids, mask, backend=self.backends["reward_model"]).tolist()
+            context = getattr(source.model.config, "max_position_embeddings", None)
+            ids, mask = encode_for_reward_model(source.tokenizer, text, context, self.device)
+            return source.model.score_sequences(ids, mask, backend=backend).tolist()
         pad = self.pad_token_id
         query_ids, query_mask = pad_left(queries, pad, self.device)
         response_ids, response_mask = pad_right(responses, pad, device=self.device)
-        return self.reward_model.score(query_ids, query_mask, response_ids, response_mask,
-                                       backend=self.backends["reward_model"]).tolist()
+        return source.model.score(query_ids, query_mask, response_ids, response_mask, backend=backend).tolist()
+
+    def weighted(self, components: dict[str, list[float]],
+                 weights: Sequence[tuple[float, ...] | None] | None = None) -> list[float]:
+        """Σ_i w_i·r_i per response, with each response's weights (``weights[j]``, None: the current ones); the
+        single reward of reward_model= / reward_fn= is returned as it is."""
+        columns = [components[source.name] for source in self.reward_sources]
+        if not self.named_rewards:
+            return list(columns[0])
+        weights = [None] * len(columns[0]) if weights is None else weights
+        return [float(sum(w * r for w, r in zip(self._weights if ws is None else ws, rs)))
+                for ws, rs in zip(weights, zip(*columns))]
+
+    def check_components(self, components: dict[str, list[float]], index: int, prompt: str, text: str) -> None:
+        """Under ``nonfinite_reward="raise"``, `NonFiniteReward` naming the first reward whose score of response
+        `index` is not finite in float32 (a weighted sum would hide which); nothing under "mask"."""
+        if not self.named_rewards or self.nonfinite_reward != "raise":
+            return
+        for name, values in components.items():
+            if not fits_float32(values[index]):
+                raise NonFiniteReward(f"the reward {name!r} returned {values[index]}{self._context(prompt, text)}")
 
     def checked_score(self, score: float, prompt: str, text: str) -> tuple[float, bool]:
         """`rlhf_env.reward.checked_score` under this world's ``nonfinite_reward``: ``(score, masked)``."""
         return checked_score(score, self.nonfinite_reward, self._context(prompt, text))
 
     def _context(self, prompt: str, text: str) -> str:
-        return f" ({'reward function' if self.reward_fn else 'reward model'}; prompt {prompt!r}, response {text!r})"
+        source = (f"rewards {self.reward_names}" if self.named_rewards
+                  else "reward function" if self.reward_fn else "reward model")
+        return f" ({source}; prompt {prompt!r}, response {text!r})"
 
     def pay_rows(self, episodes: EpisodeBatch, rows: list[int], tokens: list[int], logprobs: list[float],
                  ref_logprobs: list[float]) -> tuple[dict[str, np.ndarray], dict[int, dict]]:
@@ -437,7 +609,7 @@ class RLHFWorld:
                                  [episodes.responses[rows[i]] + [tokens[i]] for i in ended],
                                  [episodes.logprobs[rows[i]] + [logprobs[i]] for i in ended],
                                  [episodes.ref_logprobs[rows[i]] + [ref_logprobs[i]] for i in ended],
-                                 [bool(finished[i]) for i in ended])
+                                 [bool(finished[i]) for i in ended], [episodes.weights[rows[i]] for i in ended])
         by_row = {}
         for i, (end, terminal) in zip(ended, ends):
             step["reward"][i] += terminal
@@ -458,25 +630,32 @@ class RLHFWorld:
 
     def end_episodes(self, prompts: list[str], queries: list[list[int]], responses: list[list[int]],
                      logprobs: list[list[float]], ref_logprobs: list[list[float]],
-                     finished: list[bool]) -> list[tuple[dict, float]]:
-        """Score finished episodes (one batched reward call; nothing changes) and return each one's end-of-episode
-        info (score, score_nonfinite, gold_score, response_text, length, finished, kl_sum, and its prompt) with
-        its terminal reward. `responses` and the per-token log-probs include the last token."""
+                     finished: list[bool],
+                     weights: Sequence[tuple[float, ...] | None] | None = None) -> list[tuple[dict, float]]:
+        """Score finished episodes (one batched call per reward; nothing changes) and return each one's
+        end-of-episode info (score, score_nonfinite, gold_score, response_text, length, finished, kl_sum, and its
+        prompt; with several rewards also ``score/<name>``, each reward's raw score) with its terminal reward.
+        `responses` and the per-token log-probs include the last token; `weights` are each episode's reward
+        weights, recorded when it started (None: the current ones)."""
         if not prompts:
             return []
         texts = [self.tokenizer.decode(response, skip_special_tokens=True) for response in responses]
-        scores = self.score(prompts, queries, responses, texts, finished)
+        components = self.score_components(prompts, queries, responses, texts, finished)
+        scores = self.weighted(components, weights)
         gold = f"task.gold {callable_name(self.task.gold)}"
         out = []
-        for prompt, text, response, score, lp, ref, eos in zip(prompts, texts, responses, scores, logprobs,
-                                                               ref_logprobs, finished):
+        for i, (prompt, text, response, score, lp, ref, eos) in enumerate(zip(prompts, texts, responses, scores,
+                                                                             logprobs, ref_logprobs, finished)):
+            self.check_components(components, i, prompt, text)
             terminal, score, masked = terminal_reward(score, eos, self.missing_eos_penalty, self.nonfinite_reward,
                                                       self._context(prompt, text))
             kl_sum = float(np.sum(kl_estimate(np.array(lp), np.array(ref), self.kl_estimator)))
-            out.append(({"score": score, "score_nonfinite": masked,
-                         "gold_score": real_score(self.task.gold(prompt, text), gold, prompt),
-                         "response_text": text, "length": len(response), "finished": eos, "kl_sum": kl_sum,
-                         "prompt": prompt}, terminal))
+            info = {"score": score, "score_nonfinite": masked}
+            if self.named_rewards:
+                info |= {f"score/{name}": float(values[i]) for name, values in components.items()}
+            out.append((info | {"gold_score": real_score(self.task.gold(prompt, text), gold, prompt),
+                                "response_text": text, "length": len(response), "finished": eos, "kl_sum": kl_sum,
+                                "prompt": prompt}, terminal))
         return out
 
 
@@ -490,6 +669,11 @@ class WorldParts:
     reference = property(lambda self: self.world.reference)
     reward_model = property(lambda self: self.world.reward_model)
     beta = property(lambda self: self.world.beta)
+    reward_weights = property(lambda self: self.world.reward_weights)
+
+    def set_reward_weights(self, weights) -> None:
+        """New weights for the rewards of ``rewards=``, from the next episode on (`RLHFWorld.set_reward_weights`)."""
+        self.world.set_reward_weights(weights)
 
     def update_beta(self, kls: Sequence[float]) -> None:
         """One KL-controller step for a batch of finished episodes' KL sums (`RLHFWorld.update_beta`)."""
