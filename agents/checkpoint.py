@@ -17,8 +17,8 @@ empty nor a checkpoint is refused, never overwritten.
 env the checkpoint was trained in (`env_settings`: task, reward, reference, tokenizer, KL settings, sampling) with
 the env it is loaded into; `restore_agent` checks every tensor's shape against the agent before it writes
 anything. A refused load raises `ValueError` (naming the file or the setting) and leaves the env and the agent
-exactly as they were. Differences that do not change the training problem (device, number of rows, backend) are
-allowed and logged.
+exactly as they were. Differences that do not change the training problem (device, number of rows, backend, the
+weights of several rewards, which the env keeps) are allowed and logged.
 """
 
 from __future__ import annotations
@@ -66,11 +66,20 @@ def _callable_name(fn) -> str:
 
 def env_settings(world) -> dict:
     """What a checkpoint records of the env it was trained in (JSON): the `REQUIRED` settings, which must match on
-    load, and the row count, device and backends, which may differ (logged)."""
+    load, and the row count, device, backends and reward weights, which may differ (logged).
+
+    With several rewards (``rewards=``) the ``reward`` setting lists each one by name with its identity (a reward
+    model's state digest, a function's qualified name): a load into an env with other rewards is refused. Their
+    weights are meant to change during training (weight-conditioned policies), so other weights are allowed and
+    logged, and the env keeps its own: a checkpoint never sets the env's weights."""
     tokenizer = world.tokenizer
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    if world.reward_fn is not None:
+    if world.named_rewards:  # several rewards: each one's identity, by name (their weights may change)
+        reward = {"components": {source.name: {"reward_fn": _callable_name(source.fn)} if source.fn is not None
+                                 else {"reward_model_sha256": state_digest(source.model)}
+                                 for source in world.reward_sources}}
+    elif world.reward_fn is not None:
         reward = {"reward_fn": _callable_name(world.reward_fn)}
     else:
         reward = {"reward_model_sha256": state_digest(world.reward_model)}
@@ -84,6 +93,7 @@ def env_settings(world) -> dict:
         "reward": reward, "reference": state_digest(world.reference),
         "tokenizer": hashlib.sha256((vocab + specials).encode("utf-8")).hexdigest(), "kl_controller": controller,
         "device": str(world.device), "backends": dict(world.backends),
+        "reward_weights": world.reward_weights if world.named_rewards else None,
     }
 
 
@@ -96,7 +106,7 @@ def _check_env(saved: dict, world, num_envs: int, directory: Path) -> None:
     if differ:
         raise ValueError(f"{directory} was trained in another env; build the env as the original run did. "
                          "Differences: " + "; ".join(differ))
-    for key in ("num_envs", "device", "backends"):
+    for key in ("num_envs", "device", "backends", "reward_weights"):
         if saved.get(key) != current[key]:
             log.warning("resuming %s with %s %r (saved with %r): the run continues, but not bit for bit as the "
                         "uninterrupted one would", directory, key, current[key], saved.get(key))

@@ -52,7 +52,8 @@ def evaluate(envs, n_episodes: int, seed: int = 10_000) -> dict:
 @torch.no_grad()
 def best_of_n(envs, n: int, n_episodes: int, seed: int = 10_000, batch_size: int = 1024) -> dict:
     """Best-of-n sampling from π_ref (π_SFT) on `n_episodes` held-out prompts, scored by the env's reward (its RM,
-    or its ``reward_fn``), reported with `evaluate`'s metrics; n = 1 is π_SFT itself.
+    its ``reward_fn``, or the weighted sum of its ``rewards`` at the current weights), reported with `evaluate`'s
+    metrics (each reward's ``objective/score/<name>`` of the chosen samples too); n = 1 is π_SFT itself.
 
     The KL is the analytic value log n − (n − 1)/n (Stiennon et al. 2020, appendix G.3), an upper bound on the
     true KL(π_BoN ‖ π_ref) that is tight when the n samples are distinct (Beirami et al. 2024).
@@ -77,9 +78,11 @@ def best_of_n(envs, n: int, n_episodes: int, seed: int = 10_000, batch_size: int
                          temperature=world.temperature, generator=generator)
         responses = samples.response_lists()
         texts = world.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        components = world.score_components(prompts, queries, responses, texts, samples.finished.tolist())
+        for i, (prompt, text) in enumerate(zip(prompts, texts)):  # several rewards: a NaN one is named
+            world.check_components(components, i, prompt, text)
         checked = [world.checked_score(score, prompt, text)  # NaN/inf: NonFiniteReward, or masked
-                   for score, prompt, text in zip(world.score(prompts, queries, responses, texts,
-                                                                          samples.finished.tolist()), prompts, texts)]
+                   for score, prompt, text in zip(world.weighted(components), prompts, texts)]
         scores = np.array([score for score, _ in checked]).reshape(-1, n)
         masked = np.array([flag for _, flag in checked]).reshape(-1, n)
         for group, best in enumerate(np.where(masked, -np.inf, scores).argmax(1)):  # ties: the first sample
@@ -93,6 +96,8 @@ def best_of_n(envs, n: int, n_episodes: int, seed: int = 10_000, batch_size: int
             episodes.gold_scores.append(float(world.task.gold(prompts[row], texts[row])))
             episodes.kls.append(kl)
             episodes.finished.append(bool(samples.finished[row]))
+            for name in world.reward_names:
+                episodes.component_scores.setdefault(name, []).append(float(components[name][row]))
     stats = episode_stats(episodes, world.beta, world.task)
     stats["objective/win_rate"] = win_rate_vs_reference(world, episodes, seed + REFERENCE_SEED_OFFSET)
     stats["episodes"] = len(episodes)
@@ -121,7 +126,8 @@ def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn=None, beta: float | No
     π_ref; also reports the effective sample size of the importance weights exp(r/β) (low ESS: underestimate).
 
     ``reward_fn`` (batched, `rlhf_env.reward.call_reward_fn`; e.g. ``task.gold_reward``) is the reward r; None
-    scores with the env's own reward (its reward model or its ``reward_fn``), in one call per prompt. ``beta``
+    scores with the env's own reward (its reward model, its ``reward_fn``, or the weighted sum of its ``rewards``
+    at the current weights), in one call per prompt. ``beta``
     defaults to the env's β.
     """
     world = envs.unwrapped.world

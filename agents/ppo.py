@@ -148,6 +148,10 @@ class PPO:
         if config.ptx_coef > 0:  # PPO-ptx needs the task's demonstrations: a task without them raises here
             self.world.task.demonstrations(0, np.random.default_rng(0))
         self.device, self.lm = self.world.device, self.world.policy
+        if config.value_init == "reward_model" and self.world.reward_model is None and self.world.named_rewards:
+            raise ValueError(f"value_init='reward_model' starts the critic as the env's one reward model; this env "
+                             f"has several rewards {self.world.reward_names} (rewards=): use value_init='zero' or "
+                             "'small'")
         with torch.random.fork_rng(devices=[]):  # the value head's init, seeded; the global RNG is left as it was
             torch.manual_seed(config.seed)
             self.model = ActorCritic(self.lm, self.world.backends["policy"], config.value_init,

@@ -40,6 +40,8 @@ class Episodes:
     finished: list[bool] = field(default_factory=list)  # ended with EOS (not the token cap)
     score_nonfinite: list[bool] = field(default_factory=list)  # the reward was NaN/inf and the env masked it to 0
     texts: list[str] = field(default_factory=list)
+    # Several rewards (rewards=): each reward's raw score per episode, by name (the env's info["score/<name>"]).
+    component_scores: dict[str, list[float]] = field(default_factory=dict)
     tokens: int = 0  # env steps taken, idle rows included: what the rollout cost
 
     def __len__(self) -> int:
@@ -47,8 +49,10 @@ class Episodes:
 
     def extend(self, other: Episodes) -> None:
         for name in self.__dataclass_fields__:
-            if name != "tokens":
+            if name not in ("tokens", "component_scores"):
                 getattr(self, name).extend(getattr(other, name))
+        for name, values in other.component_scores.items():
+            self.component_scores.setdefault(name, []).extend(values)
         self.tokens += other.tokens
 
 
@@ -71,6 +75,7 @@ def collect_episodes(envs: RLHFVectorEnv, seed: int, generator: torch.Generator,
     options = {"split": split} if prompts is None else {"prompts": prompts}
     _, infos = envs.reset(seed=seed, options=options)
     batch = Episodes(prompts=list(infos["prompt"]), queries=envs.queries())
+    components = [f"score/{name}" for name in envs.world.reward_names]
     steps = []  # per step: which rows were still in their episode, and what they did and got
     done = np.zeros(n, dtype=bool)
     ends: dict[int, dict] = {}
@@ -84,7 +89,7 @@ def collect_episodes(envs: RLHFVectorEnv, seed: int, generator: torch.Generator,
         steps.append((~done, actions, infos["logprob"], infos["ref_logprob"], step_rewards))
         for row in np.flatnonzero(terminated & ~done):
             ends[row] = {key: infos[key][row] for key in ("score", "gold_score", "kl_sum", "finished",
-                                                           "response_text", "score_nonfinite")}
+                                                           "response_text", "score_nonfinite", *components)}
         done |= terminated
     running, actions, logprobs, ref_logprobs, rewards = (np.stack(column, axis=1) for column in zip(*steps))  # (B, S)
     for row in range(n):
@@ -100,6 +105,8 @@ def collect_episodes(envs: RLHFVectorEnv, seed: int, generator: torch.Generator,
         batch.finished.append(bool(end["finished"]))
         batch.score_nonfinite.append(bool(end["score_nonfinite"]))
         batch.texts.append(str(end["response_text"]))
+        for key in components:
+            batch.component_scores.setdefault(key.removeprefix("score/"), []).append(float(end[key]))
     return batch
 
 
@@ -109,12 +116,15 @@ def episode_stats(episodes: Episodes, beta: float, task) -> dict:
     A masked score (``nonfinite_reward="mask"``) is not data: ``objective/score`` and ``objective/rlhf_reward``
     average the other episodes only (NaN if none is left) and ``episode/score_masked`` counts the masked ones. The
     masked episodes' gold score, KL and length are real measurements of the policy and stay in those means.
+    With several rewards, ``objective/score/<name>`` is each reward's mean raw score over the valid episodes.
     """
     scores, kls = np.array(episodes.scores), np.array(episodes.kls)
     valid = ~np.array(episodes.score_nonfinite, dtype=bool).reshape(-1)  # (B,)
     lengths = np.array([len(r) for r in episodes.responses])
     well_formed = [task.is_well_formed(p, t) for p, t in zip(episodes.prompts, episodes.texts)]
-    return {
+    components = {f"objective/score/{name}": float(np.array(values)[valid].mean()) if valid.any() else float("nan")
+                  for name, values in episodes.component_scores.items()}
+    return components | {
         "objective/score": float(scores[valid].mean()) if valid.any() else float("nan"),
         "objective/gold_score": float(np.mean(episodes.gold_scores)),
         "objective/kl": float(kls.mean()),
