@@ -49,7 +49,8 @@ class RLHFEnv(WorldParts, gym.Env):
 
     ## Rewards
     ``r_t = −β·KL_t`` for every step, plus on the last step ``score`` (the RM, or ``reward_fn``) minus
-    ``missing_eos_penalty`` if the response hit the token cap without EOS.
+    ``missing_eos_penalty`` if the response hit the token cap without EOS. With several ``rewards`` the score is
+    their weighted sum Σ w_i·r_i, each r_i reported as ``info["score/<name>"]``.
 
     ## Starting State
     A prompt drawn uniformly from the task's train prompts with ``self.np_random`` (``options={"split": "eval"}``
@@ -67,7 +68,13 @@ class RLHFEnv(WorldParts, gym.Env):
     response, read at the last real token that is not the pad id, minus ``config.reward_offset``) or ``reward_fn``
     (batched, called once per batch of finished episodes: ``fn(prompts, responses, **context) -> one float per
     response``, `rlhf_env.reward`; e.g. ``task.gold_reward`` for "PPO-GT" runs; ``rlhf_env.reward.per_item(f)``
-    batches ``f(prompt, response)``), ``tokenizer``,
+    batches ``f(prompt, response)``), or ``rewards`` (several rewards: a dict ``{name: source}`` or a list of
+    sources named "r0", "r1", ...; each source a reward model as for ``reward_model``, with its own tokenizer if it
+    carries one, or a batched reward function) with ``reward_weights`` (a dict ``{name: w}``, names left out weigh
+    1.0, or a list in order): the score is Σ w_i·r_i, each raw r_i is ``info["score/<name>"]``, and
+    ``env.unwrapped.set_reward_weights(weights)`` changes the weights from the next episode on (each episode keeps
+    the weights it started with); ``rewards`` with ``reward_model``, ``reward_fn`` or ``reward_tokenizer`` is a
+    `ValueError`, and ``env.unwrapped.reward_model`` is then None. ``tokenizer``,
     ``reward_tokenizer`` (the reward model's own tokenizer, an object or a local folder; default: the one saved in
     the reward model's folder, if any. One that does not tokenize like ``tokenizer`` gets the text: finished
     episodes are decoded with ``tokenizer`` and re-encoded with it in one batched call, its special tokens

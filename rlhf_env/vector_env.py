@@ -20,8 +20,9 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
     ## Description
     The same episodes, rewards and ``info`` keys as `rlhf_env.env.RLHFEnv`, computed for all rows at once: per
     step, one forward of π and one of π_ref over the whole batch (each with its KV cache), and one reward-model
-    forward over the rows whose episodes end. Rows that restart feed their new query in the same forward as the
-    others' next tokens, so the step count never multiplies the forwards.
+    forward (one per reward model, with several ``rewards``) over the rows whose episodes end. Rows that restart
+    feed their new query in the same forward as the others' next tokens, so the step count never multiplies the
+    forwards.
 
     ## Action Space
     ``MultiDiscrete([V] * num_envs)``: one token id per row.
