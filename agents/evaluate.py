@@ -148,7 +148,11 @@ def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn=None, beta: float | No
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         finished = samples.finished.tolist()
         if reward_fn is None:
-            rewards = world.score([prompt] * n_samples, [query] * n_samples, responses, texts, finished)
+            components = world.score_components([prompt] * n_samples, [query] * n_samples, responses, texts,
+                                                finished)
+            for i, text in enumerate(texts):  # several rewards: a NaN one is named
+                world.check_components(components, i, prompt, text)
+            rewards = world.weighted(components)
         else:
             rewards = call_reward_fn(reward_fn, [prompt] * n_samples, texts, {
                 "query_ids": [query] * n_samples, "response_ids": responses, "finished": finished,

@@ -254,6 +254,10 @@ def test_a_nan_reward_is_named_under_raise_and_the_step_changes_nothing():
     np.testing.assert_array_equal(env.unwrapped.next_token_logprobs, before)  # the episode goes on
     assert env.unwrapped._episodes.responses[0] == []
     env.step(7)  # and can be stepped on
+    envs = make_vec(2, rewards={"rm": RM, "broken": nan_reward})
+    for evaluation in (lambda: best_of_n(envs, 2, 2), lambda: kl_regularised_optimum(envs, n_prompts=1, n_samples=2)):
+        with pytest.raises(NonFiniteReward, match="the reward 'broken' returned nan"):
+            evaluation()
 
 
 def test_a_nan_reward_is_masked_under_mask_and_left_out_of_the_metrics():
