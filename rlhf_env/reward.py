@@ -128,7 +128,8 @@ def call_reward_fn(fn: Callable, prompts: list[str], responses: list[str], conte
     try:
         out = fn(prompts, responses, **{name: context[name] for name in names})
     except Exception as error:
-        error.add_note(f"({source} was called with {len(prompts)} prompts and responses: {PER_ITEM_HINT})")
+        error.add_note(f"({source} was called with lists of {len(prompts)} prompts and responses; if it is a "
+                       f"function of one response: {PER_ITEM_HINT})")
         raise
     if isinstance(out, torch.Tensor) and out.ndim == 1:
         out = out.tolist()

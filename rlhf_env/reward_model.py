@@ -195,6 +195,10 @@ class RewardModel(nn.Module):
             with quiet_loading():
                 config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code,
                                                     local_files_only=True)
+            architectures = getattr(config, "architectures", None) or []
+            if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+                raise ValueError(f"{directory} holds a causal LM ({', '.join(architectures)}), not a reward model: a "
+                                 "reward model is a sequence classifier with num_labels=1 (one scalar score)")
             if config.num_labels != 1:
                 raise ValueError(f"{directory / 'config.json'}: num_labels={config.num_labels}, but a reward model is "
                                  "a sequence classifier with num_labels=1 (one scalar score)")

@@ -293,3 +293,11 @@ def test_a_reward_model_with_its_own_tokenizer_may_have_a_smaller_vocabulary(env
     env.reset(seed=0)
     _, _, terminated, _, info = env.step(env.unwrapped.tokenizer.eos_token_id)
     assert terminated and np.isfinite(info["score"])
+
+
+def test_a_causal_lm_folder_is_named_as_one(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a causal LM"):
+        RewardModel.from_pretrained(tmp_path)
