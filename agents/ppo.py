@@ -152,6 +152,9 @@ class PPO:
             raise ValueError(f"value_init='reward_model' starts the critic as the env's one reward model; this env "
                              f"has several rewards {self.world.reward_names} (rewards=): use value_init='zero' or "
                              "'small'")
+        if config.value_init == "reward_model" and self.world.reward_tokenizer is not None:
+            raise ValueError("value_init='reward_model' starts the critic as the env's reward model, but that model "
+                             "reads its own tokenizer's ids, not the policy's: use value_init='zero' or 'small'")
         with torch.random.fork_rng(devices=[]):  # the value head's init, seeded; the global RNG is left as it was
             torch.manual_seed(config.seed)
             self.model = ActorCritic(self.lm, self.world.backends["policy"], config.value_init,

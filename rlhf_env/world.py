@@ -108,8 +108,9 @@ def named_rewards(rewards) -> list[tuple[str, object]]:
     if not items:
         raise ValueError("rewards is empty: pass at least one reward model or reward function")
     for name, source in items:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"rewards: names must be non-empty strings, got {name!r}")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"rewards: names must be non-empty strings without '/' (they become info and metric "
+                             f"keys such as score/<name>), got {name!r}")
         if not isinstance(source, (nn.Module, str, Path)):
             _check_reward_fn(source, f"rewards[{name!r}]")
     return items

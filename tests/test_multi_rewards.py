@@ -192,6 +192,7 @@ def test_bad_weights_are_named_and_change_nothing(weights, message):
     (dict(rewards=[]), "rewards is empty"),
     (dict(rewards=length), "must be a dict"),
     (dict(rewards={"": length}), "non-empty strings"),
+    (dict(rewards={"a/b": length}), "without '/'"),
     (dict(rewards={"x": 3.0}), r"rewards\['x'\] must be callable"),
     (dict(rewards={"g": TASK.gold}), "task.gold_reward"),
     (dict(reward_weights=[1.0]), "single reward"),

@@ -301,3 +301,14 @@ def test_a_causal_lm_folder_is_named_as_one(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds a causal LM"):
         RewardModel.from_pretrained(tmp_path)
+
+
+def test_a_critic_cannot_start_as_a_reward_model_that_reads_other_ids(bpe_tokenizer, tmp_path):
+    from agents.ppo import PPO, PPOConfig
+
+    llama_classifier(bpe_tokenizer).save_pretrained(tmp_path / "rm")
+    bpe_tokenizer.save_pretrained(tmp_path / "rm")
+    envs = gym.make_vec("RLHF-v0", num_envs=4, reward_model=tmp_path / "rm")
+    config = PPOConfig(episodes_per_update=4, minibatch_size=4, separate_critic=True, value_init="reward_model")
+    with pytest.raises(ValueError, match="its own tokenizer's ids"):
+        PPO(envs, config, progress=False)
