@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_env.files import MANIFEST, atomic_directory, fault_point, refuse_foreign, verified_snapshot, write_manifest
 from rlhf_env.models import load_causal_lm, quiet_loading
+from rlhf_env.reward import callable_name
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ def state_digest(module: torch.nn.Module) -> str:
 
 
 def _callable_name(fn) -> str:
-    return f"{getattr(fn, '__module__', None) or type(fn).__module__}." \
-           f"{getattr(fn, '__qualname__', None) or type(fn).__qualname__}"
+    """A reward function's module and name (`rlhf_env.reward.callable_name`), as its identity in a checkpoint."""
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{callable_name(fn)}"
 
 
 def env_settings(world) -> dict:

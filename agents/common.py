@@ -33,7 +33,7 @@ from rlhf_env.decoding.sampling import gumbel_max
 from rlhf_env.files import atomic_write
 from rlhf_env.lm import pad_left, pad_right
 from rlhf_env.vector_env import RLHFVectorEnv
-from rlhf_env.world import RLHFWorld
+from rlhf_env.world import RLHFWorld, checked_integer
 
 
 def exact_div(a: int, b: int, what: str) -> int:
@@ -119,9 +119,7 @@ def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True
 
     ``callback(agent, metrics)`` runs after every update; returning False stops training.
     """
-    if isinstance(total_timesteps, (bool, np.bool_)) or not isinstance(total_timesteps, (int, np.integer)) \
-            or total_timesteps < 0:
-        raise ValueError(f"total_timesteps must be an integer ≥ 0, got {total_timesteps!r}")
+    total_timesteps = checked_integer("total_timesteps", total_timesteps, minimum=0)
     bar = tqdm(total=total_timesteps, initial=min(agent.num_timesteps, total_timesteps), unit=unit,
                disable=not progress)
     while agent.num_timesteps < total_timesteps:
