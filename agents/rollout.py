@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from rlhf_env.decoding.sampling import gumbel_max
+from rlhf_env.reward import call_reward_fn
 from rlhf_env.vector_env import RLHFVectorEnv
 
 
@@ -116,7 +117,9 @@ def episode_stats(episodes: Episodes, beta: float, task) -> dict:
     A masked score (``nonfinite_reward="mask"``) is not data: ``objective/score`` and ``objective/rlhf_reward``
     average the other episodes only (NaN if none is left) and ``episode/score_masked`` counts the masked ones. The
     masked episodes' gold score, KL and length are real measurements of the policy and stay in those means.
-    With several rewards, ``objective/score/<name>`` is each reward's mean raw score over the valid episodes.
+    With several rewards, ``objective/score/<name>`` is each reward's mean raw score over the valid episodes. A task
+    with several gold objectives (`rlhf_env.tasks.Task.objectives`) adds ``objective/gold/<name>``, each one's mean
+    over all episodes (the first is ``objective/gold_score`` again, under its name).
     """
     scores, kls = np.array(episodes.scores), np.array(episodes.kls)
     valid = ~np.array(episodes.score_nonfinite, dtype=bool).reshape(-1)  # (B,)
@@ -124,6 +127,13 @@ def episode_stats(episodes: Episodes, beta: float, task) -> dict:
     well_formed = [task.is_well_formed(p, t) for p, t in zip(episodes.prompts, episodes.texts)]
     components = {f"objective/score/{name}": float(np.array(values)[valid].mean()) if valid.any() else float("nan")
                   for name, values in episodes.component_scores.items()}
+    objectives = task.objectives()
+    if len(objectives) > 1:
+        gold_name, *others = objectives
+        components[f"objective/gold/{gold_name}"] = float(np.mean(episodes.gold_scores))
+        for name in others:
+            values = call_reward_fn(objectives[name], list(episodes.prompts), list(episodes.texts), {}, names=())
+            components[f"objective/gold/{name}"] = float(np.mean(values))
     return components | {
         "objective/score": float(scores[valid].mean()) if valid.any() else float("nan"),
         "objective/gold_score": float(np.mean(episodes.gold_scores)),

@@ -59,6 +59,15 @@ class CellConfig:
     device: str = "auto"
     threads: int | None = None
     """torch threads (None: torch's default, one per core)."""
+    weight: float | None = None
+    """The two-objective setting (the grid's ``--pareto``): the weight λ ∈ [0, 1] of the task's second gold
+    objective (`rlhf_env.tasks.Task.objectives`; "brevity" on sentiment), paid with ``rewards=`` as
+    (1 − λ)·r + λ·objective₂, where r is the cell's `reward` for the first objective. None: `reward` alone."""
+    kl_target: float | None = None
+    """Adaptive β (Ziegler et al.'s controller, starting at `beta`) toward this KL per episode, in nats; None: β
+    fixed. The Pareto sweep sets it so that every weight spends the same KL budget."""
+    kl_horizon: int = 10_000
+    """The adaptive controller's horizon in episodes (used with `kl_target` only)."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -71,12 +80,47 @@ class CellConfig:
             raise ValueError(f"{self.algorithm} needs a budget ≥ 1, got {self.budget}")
         if self.eval_episodes < 1:
             raise ValueError(f"eval_episodes must be ≥ 1, got {self.eval_episodes}")
+        if self.weight is not None and not 0 <= self.weight <= 1:
+            raise ValueError(f"weight must be in [0, 1], got {self.weight}")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"kl_target must be > 0 nats, got {self.kl_target}")
+        if self.kl_horizon < 1:
+            raise ValueError(f"kl_horizon must be ≥ 1 episode, got {self.kl_horizon}")
 
     @property
     def name(self) -> str:
         """The cell's file name (without .json): every field that changes its numbers, except the machine's."""
-        return (f"{self.algorithm}-{self.task}-{self.reward}-b{self.beta:g}-n{self.budget}-s{self.seed}"
+        name = (f"{self.algorithm}-{self.task}-{self.reward}-b{self.beta:g}-n{self.budget}-s{self.seed}"
                 f"-e{self.eval_episodes}")
+        if self.weight is not None:
+            name += f"-w{self.weight:g}"
+        if self.kl_target is not None:
+            name += f"-kt{self.kl_target:g}-h{self.kl_horizon}"
+        return name
+
+
+def env_kwargs(config: CellConfig, task) -> dict:
+    """The env's keyword arguments for `config` (besides the task and the number of rows): β, the KL controller and
+    the reward — the task's reward model (the env's default), its gold reward, or with a `weight` both of the task's
+    first two gold objectives weighted (`ValueError` for a task with only one)."""
+    from rlhf_env.assets import asset_dir
+
+    kwargs = dict(beta=config.beta, device=config.device)
+    if config.kl_target is not None:
+        kwargs.update(kl_target=config.kl_target, kl_horizon=config.kl_horizon)
+    if config.weight is None:
+        if config.reward == "gold":
+            kwargs["reward_fn"] = task.gold_reward
+        return kwargs
+    objectives = task.objectives()
+    if len(objectives) < 2:
+        raise ValueError(f"weight={config.weight} needs a task with two gold objectives; {task.name!r} has "
+                         f"{list(objectives)} (Task.objectives)")
+    (first, gold), (second, other) = list(objectives.items())[:2]
+    first_source = gold if config.reward == "gold" else asset_dir(task) / "reward_model"
+    kwargs.update(rewards={first: first_source, second: other},
+                  reward_weights={first: 1 - config.weight, second: config.weight})
+    return kwargs
 
 
 def make_agent(config: CellConfig, envs, progress: bool = True):
@@ -138,7 +182,8 @@ class Checkpoints:
 
         metrics = evaluate(self.envs, self.episodes, seed=self.seed)
         self.points.append({"timesteps": timesteps, "updates": updates, "seconds": round(self.seconds, 2),
-                            **{key: metrics[key] for key in self.KEYS}})
+                            **{key: metrics[key] for key in self.KEYS},
+                            **{key: value for key, value in metrics.items() if key.startswith("objective/gold/")}})
 
     def __call__(self, agent, metrics: dict) -> None:
         self.seconds += metrics["time/update_seconds"]
@@ -168,10 +213,7 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     task = rlhf_env.tasks.get_task(config.task)
-    kwargs = dict(beta=config.beta, device=config.device)
-    if config.reward == "gold":
-        kwargs["reward_fn"] = task.gold_reward
-    envs = gym.make_vec(rlhf_env.env_id(config.task), num_envs=config.num_envs, **kwargs)
+    envs = gym.make_vec(rlhf_env.env_id(config.task), num_envs=config.num_envs, **env_kwargs(config, task))
     world = envs.unwrapped.world
     eval_seed = 10_000 + config.seed
     start = time.perf_counter()

@@ -133,7 +133,10 @@ def table_rows(group: dict) -> list[list[str]]:
     return lines
 
 
-def markdown(groups: list[dict], cells: list[dict], commands: list[str], plots: list[Path]) -> str:
+def markdown(groups: list[dict], cells: list[dict], commands: list[str], plots: list[Path],
+             sections: list[str] = ()) -> str:
+    """results.md: a header, a table per group, then `sections` (markdown lines: the Pareto sweep's) and the
+    plots."""
     commits = sorted({str(c["commit"]) for c in cells})
     machines = sorted({f"{m['device']}, {m['threads']} threads, torch {m['torch']}"
                        for m in (c["machine"] for c in cells)})
@@ -162,6 +165,7 @@ def markdown(groups: list[dict], cells: list[dict], commands: list[str], plots: 
         lines.append("|" + "---|" * len(COLUMNS))
         lines += ["| " + " | ".join(row) + " |" for row in table_rows(group)]
         lines.append("")
+    lines += sections
     if plots:
         lines.append("## Plots")
         lines.append("")
@@ -172,22 +176,27 @@ def markdown(groups: list[dict], cells: list[dict], commands: list[str], plots: 
 
 def write_report(out: Path) -> list[Path]:
     """Write results.md, results.json and the plots for the cells in `out`; returns the files written."""
+    from benchmarks import pareto
     from benchmarks.plots import plot_all
 
     out = Path(out)
     cells = load_cells(out)
     if not cells:
         raise SystemExit(f"no finished cells in {out / 'cells'}")
-    groups = aggregate(cells)
-    plots = plot_all(groups, out)
+    sweep = [cell for cell in cells if pareto.is_pareto_cell(cell)]  # --pareto's cells have a report of their own
+    groups = aggregate([cell for cell in cells if not pareto.is_pareto_cell(cell)])
+    plots = plot_all(groups, out) if groups else []
+    pareto_lines, pareto_summary, pareto_plots = pareto.write(sweep, out)
     log = out / "commands.txt"
     commands = list(dict.fromkeys(read_lines(log)[0])) if log.is_file() else []  # a torn last line is dropped
-    atomic_write(out / "results.md", markdown(groups, cells, commands, plots))
+    atomic_write(out / "results.md", markdown(groups, cells, commands, pareto_plots + plots, pareto_lines))
     summary = [{**{k: g[k] for k in ("task", "reward", "beta", "optimum")},
                 "rows": [{"algorithm": r["algorithm"], "budget": r["budget"], "seeds": r["seeds"],
                           "commits": r["commits"], "metrics": {key: values(r, key).tolist() for key in (
                               "objective/gold_score", "objective/score", "objective/kl", "objective/rlhf_reward",
                               "objective/win_rate", "episode/well_formed", "episode/length", "perplexity",
                               "train_seconds", "peak_rss_mib")}} for r in g["rows"]]} for g in groups]
+    if pareto_summary:
+        summary.append({"pareto": pareto_summary})
     atomic_write(out / "results.json", json.dumps(summary, indent=1) + "\n")
-    return [out / "results.md", out / "results.json", *plots]
+    return [out / "results.md", out / "results.json", *pareto_plots, *plots]

@@ -4,6 +4,7 @@ held-out prompts, then a results table and plots.
     python -m benchmarks.run --quick            # the README's main job: ~10 minutes on 2 CPU cores
     python -m benchmarks.run                    # the full grid (hours; see FULL)
     python -m benchmarks.run --algorithms ppo rloo --betas 0.05 0.1 --seeds 0 1 2 --out runs/mine
+    python -m benchmarks.run --pareto           # two objectives (sentiment gold vs brevity): the Pareto front
 
 Everything goes to one folder (``--out``): ``cells/<cell>.json`` (one per cell: config, commit, seed, metrics,
 timing, peak memory, training curve and held-out checkpoints), ``results.md``, ``results.json``, ``commands.txt``
@@ -63,9 +64,17 @@ class Grid:
     """π_ref samples per prompt for the KL-regularised optimum of each (task, reward, β)."""
     optimum_prompts: int = 200
     eval_episodes: int = 512
+    weights: tuple[float, ...] = ()
+    """The Pareto sweep (`PARETO`): each weight λ of the task's second gold objective gets its own best-of-n and
+    training cells (`CellConfig.weight`), π_SFT one cell (λ = 0) per seed, and there are no optimum cells."""
+    kl_target: float | None = None
+    """Adaptive β toward this KL per episode in every training cell (`CellConfig.kl_target`); None: β fixed."""
+    kl_horizon: int = 10_000
 
     def cells(self, threads: int | None = None, device: str = "auto") -> list[CellConfig]:
         """Every cell, cheapest kinds first and seed by seed, so that a partial run already fills a table."""
+        if self.weights:
+            return self._pareto_cells(threads, device)
         cells = []
         for task in self.tasks:
             for reward in self.rewards:
@@ -79,6 +88,23 @@ class Grid:
                                              **common) for algorithm, budget in runs]
         return cells
 
+    def _pareto_cells(self, threads: int | None, device: str) -> list[CellConfig]:
+        cells = []
+        for task in self.tasks:
+            for reward in self.rewards:
+                for beta in self.betas:
+                    for seed in self.seeds:
+                        common = dict(task=task, reward=reward, beta=beta, seed=seed, threads=threads, device=device,
+                                      eval_episodes=self.eval_episodes)
+                        if "sft" in self.budgets:
+                            cells.append(CellConfig("sft", weight=0.0, **common))
+                        for weight in self.weights:
+                            cells += [CellConfig("best_of_n", budget=n, weight=weight, **common) for n in self.best_of]
+                            cells += [CellConfig(algorithm, budget=budget, weight=weight, kl_target=self.kl_target,
+                                                 kl_horizon=self.kl_horizon, **common)
+                                      for algorithm, budget in self.budgets.items() if algorithm != "sft"]
+        return cells
+
 
 # ~10 minutes on 2 CPU cores (budgets measured on this machine: RLOO ~8.5k env steps/s, PPO ~2.4k, DPO ~700 pairs/s).
 QUICK = Grid(seeds=(0, 1), budgets={"sft": 0, "rloo": 400_000, "ppo": 250_000, "dpo": 48_000}, best_of=(2, 8, 32),
@@ -89,6 +115,11 @@ FULL = Grid(tasks=("sentiment", "verbose"), betas=(0.05, 0.1, 0.25), seeds=(0, 1
             budgets={"sft": 0, "rloo": 1_300_000, "grpo": 1_300_000, "reinforce_ma": 1_300_000,
                      "reinforce_value": 1_300_000, "ppo": 1_300_000, "dpo": 256_000},
             best_of=(2, 4, 8, 16, 32, 64))
+
+# The two-objective sweep on sentiment (its gold vs brevity): every weight's RL agents spend the same KL budget,
+# 2.5 nats per episode, the bound of best-of-32 beside them; the quick grid's budgets; ~45 minutes on 2 CPU cores.
+PARETO = Grid(seeds=(0, 1), budgets={"sft": 0, "rloo": 400_000, "ppo": 250_000}, best_of=(32,),
+              weights=(0.0, 0.5, 0.7, 0.8, 0.9, 0.95), kl_target=2.5, kl_horizon=2000)
 
 
 CELL_COMMAND = [sys.executable, "-m", "benchmarks.cell"]
@@ -224,6 +255,11 @@ def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the reduced grid on the default task (~10 min)")
+    parser.add_argument("--pareto", action="store_true",
+                        help="the two-objective weight sweep on sentiment (gold vs brevity) at one KL budget")
+    parser.add_argument("--weights", nargs="+", type=float,
+                        help="the Pareto sweep's weights λ of the second objective, each in [0, 1]")
+    parser.add_argument("--kl-target", type=float, help="adaptive β toward this KL (nats per episode)")
     parser.add_argument("--out", default=None, help="output folder (default runs/benchmark[-quick])")
     parser.add_argument("--tasks", nargs="+", help="override the grid's tasks")
     parser.add_argument("--rewards", nargs="+", choices=["rm", "gold"])
@@ -245,7 +281,11 @@ def command_line() -> argparse.ArgumentParser:
 
 
 def grid_from_args(args) -> Grid:
-    grid = QUICK if args.quick else FULL
+    if args.quick and args.pareto:
+        raise SystemExit("benchmarks.run: --quick and --pareto are two grids; pick one")
+    if args.weights and not args.pareto:
+        raise SystemExit("benchmarks.run: --weights belongs to the Pareto sweep; add --pareto")
+    grid = QUICK if args.quick else PARETO if args.pareto else FULL
     budgets = dict(grid.budgets)
     best_of = args.best_of or grid.best_of
     if args.algorithms:
@@ -254,7 +294,7 @@ def grid_from_args(args) -> Grid:
     budgets = {a: round(b * args.budget_scale) if a != "sft" else 0 for a, b in budgets.items()}
     overrides = {"tasks": args.tasks, "rewards": args.rewards, "betas": args.betas, "seeds": args.seeds,
                  "eval_episodes": args.eval_episodes, "optimum_samples": args.optimum_samples,
-                 "optimum_prompts": args.optimum_prompts}
+                 "optimum_prompts": args.optimum_prompts, "weights": args.weights, "kl_target": args.kl_target}
     return replace(grid, budgets=budgets, best_of=tuple(best_of),
                    **{k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
 
@@ -263,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.results import write_report
 
     args = command_line().parse_args(argv)
-    out = Path(args.out or ("runs/benchmark-quick" if args.quick else "runs/benchmark"))
     grid = grid_from_args(args)
+    out = Path(args.out or ("runs/benchmark-quick" if args.quick else "runs/benchmark-pareto" if args.pareto
+                            else "runs/benchmark"))
     cells = grid.cells(threads=args.threads, device=args.device)
     if args.list:
         print("\n".join(c.name for c in cells))

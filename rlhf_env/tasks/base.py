@@ -77,6 +77,13 @@ class Task(abc.ABC):
         (the "-GT" runs) instead of a reward model."""
         return [self.gold(prompt, response) for prompt, response in zip(prompts, responses)]
 
+    def objectives(self) -> dict:
+        """Every objective of the task that has a gold value, as batched reward functions by name (the form
+        `gold_reward` has), the task's gold reward first. One, ``{"gold": self.gold_reward}``, unless the task
+        defines more: the sentiment task adds "brevity", for multi-objective runs (``rewards=`` with weights, the
+        grid's ``--pareto``). With more than one, evaluations report each as ``objective/gold/<name>``."""
+        return {"gold": self.gold_reward}
+
     def is_well_formed(self, prompt: str, response: str) -> bool:
         """Whether the response is well formed (grammatical, parseable); tasks refine this."""
         return bool(response.strip())

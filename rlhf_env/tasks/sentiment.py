@@ -218,9 +218,35 @@ class SentimentTask(GeneratedTask):
     def is_well_formed(self, prompt: str, response: str) -> bool:
         return parse(prompt, response) is not None
 
+    def objectives(self) -> dict:
+        """Two objectives with a gold value each: "sentiment" (the task's gold reward) and "brevity"
+        (`brevity`), which pull apart: the best reviews are the longest (6/7 needs 15 words).
+
+        >>> task = SentimentTask()
+        >>> {name: fn(["the plot was"], ["good"]) for name, fn in task.objectives().items()}
+        {'sentiment': [0.5], 'brevity': [0.96875]}
+        """
+        return {"sentiment": self.gold_reward, "brevity": brevity}
+
     def log_prob(self, prompt: str, response: str) -> float | None:
         review = parse(prompt, response)
         return None if review is None else review.response_log_prob
+
+
+BREVITY_WORDS = 32
+"""The length at which `brevity` reaches 0: `SentimentTask.max_new_tokens`, the longest response there can be."""
+
+
+def brevity(prompts: list[str], responses: list[str]) -> list[float]:
+    """The sentiment task's second objective, a batched reward function: 1 − (response words) / 32, so 1 for an
+    empty response and 0 at the token cap; exact, so its score is its own gold. One more word costs 1/32 ≈ 0.031,
+    while the best sentiment gold at 1, 3, 9 and 15 words is 1/2, 2/3, 4/5 and 6/7 (one, two, four, six positive
+    adjectives): the two objectives trade against each other (`SentimentTask.objectives`).
+
+    >>> brevity(["the plot was", "it"], ["good", "is good and very moving"])
+    [0.96875, 0.84375]
+    """
+    return [1.0 - len(response.split()) / BREVITY_WORDS for response in responses]
 
 
 def sample_continuation(prompt: str, rng: np.random.Generator) -> str:
