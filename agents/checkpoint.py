@@ -3,7 +3,8 @@ all at once and checked all at once.
 
 A checkpoint directory holds::
 
-    policy/                      the acting policy (`save_pretrained`, safetensors)
+    policy/                      the acting policy (`save_pretrained`, safetensors); for a LoRA policy only its
+                                 adapter, in PEFT's format (adapter_model.safetensors, adapter_config.json)
     agent.safetensors            the agent's own tensors (critic, value head, DPO's order of the pairs)
     training_state.safetensors   optimizer moments, the torch RNG state
     training_state.json          algorithm, config, counters, KL controller, numpy RNG, the env it was trained in
@@ -14,7 +15,8 @@ killed at any point leaves the previous checkpoint or the new one, never a mix. 
 empty nor a checkpoint is refused, never overwritten.
 
 **Loading** is check-then-change: `read_checkpoint` verifies every file against the manifest and compares the
-env the checkpoint was trained in (`env_settings`: task, reward, reference, tokenizer, KL settings, sampling) with
+env the checkpoint was trained in (`env_settings`: task, reward, reference, tokenizer, KL settings, sampling, a
+LoRA policy's adapter settings and base) with
 the env it is loaded into; `restore_agent` checks every tensor's shape against the agent before it writes
 anything. A refused load raises `ValueError` (naming the file or the setting) and leaves the env and the agent
 exactly as they were. Differences that do not change the training problem (device, number of rows, backend, the
@@ -34,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_env.files import MANIFEST, atomic_directory, fault_point, refuse_foreign, verified_snapshot, write_manifest
+from rlhf_env.lora import AdaptersOff, adapter_settings, adapter_state_dict, is_peft_model, load_adapter_state_dict
 from rlhf_env.models import load_causal_lm, quiet_loading
 from rlhf_env.reward import callable_name
 
@@ -42,11 +45,12 @@ log = logging.getLogger(__name__)
 FORMAT = "rlhf-gym agent checkpoint"
 AGENT_FILE = "agent.safetensors"
 TENSORS_FILE = "training_state.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's names, in policy/ for a LoRA policy
 STATE_FILE = "training_state.json"
 COUNTERS = ("num_timesteps", "num_updates", "num_episodes")
 # Env settings that define the training problem: a checkpoint only resumes in an env that matches them.
 REQUIRED = ("task", "kl_mode", "kl_estimator", "temperature", "max_new_tokens", "missing_eos_penalty",
-            "nonfinite_reward", "reward", "reference", "tokenizer", "kl_controller")
+            "nonfinite_reward", "reward", "reference", "tokenizer", "kl_controller", "lora")
 
 
 # ---------------------------------------------------------------- identities
@@ -63,6 +67,22 @@ def state_digest(module: torch.nn.Module) -> str:
 def _callable_name(fn) -> str:
     """A reward function's module and name (`rlhf_env.reward.callable_name`), as its identity in a checkpoint."""
     return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{callable_name(fn)}"
+
+
+def lora_settings(world) -> dict | None:
+    """None for a full policy; for a LoRA policy, its adapter's settings (`rlhf_env.lora.adapter_settings`) and its
+    base: ``"reference"`` when the reference is that base with the adapters off, else the base's state digest (a
+    checkpoint holds only the adapter, so it must resume on the same base)."""
+    policy = world.policy
+    if not is_peft_model(policy):
+        return None
+    shared = isinstance(world.reference, AdaptersOff) and world.reference.policy is policy
+    return {"adapter": adapter_settings(policy), "base": "reference" if shared else state_digest(AdaptersOff(policy))}
+
+
+def policy_state(lm) -> dict[str, torch.Tensor]:
+    """What a checkpoint saves of the policy: its state dict, or a LoRA policy's adapter weights only."""
+    return adapter_state_dict(lm) if is_peft_model(lm) else lm.state_dict()
 
 
 def env_settings(world) -> dict:
@@ -93,6 +113,7 @@ def env_settings(world) -> dict:
         "missing_eos_penalty": world.missing_eos_penalty, "nonfinite_reward": world.nonfinite_reward,
         "reward": reward, "reference": state_digest(world.reference),
         "tokenizer": hashlib.sha256((vocab + specials).encode("utf-8")).hexdigest(), "kl_controller": controller,
+        "lora": lora_settings(world),
         "device": str(world.device), "backends": dict(world.backends),
         "reward_weights": world.reward_weights if world.named_rewards else None,
     }
@@ -145,7 +166,7 @@ def save_checkpoint(agent, directory: str | Path, algorithm: str, tensors: dict[
     text = json.dumps(meta, indent=2)  # serialised first: an unserialisable state writes nothing
     with atomic_directory(directory) as tmp:
         with quiet_loading():  # transformers' per-shard progress bar, at every checkpoint
-            agent.lm.save_pretrained(tmp / "policy", safe_serialization=True)
+            agent.lm.save_pretrained(tmp / "policy", safe_serialization=True)  # a PeftModel: its adapter only
         fault_point("policy saved")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / AGENT_FILE)
         fault_point("agent tensors saved")
@@ -163,7 +184,7 @@ class Checkpoint:
 
     directory: Path
     meta: dict  # training_state.json
-    policy: dict[str, torch.Tensor]  # the policy's state dict
+    policy: dict[str, torch.Tensor]  # the policy's state dict (a LoRA policy: its adapter's, `policy_state`)
     tensors: dict[str, torch.Tensor]  # the agent's own (agent.safetensors)
     state_tensors: dict[str, torch.Tensor]  # optimizer moments and the torch RNG state
 
@@ -209,7 +230,12 @@ def read_checkpoint(directory: str | Path, algorithm: str, envs) -> Checkpoint:
         if missing:
             raise ValueError(f"{directory / STATE_FILE} lacks {', '.join(missing)}")
         _check_env(meta["env"], envs.world, envs.num_envs, directory)
-        policy = load_causal_lm(copy / "policy", device="cpu").state_dict()
+        if meta["env"].get("lora") is None:
+            policy = load_causal_lm(copy / "policy", device="cpu").state_dict()
+        else:  # an adapter only: the env's base is the checkpoint's (checked above)
+            if f"policy/{ADAPTER_FILE}" not in manifest["files"]:
+                raise ValueError(f"checkpoint {directory} is incomplete: its manifest lists no policy/{ADAPTER_FILE}")
+            policy = load_file(copy / "policy" / ADAPTER_FILE)
         return Checkpoint(directory, meta, policy, load_file(copy / AGENT_FILE), load_file(copy / TENSORS_FILE))
 
 
@@ -253,7 +279,7 @@ def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -
     caller that makes its own checks in between still changes nothing until it calls it. The caller then loads
     ``checkpoint.tensors`` into its own modules (already checked against `own`)."""
     directory = checkpoint.directory
-    _compare("policy", checkpoint.policy, agent.lm.state_dict(), directory)
+    _compare("policy", checkpoint.policy, policy_state(agent.lm), directory)
     _compare("agent's own tensors", checkpoint.tensors, own, directory)
     optimizer_state = _optimizer_state(checkpoint, agent.optimizer)
     generator_state = checkpoint.state_tensors.get("rng/torch_generator")
@@ -266,7 +292,10 @@ def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -
 
     @torch.no_grad()
     def write() -> None:
-        agent.lm.load_state_dict(checkpoint.policy)
+        if is_peft_model(agent.lm):
+            load_adapter_state_dict(agent.lm, checkpoint.policy)
+        else:
+            agent.lm.load_state_dict(checkpoint.policy)
         agent.optimizer.load_state_dict(optimizer_state)
         agent.generator.set_state(generator_state)
         agent.rng.bit_generator.state = numpy_state

@@ -16,6 +16,7 @@ from torch import nn
 
 from rlhf_env.decoding.gpt2 import gpt2_response_forward
 from rlhf_env.lm import position_ids, response_columns
+from rlhf_env.lora import is_peft_model
 
 ValueInit = Literal["zero", "small", "reward_model"]
 VALUE_INITS = get_args(ValueInit)
@@ -67,6 +68,9 @@ class ActorCritic(nn.Module):
         if value_init == "reward_model" and (not separate_critic or reward_model is None):
             raise ValueError("value_init='reward_model' needs separate_critic=True and the env's reward model "
                              "(the reward model's trunk is not the policy's)")
+        if separate_critic and is_peft_model(lm):
+            raise ValueError("separate_critic=True copies the policy's trunk, and a LoRA policy's trunk is the whole "
+                             "base model: use the shared value head (separate_critic=False)")
         self.lm, self.backend = lm, backend
         self.critic_trunk = None
         if separate_critic:

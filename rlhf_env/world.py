@@ -24,6 +24,7 @@ from rlhf_env.decoding.batched import BatchedDecoder
 from rlhf_env.episodes import EpisodeBatch
 from rlhf_env.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_env.lm import pad_left, pad_right
+from rlhf_env.lora import AdaptersOff, check_lora_policy, is_lora_config, is_peft_model, require_peft, wrap_policy
 from rlhf_env.models import check_decodable, choose_backend, load_causal_lm, load_tokenizer, resolve_device
 from rlhf_env.reward import (
     NONFINITE_POLICIES,
@@ -157,6 +158,7 @@ class RLHFWorld:
         reward_tokenizer=None,
         rewards=None,
         reward_weights=None,
+        lora=None,
     ):
         self.task = get_task(task)
         if kl_estimator not in KL_ESTIMATORS:
@@ -181,6 +183,14 @@ class RLHFWorld:
             raise ValueError("reward_weights= weighs the rewards of rewards=; this env has a single reward")
         if reward_fn is not None:
             _check_reward_fn(reward_fn, "reward_fn")
+        if lora is not None:
+            if kl_mode != "policy":
+                raise ValueError(f"lora= adapts the env's acting policy; kl_mode={kl_mode!r} holds none")
+            if not is_lora_config(lora):
+                require_peft()
+                raise ValueError(f"lora must be a peft.LoraConfig or None, got {type(lora).__name__}")
+            if is_peft_model(policy):
+                raise ValueError("policy= is already a PeftModel: drop lora= (or pass the base model with lora=)")
         components = None if rewards is None else named_rewards(rewards)
         for name, value in (("temperature", temperature), ("beta", beta), ("kl_target", kl_target)):
             if value is not None and not _is_real(value):
@@ -211,7 +221,7 @@ class RLHFWorld:
         self._beta_frozen = False
         single_model = reward_model if reward_fn is None and components is None else False
         self.tokenizer, self.policy, self.reference, self.reward_model = self._load(
-            policy, reference, single_model, tokenizer, dtype, trust_remote_code)
+            policy, reference, single_model, tokenizer, dtype, trust_remote_code, lora)
         self.reward_fn = reward_fn
         self.backends = {name: choose_backend(model, backend) for name, model in
                          (("policy", self.policy), ("reference", self.reference)) if model is not None}
@@ -310,9 +320,11 @@ class RLHFWorld:
         them when it ends, whatever `set_reward_weights` does meanwhile."""
         episodes.start(row, prompt, query, self._weights)
 
-    def _load(self, policy, reference, reward_model, tokenizer, dtype, trust_remote_code=False):
+    def _load(self, policy, reference, reward_model, tokenizer, dtype, trust_remote_code=False, lora=None):
         """Resolve models given as objects, local paths or None (the task's shipped assets); paths load by
-        `rlhf_env.models.load_causal_lm` / `load_tokenizer` rules."""
+        `rlhf_env.models.load_causal_lm` / `load_tokenizer` rules. A LoRA policy (``lora=``, or a `PeftModel` as
+        ``policy=``) without ``reference=`` gets the same base with its adapters off as reference
+        (`rlhf_env.lora.AdaptersOff`): the base weights are loaded once."""
         from rlhf_env.assets import asset_dir
 
         assets = asset_dir(self.task)
@@ -332,7 +344,12 @@ class RLHFWorld:
         if tokenizer is None or isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(tokenizer or assets / "tokenizer", trust_remote_code=trust_remote_code)
         policy = causal_lm(policy, assets / "policy") if self.kl_mode == "policy" else None
-        reference = causal_lm(reference, assets / "policy")
+        if lora is not None:
+            policy = wrap_policy(policy, lora)
+        if is_peft_model(policy):
+            check_lora_policy(policy, derived_reference=reference is None)
+        reference = AdaptersOff(policy) if reference is None and is_peft_model(policy) else causal_lm(
+            reference, assets / "policy")
         if reference is policy:
             raise ValueError("policy and reference must be different objects (the reference stays frozen)")
         for p in reference.parameters():
