@@ -128,6 +128,13 @@ def test_policy_and_reference_share_every_base_weight(tokenizer):
     storages = {p.untyped_storage().data_ptr() for p in [*policy.parameters(), *world.reference.parameters()]}
     assert len(storages) == len(base) + len(adapter_names(policy))  # base once, plus the adapters
     assert {n for n, p in policy.named_parameters() if p.requires_grad} == adapter_names(policy)
+    # A reference forward leaves the adapters' requires_grad flags as they were (peft's switch resets them).
+    for name, p in policy.named_parameters():
+        p.requires_grad_(name.endswith("lora_A.default.weight"))
+    with torch.no_grad():
+        world.reference(input_ids=torch.zeros((1, 3), dtype=torch.long))
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == {
+        n for n in adapter_names(policy) if n.endswith("lora_A.default.weight")}
     # π_ref is the base model, under its own names: its digest is that of the model before the adapters.
     assert state_digest(world.reference) == state_digest(original)
     # The built-in world's π_SFT wrapped by lora=: loaded once, not twice.
