@@ -299,3 +299,13 @@ def test_what_a_lora_env_refuses_is_named(tokenizer):
         gym.make_vec("RLHF-v0", num_envs=2, lora=gpt2_lora(bias="all"))
     with pytest.raises(ValueError, match="backend='gpt2'"):
         gym.make_vec("RLHF-v0", num_envs=2, lora=gpt2_lora(), backend="gpt2")
+
+
+def test_the_memory_table_counts_published_architectures():
+    from benchmarks.lora_memory import computed
+
+    full, lora = computed("Qwen2.5-0.5B", "bf16")
+    assert full["base_params"] == 494_032_768  # Qwen2.5-0.5B's published parameter count
+    assert lora["trained_params"] == 24 * 8 * ((896 + 896) + (896 + 128))  # r·(in + out) of q_proj and v_proj
+    assert full["weights"] == 2 * 2 * full["base_params"]  # two bf16 copies
+    assert lora["weights"] == 2 * full["base_params"] + 4 * lora["trained_params"]  # one copy, fp32 adapters
