@@ -97,7 +97,7 @@ def computed(name: str, dtype: str) -> list[dict]:
 def _size(n: int) -> str:
     if n >= GiB / 10:
         return f"{n / GiB:.2f} GiB"
-    return f"{n / 2**20:.2f} MiB"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def table(rows: list[dict]) -> str:
