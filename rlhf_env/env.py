@@ -87,7 +87,10 @@ class RLHFEnv(WorldParts, gym.Env):
     ``missing_eos_penalty``, ``nonfinite_reward`` ("raise" or "mask"), ``backend`` ("auto", "gpt2" or "hf": how
     the models run, decided once, `rlhf_env.models.choose_backend`), ``trust_remote_code`` (default False: applies
     to loading the policy, reference, reward model and tokenizer from local folders; only True lets code shipped in
-    a folder, e.g. a tokenizer's ``auto_map``, run), ``render_mode`` ("ansi").
+    a folder, e.g. a tokenizer's ``auto_map``, run), ``lora`` (a ``peft.LoraConfig``, with the optional extra
+``rlhf-gym[lora]``: the policy is wrapped with LoRA adapters and, without ``reference``, π_ref is the same base
+with the adapters off, its weights shared; a ``peft.PeftModel`` passed as ``policy`` gets the same reference;
+`rlhf_env.lora`), ``render_mode`` ("ansi").
 
     Paths load from local folders only (`rlhf_env.models.load_causal_lm`, `rlhf_env.models.load_tokenizer`), and
     parts that do not fit together raise `ValueError` here, when the env is built: a reward model read through
