@@ -21,9 +21,11 @@ from rlhf_env.vector_env import RLHFVectorEnv
 
 # row -> (config class, model class, config fields besides the sizes and token ids). Each row's model is 2 layers
 # of width 64 (`tiny_model`); "gpt2" has its dropout off (as rlhf_env.models.build_policy makes it) and takes the
-# lean "gpt2" backend, every other row runs through the model's own forward.
+# lean "gpt2" backend, "gpt2_dropout" keeps transformers' default 0.1 (as the released GPT-2 checkpoints have it),
+# which the lean path does not implement, so it runs through the model's own forward like every other row.
 ARCHITECTURES = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "gpt2_dropout": ("GPT2Config", "GPT2LMHeadModel", {}),
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),  # Pythia
@@ -184,6 +186,17 @@ def test_each_agent_runs_two_updates_that_train_the_policy_and_never_the_referen
         if agent == "ppo":  # the training forward agrees with the env's cached decoding
             assert metrics["train/rollout_logprob_mismatch"] < 1e-4
     assert state_digest(envs.world.reference) == reference
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_ppo_trains_through_the_forward_that_sampled(kind, saved, tokenizer):
+    """One epoch, one minibatch: the policy has not moved yet when its training forward runs, so the ratio
+    π/π_old is exactly 1 on every token; dropout in the training forward (a model whose config has it) would not
+    leave it there."""
+    agent = PPO(make_envs(saved(kind), tokenizer),
+                PPOConfig(episodes_per_update=4, minibatch_size=4, update_epochs=1), progress=False)
+    metrics = agent.update()
+    assert metrics["policy/ratio"] == 1.0 and metrics["policy/approx_kl"] == 0.0 and metrics["policy/clipfrac"] == 0.0
 
 
 @pytest.mark.parametrize("agent", AGENTS)
