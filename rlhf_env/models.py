@@ -193,12 +193,20 @@ def choose_backend(model: torch.nn.Module, requested: str = "auto") -> str:
 @torch.no_grad()
 def check_decodable(model: torch.nn.Module, name: str = "model") -> None:
     """Raise `UnsupportedModel` unless the env can decode `model` through its own forward: a context length in its
-    config, and a cache of full-attention layers whose keys and values grow by one column per token (what the
-    decoders splice, compact and pad row by row). One two-token forward, when the model is attached."""
+    config, no sliding-window layers in its ``config.layer_types``, and a cache of full-attention layers whose keys
+    and values grow by one column per token (what the decoders splice, compact and pad row by row). The config is
+    read first; then one two-token forward, when the model is attached."""
     config = getattr(model, "config", None)
     if not isinstance(getattr(config, "max_position_embeddings", None), int):
         raise UnsupportedModel(f"{name} ({type(model).__name__}): its config has no max_position_embeddings, so the "
                                "env cannot size prompts and responses")
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    sliding = sorted({kind for kind in layer_types if "sliding" in str(kind)})
+    if sliding:  # refused before the forward: with config.sliding_window = None such a model's forward crashes
+        raise UnsupportedModel(
+            f"{name} ({type(model).__name__}): config.layer_types has {sliding} layers; the env decodes models whose "
+            f"layers are all full attention (a sliding window no shorter than prompt + response is full attention: "
+            f"build or load the model with config.layer_types = ['full_attention'] * {len(layer_types)})")
     device = next(model.parameters()).device
     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
     cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
@@ -208,4 +216,5 @@ def check_decodable(model: torch.nn.Module, name: str = "model") -> None:
         raise UnsupportedModel(
             f"{name} ({type(model).__name__}) keeps a {type(cache).__name__} with {kinds or 'no'} layers; the env "
             "decodes models whose cache is full-attention key/value layers (a sliding window no shorter than "
-            "prompt + response can be switched off with config.sliding_window = None)")
+            "prompt + response can be switched off: config.sliding_window = None where the config has no "
+            "layer_types, as Mistral's)")

@@ -31,11 +31,19 @@ ARCHITECTURES = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),  # Pythia
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=None)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
+    # Gemma 2 alternates sliding-window and full layers; with every layer full (a window no shorter than the
+    # context is full attention) it runs.
+    "gemma2_full_attention": ("Gemma2Config", "Gemma2ForCausalLM",
+                              dict(num_key_value_heads=2, head_dim=16, layer_types=["full_attention"] * 2)),
 }
 REFUSED = {  # caches the env cannot splice row by row: sliding-window layers, a state-space model's states
     "mistral_sliding_window": ("MistralConfig", "MistralForCausalLM",
                                dict(num_key_value_heads=2, sliding_window=16)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
+    # sliding_window = None does not switch off a config's sliding layer_types (the model's forward would crash)
+    "qwen2_sliding_layers_without_a_window": ("Qwen2Config", "Qwen2ForCausalLM",
+                                              dict(num_key_value_heads=2, sliding_window=None,
+                                                   layer_types=["full_attention", "sliding_attention"])),
     "mamba": ("MambaConfig", "MambaForCausalLM", dict(state_size=8)),
 }
 SIZES = {"GPT2Config": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64),
@@ -222,5 +230,5 @@ def test_a_checkpoint_resumes_exactly(kind, agent, saved, tokenizer, small_pairs
 def test_a_model_whose_cache_the_env_cannot_handle_is_refused_by_name_when_the_env_is_built(kind, tokenizer, tmp_path):
     for name, seed in (("policy", 0), ("reference", 1)):
         tiny_model(REFUSED[kind], tokenizer, seed).save_pretrained(tmp_path / name)
-    with pytest.raises(UnsupportedModel, match="full-attention|max_position_embeddings"):
+    with pytest.raises(UnsupportedModel, match="full attention|full-attention|max_position_embeddings"):
         make_envs(tmp_path, tokenizer, reference="reference")
