@@ -173,8 +173,8 @@ BACKENDS = ("auto", "gpt2", "hf")
 
 
 class UnsupportedModel(ValueError):
-    """A model the env cannot decode: its cache is not a stack of full-attention key/value layers (sliding-window
-    attention, state-space models), or its config gives no context length."""
+    """A model the env cannot decode (`check_decodable`): its cache is not a stack of full-attention key/value layers
+    (sliding-window attention, state-space models), or its config gives no context length."""
 
 
 def choose_backend(model: torch.nn.Module, requested: str = "auto") -> str:
@@ -190,23 +190,33 @@ def choose_backend(model: torch.nn.Module, requested: str = "auto") -> str:
     return "gpt2" if plain and requested != "hf" else "hf"
 
 
+# transformers' names (``config.layer_types``) for the layers the env can decode: full attention, and the
+# feed-forward kinds some configs list alongside their attention layers. Any other kind (sliding_attention,
+# chunked_attention, linear_attention: a state-space or linear-attention layer, hybrid, ...) keeps a cache the
+# decoders cannot splice row by row.
+DECODABLE_LAYER_TYPES = frozenset({"full_attention", "mlp", "moe", "dense", "sparse"})
+
+
 @torch.no_grad()
 def check_decodable(model: torch.nn.Module, name: str = "model") -> None:
-    """Raise `UnsupportedModel` unless the env can decode `model` through its own forward: a context length in its
-    config, no sliding-window layers in its ``config.layer_types``, and a cache of full-attention layers whose keys
-    and values grow by one column per token (what the decoders splice, compact and pad row by row). The config is
-    read first; then one two-token forward, when the model is attached."""
+    """Raise `UnsupportedModel` unless the env can decode `model` through its own forward: only full-attention
+    layers in its ``config.layer_types`` (`DECODABLE_LAYER_TYPES`; read from the config, before any forward), a
+    context length in its config, and a cache of full-attention layers whose keys and values grow by one column per
+    token (what the decoders splice, compact and pad row by row: one two-token forward), when the model is
+    attached."""
     config = getattr(model, "config", None)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    other = sorted({str(kind) for kind in layer_types} - DECODABLE_LAYER_TYPES)
+    if other:
+        advice = ""
+        if any("sliding" in kind for kind in other):  # config.sliding_window = None would make the forward fail
+            advice = (" (a sliding window no shorter than prompt + response is full attention: build or load the "
+                      f"model with config.layer_types = ['full_attention'] * {len(layer_types)})")
+        raise UnsupportedModel(f"{name} ({type(model).__name__}): config.layer_types has {other} layers; the env "
+                               f"decodes models whose attention layers are all full attention{advice}")
     if not isinstance(getattr(config, "max_position_embeddings", None), int):
         raise UnsupportedModel(f"{name} ({type(model).__name__}): its config has no max_position_embeddings, so the "
                                "env cannot size prompts and responses")
-    layer_types = list(getattr(config, "layer_types", None) or [])
-    sliding = sorted({kind for kind in layer_types if "sliding" in str(kind)})
-    if sliding:  # refused before the forward: with config.sliding_window = None such a model's forward crashes
-        raise UnsupportedModel(
-            f"{name} ({type(model).__name__}): config.layer_types has {sliding} layers; the env decodes models whose "
-            f"layers are all full attention (a sliding window no shorter than prompt + response is full attention: "
-            f"build or load the model with config.layer_types = ['full_attention'] * {len(layer_types)})")
     device = next(model.parameters()).device
     ids = torch.zeros((1, 2), dtype=torch.long, device=device)
     cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache

@@ -16,7 +16,7 @@ from agents.dpo import DPO, DPOConfig
 from agents.ppo import PPO, PPOConfig
 from agents.reinforce import Reinforce, ReinforceConfig
 from rlhf_env.lm import pad_left, pad_right, response_logprobs
-from rlhf_env.models import UnsupportedModel
+from rlhf_env.models import UnsupportedModel, check_decodable
 from rlhf_env.vector_env import RLHFVectorEnv
 
 # row -> (config class, model class, config fields besides the sizes and token ids). Each row's model is 2 layers
@@ -36,15 +36,17 @@ ARCHITECTURES = {
     "gemma2_full_attention": ("Gemma2Config", "Gemma2ForCausalLM",
                               dict(num_key_value_heads=2, head_dim=16, layer_types=["full_attention"] * 2)),
 }
-REFUSED = {  # caches the env cannot splice row by row: sliding-window layers, a state-space model's states
-    "mistral_sliding_window": ("MistralConfig", "MistralForCausalLM",
-                               dict(num_key_value_heads=2, sliding_window=16)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
-    # sliding_window = None does not switch off a config's sliding layer_types (the model's forward would crash)
+REFUSED = {  # row -> (..., as above, what refuses it): caches the env cannot splice row by row
+    # config.layer_types names the layers: refused from the config, before any forward
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(num_key_value_heads=2, head_dim=16), "config"),
+    # sliding_window = None does not switch off sliding layer_types (the model's forward would crash)
     "qwen2_sliding_layers_without_a_window": ("Qwen2Config", "Qwen2ForCausalLM",
                                               dict(num_key_value_heads=2, sliding_window=None,
-                                                   layer_types=["full_attention", "sliding_attention"])),
-    "mamba": ("MambaConfig", "MambaForCausalLM", dict(state_size=8)),
+                                                   layer_types=["full_attention", "sliding_attention"]), "config"),
+    "mamba": ("MambaConfig", "MambaForCausalLM", dict(state_size=8, max_position_embeddings=64), "config"),
+    # no layer_types: the two-token forward's cache tells
+    "mistral_sliding_window": ("MistralConfig", "MistralForCausalLM",
+                               dict(num_key_value_heads=2, sliding_window=16), "cache"),
 }
 SIZES = {"GPT2Config": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64),
          "MambaConfig": dict(hidden_size=64, num_hidden_layers=2)}
@@ -81,7 +83,7 @@ def no_logged_warnings():
 
 def tiny_model(spec: tuple, tokenizer, seed: int) -> torch.nn.Module:
     """A 2-layer, 64-wide random model of `spec` (an `ARCHITECTURES` or `REFUSED` entry) for `tokenizer`'s ids."""
-    config_name, model_name, extra = spec
+    config_name, model_name, extra = spec[:3]
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
     config = getattr(transformers, config_name)(**SIZES.get(config_name, ATTENTION), **ids, **extra)
@@ -230,5 +232,11 @@ def test_a_checkpoint_resumes_exactly(kind, agent, saved, tokenizer, small_pairs
 def test_a_model_whose_cache_the_env_cannot_handle_is_refused_by_name_when_the_env_is_built(kind, tokenizer, tmp_path):
     for name, seed in (("policy", 0), ("reference", 1)):
         tiny_model(REFUSED[kind], tokenizer, seed).save_pretrained(tmp_path / name)
-    with pytest.raises(UnsupportedModel, match="full attention|full-attention|max_position_embeddings"):
+    with pytest.raises(UnsupportedModel, match="full attention|full-attention"):
         make_envs(tmp_path, tokenizer, reference="reference")
+    model, refused_by = tiny_model(REFUSED[kind], tokenizer, 0), REFUSED[kind][3]
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(1), with_kwargs=True)
+    with pytest.raises(UnsupportedModel, match="layer_types has" if refused_by == "config" else "keeps a"):
+        check_decodable(model)
+    assert len(forwards) == (0 if refused_by == "config" else 1)
