@@ -177,6 +177,9 @@ class PPO:
         """One PPO iteration: rollout, advantages, K epochs of minibatch updates. Returns the logged metrics."""
         cfg, start = self.config, time.perf_counter()
         # 1. rollout: the env samples-and-scores; we keep its log-probs, rewards and scores (never recomputed).
+        #    The model stays in eval mode for the whole update (dropout off, as TRL's disable_dropout): the training
+        #    forward is then the function that sampled, and draws nothing from torch's global RNG, which no
+        #    checkpoint holds (a model whose config has dropout, such as a released GPT-2, resumes bit for bit).
         self.model.eval()
         episodes = rollout(self)
         rollout_seconds = time.perf_counter() - start
@@ -206,7 +209,6 @@ class PPO:
         # 4. K epochs × minibatches: clipped policy loss + c₁·clipped value loss − c₂·entropy (+ ptx). Each term is
         #    a mean over the minibatch's tokens whatever the accumulation: its denominator is counted before the
         #    micro-batches run, and each micro-batch adds its share (`agents.core.masked_mean`).
-        self.model.train()
         log = {key: [] for key in ("loss/policy", "loss/value", "loss/ptx", "policy/entropy", "policy/clipfrac",
                                    "policy/approx_kl", "policy/ratio", "val/clipfrac", "train/grad_norm")}
         skipped, empty, epochs_run = 0, 0, 0

@@ -160,7 +160,8 @@ class Reinforce:
         cfg, start = self.config, time.perf_counter()
         k = cfg.samples_per_prompt
         # 1. rollout: K samples of each of B/K training prompts, in consecutive groups of K.
-        self.lm.eval()
+        # Eval mode for the whole update (dropout off, as PPO): the gradient is that of the policy that sampled.
+        (self.model or self.lm).eval()
         pool = self.world.prompt_pool("train")
         picks = self.rng.integers(len(pool), size=cfg.episodes_per_update // k)
         episodes = rollout(self, [pool[i] for i in picks for _ in range(k)])
@@ -192,8 +193,6 @@ class Reinforce:
         #    the value loss averaged over their tokens); both denominators are counted before the micro-batches
         #    run, so the micro-batches' gradients add up to the whole batch's.
         num_episodes, num_tokens = usable.sum(), mask.sum()
-        train_module = self.model or self.lm
-        train_module.train()
         self.optimizer.zero_grad(set_to_none=True)
         log = dict.fromkeys(("loss/policy", "loss/value", "policy/entropy"), 0.0)
         values_seen = torch.zeros_like(mask)

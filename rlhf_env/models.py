@@ -173,8 +173,8 @@ BACKENDS = ("auto", "gpt2", "hf")
 
 
 class UnsupportedModel(ValueError):
-    """A model the env cannot decode: its cache is not a stack of full-attention key/value layers (sliding-window
-    attention, state-space models), or its config gives no context length."""
+    """A model the env cannot decode (`check_decodable`): its cache is not a stack of full-attention key/value layers
+    (sliding-window attention, state-space models), or its config gives no context length."""
 
 
 def choose_backend(model: torch.nn.Module, requested: str = "auto") -> str:
@@ -190,12 +190,30 @@ def choose_backend(model: torch.nn.Module, requested: str = "auto") -> str:
     return "gpt2" if plain and requested != "hf" else "hf"
 
 
+# transformers' names (``config.layer_types``) for the layers the env can decode: full attention, and the
+# feed-forward kinds some configs list alongside their attention layers. Any other kind (sliding_attention,
+# chunked_attention, linear_attention: a state-space or linear-attention layer, hybrid, ...) keeps a cache the
+# decoders cannot splice row by row.
+DECODABLE_LAYER_TYPES = frozenset({"full_attention", "mlp", "moe", "dense", "sparse"})
+
+
 @torch.no_grad()
 def check_decodable(model: torch.nn.Module, name: str = "model") -> None:
-    """Raise `UnsupportedModel` unless the env can decode `model` through its own forward: a context length in its
-    config, and a cache of full-attention layers whose keys and values grow by one column per token (what the
-    decoders splice, compact and pad row by row). One two-token forward, when the model is attached."""
+    """Raise `UnsupportedModel` unless the env can decode `model` through its own forward: only full-attention
+    layers in its ``config.layer_types`` (`DECODABLE_LAYER_TYPES`; read from the config, before any forward), a
+    context length in its config, and a cache of full-attention layers whose keys and values grow by one column per
+    token (what the decoders splice, compact and pad row by row: one two-token forward), when the model is
+    attached."""
     config = getattr(model, "config", None)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    other = sorted({str(kind) for kind in layer_types} - DECODABLE_LAYER_TYPES)
+    if other:
+        advice = ""
+        if any("sliding" in kind for kind in other):  # config.sliding_window = None would make the forward fail
+            advice = (" (a sliding window no shorter than prompt + response is full attention: build or load the "
+                      f"model with config.layer_types = ['full_attention'] * {len(layer_types)})")
+        raise UnsupportedModel(f"{name} ({type(model).__name__}): config.layer_types has {other} layers; the env "
+                               f"decodes models whose attention layers are all full attention{advice}")
     if not isinstance(getattr(config, "max_position_embeddings", None), int):
         raise UnsupportedModel(f"{name} ({type(model).__name__}): its config has no max_position_embeddings, so the "
                                "env cannot size prompts and responses")
@@ -208,4 +226,5 @@ def check_decodable(model: torch.nn.Module, name: str = "model") -> None:
         raise UnsupportedModel(
             f"{name} ({type(model).__name__}) keeps a {type(cache).__name__} with {kinds or 'no'} layers; the env "
             "decodes models whose cache is full-attention key/value layers (a sliding window no shorter than "
-            "prompt + response can be switched off with config.sliding_window = None)")
+            "prompt + response can be switched off: config.sliding_window = None where the config has no "
+            "layer_types, as Mistral's)")

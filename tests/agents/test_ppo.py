@@ -56,8 +56,8 @@ def test_each_update_touches_every_trainable_parameter_and_never_the_reference(d
 
 def test_nan_logits_in_the_update_skip_the_step_and_leave_parameters_unchanged(digest):
     agent = PPO(make_envs(backend="hf"), SMALL, progress=False)  # the model's own forward runs its hooks
-    agent.model.lm.lm_head.register_forward_hook(  # NaN only in the training forward, not in the env's rollout
-        lambda module, args, out: out * float("nan") if module.training else out)
+    agent.model.lm.lm_head.register_forward_hook(  # NaN only in the training forward (the one with gradients)
+        lambda module, args, out: out * float("nan") if torch.is_grad_enabled() else out)
     before = digest(agent.model)
     metrics = agent.update()
     assert digest(agent.model) == before
