@@ -113,7 +113,7 @@ class DatasetTask(Task):
         prompt_column: the column that holds the prompts (strings or conversations).
         train_split: the split the train prompts come from, when `data` is a dict of splits.
         eval_split: the split of the eval prompts, when `data` is a dict of splits; None splits the train split by
-            `eval_fraction` and `seed` (which are then unused otherwise).
+            `eval_fraction` and `seed` (the only case in which those two matter).
         eval_fraction: share of the distinct prompts held out for evaluation when the task splits them itself.
         seed: seeds that split.
         name: the task's name in logs and result files.
@@ -171,6 +171,7 @@ class DatasetTask(Task):
     def _read(self, label: str, dataset) -> list:
         """The checked prompts of `dataset` in row order, recording the gold columns of each prompt's row."""
         where = f"{label}, column {self.prompt_column!r}"
+        dataset = dataset.with_format(None)  # Python objects, whatever format (numpy, torch) the dataset was set to
         prompts = [check_prompt(prompt, f"{where}, row {i}") for i, prompt in enumerate(dataset[self.prompt_column])]
         if self.gold_columns:
             values = {column: list(dataset[column]) for column in self.gold_columns}

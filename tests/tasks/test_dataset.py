@@ -53,7 +53,7 @@ def write(path, kind: str, data: dict) -> None:
 
 def test_a_dataset_is_split_reproducibly_by_seed():
     data = Dataset.from_dict(rows(PROMPTS + PROMPTS[:5]))  # repeats count once
-    task = DatasetTask(data, gold=exact)
+    task = DatasetTask(data.with_format("numpy"), gold=exact)  # read as Python objects whatever the format
     train, eval_ = task.train_prompts(), task.eval_prompts()
     assert sorted(train + eval_) == sorted(PROMPTS) and not set(train) & set(eval_) and len(eval_) == 2
     again = DatasetTask(Dataset.from_dict(rows(PROMPTS[::-1])), gold=exact)  # row order does not matter
@@ -66,7 +66,8 @@ def test_conversations_are_split_reproducibly_whatever_the_order_of_rows_and_key
     conversations = [conversation(i) for i in range(10)]
     swapped = [[{"content": m["content"], "role": m["role"]} for m in c] for c in conversations[::-1]]
     for prompts in (conversations, swapped):
-        task = DatasetTask(Dataset.from_dict({"messages": prompts}), prompt_column="messages", eval_fraction=0.2)
+        data = Dataset.from_dict({"messages": prompts}).with_format("numpy")  # read as Python lists all the same
+        task = DatasetTask(data, prompt_column="messages", eval_fraction=0.2)
         assert [p[-1]["content"] for p in task.eval_prompts()] == ["question 4", "question 6"]  # pinned: seed 0
         assert len(task.train_prompts()) == 8
 
