@@ -74,10 +74,10 @@ def best_of_n(envs, n: int, n_episodes: int, seed: int = 10_000, batch_size: int
         queries = [q for _, q in drawn for _ in range(n)]
         samples = sample(world.reference, queries, backend=world.backends["reference"],
                          max_new_tokens=world.max_new_tokens,
-                         eos_token_id=world.eos_token_id, pad_token_id=world.pad_token_id,
+                         eos_token_id=world.stop_token_ids, pad_token_id=world.pad_token_id,
                          temperature=world.temperature, generator=generator)
         responses = samples.response_lists()
-        texts = world.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        texts = world.response_texts(responses)
         components = world.score_components(prompts, queries, responses, texts, samples.finished.tolist())
         for i, (prompt, text) in enumerate(zip(prompts, texts)):  # several rewards: a NaN one is named
             world.check_components(components, i, prompt, text)
@@ -111,9 +111,9 @@ def win_rate_vs_reference(world, episodes, seed: int) -> float:
     generator = torch.Generator(device=world.device).manual_seed(seed)
     samples = sample(world.reference, episodes.queries, backend=world.backends["reference"],
                      max_new_tokens=world.max_new_tokens,
-                     eos_token_id=world.eos_token_id, pad_token_id=world.pad_token_id,
+                     eos_token_id=world.stop_token_ids, pad_token_id=world.pad_token_id,
                      temperature=world.temperature, generator=generator)
-    texts = world.tokenizer.batch_decode(samples.response_lists(), skip_special_tokens=True)
+    texts = world.response_texts(samples.response_lists())
     reference_gold = np.array([world.task.gold(p, t) for p, t in zip(episodes.prompts, texts)])
     gold = np.array(episodes.gold_scores)
     return float(np.mean((gold > reference_gold) + 0.5 * (gold == reference_gold)))
@@ -132,7 +132,7 @@ def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn=None, beta: float | No
     """
     world = envs.unwrapped.world
     beta = world.beta if beta is None else beta
-    tokenizer, reference = world.tokenizer, world.reference
+    reference = world.reference
     rng = np.random.default_rng(seed)
     pool = world.prompt_pool("eval")
     prompts = [pool[i] for i in rng.choice(len(pool), n_prompts, replace=False)]
@@ -142,10 +142,10 @@ def kl_regularised_optimum(envs: RLHFVectorEnv, reward_fn=None, beta: float | No
         query = world.draw_prompt({"prompt": prompt}, rng)[1]
         samples = sample(reference, [query] * n_samples, backend=world.backends["reference"],
                          max_new_tokens=world.max_new_tokens,
-                         eos_token_id=world.eos_token_id, pad_token_id=world.pad_token_id,
+                         eos_token_id=world.stop_token_ids, pad_token_id=world.pad_token_id,
                          temperature=world.temperature, generator=generator)
         responses = samples.response_lists()
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        texts = world.response_texts(responses)
         finished = samples.finished.tolist()
         if reward_fn is None:
             components = world.score_components([prompt] * n_samples, [query] * n_samples, responses, texts,

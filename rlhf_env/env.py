@@ -54,10 +54,16 @@ class RLHFEnv(WorldParts, gym.Env):
 
     ## Starting State
     A prompt drawn uniformly from the task's train prompts with ``self.np_random`` (``options={"split": "eval"}``
-    draws from the held-out prompts; ``options={"prompt": text}`` pins one).
+    draws from the held-out prompts; ``options={"prompt": text}`` pins one). A prompt is a string or a
+    conversation, a list of ``{"role", "content"}`` messages (`rlhf_env.chat`), which the tokenizer's chat template
+    renders with the generation prompt; a conversation and a tokenizer without a template are refused with
+    `rlhf_env.chat.NoChatTemplate` (a `ValueError`) when the env is built (a task's prompts, before any model runs)
+    or by the reset that pins one (changing nothing). ``info["prompt"]`` is the prompt as the task gives it (a copy
+    of a conversation).
 
     ## Episode End
-    ``terminated=True`` when the policy emits EOS **or** the response reaches ``max_new_tokens`` tokens; the score
+    ``terminated=True`` when the policy emits a stop token (EOS, or the end-of-turn token, see ``end_of_turn``)
+    **or** the response reaches ``max_new_tokens`` tokens; the score
     is paid in both cases. The cap ends an episode as a terminal state (never ``truncated``) so that an agent that
     bootstraps on truncation cannot count the score twice. ``truncated`` is always False.
 
@@ -88,9 +94,15 @@ class RLHFEnv(WorldParts, gym.Env):
     the models run, decided once, `rlhf_env.models.choose_backend`), ``trust_remote_code`` (default False: applies
     to loading the policy, reference, reward model and tokenizer from local folders; only True lets code shipped in
     a folder, e.g. a tokenizer's ``auto_map``, run), ``lora`` (a ``peft.LoraConfig``, with the optional extra
-``rlhf-gym[lora]``: the policy is wrapped with LoRA adapters and, without ``reference``, π_ref is the same base
-with the adapters off, its weights shared; a ``peft.PeftModel`` passed as ``policy`` gets the same reference;
-`rlhf_env.lora`), ``render_mode`` ("ansi").
+    ``rlhf-gym[lora]``: the policy is wrapped with LoRA adapters and, without ``reference``, π_ref is the same base
+    with the adapters off, its weights shared; a ``peft.PeftModel`` passed as ``policy`` gets the same reference;
+    `rlhf_env.lora`), ``end_of_turn`` (a token or token id that ends episodes besides EOS; default None: for a task
+    with conversation prompts the token the chat template closes an assistant turn with, such as ``<|im_end|>`` or
+    ``<|eot_id|>``, `rlhf_env.chat.detect_end_of_turn`, else none; the stop tokens are
+    ``env.unwrapped.world.stop_token_ids``), ``render_mode`` ("ansi").
+
+    Reward functions and ``task.gold`` receive each prompt as the task gives it (a conversation's messages) and the
+    response as text: decoded without its closing stop token and without special tokens, so no template markup.
 
     Paths load from local folders only (`rlhf_env.models.load_causal_lm`, `rlhf_env.models.load_tokenizer`), and
     parts that do not fit together raise `ValueError` here, when the env is built: a reward model read through

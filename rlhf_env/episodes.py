@@ -17,17 +17,18 @@ class EpisodeBatch:
     """B episodes side by side. ``decoder`` runs π and π_ref (log-probs ``[:, 0]`` and ``[:, 1]``) or, when the env
     holds no acting policy (``kl_mode`` "agent" or "reference"), π_ref alone (``has_policy=False``: log π is then
     0 here, the agent's or absent). Each `feed` consumes one entry per row: a token to append, a query to restart
-    with, or `None` (the row is idle)."""
+    with, or `None` (the row is idle). An episode ends at a token of ``stop_token_ids`` (EOS, and a chat template's
+    end-of-turn token) or at the token cap."""
 
     def __init__(self, decoder: BatchedDecoder, has_policy: bool, prompt_width: int, max_new_tokens: int,
-                 pad_token_id: int, eos_token_id: int):
+                 pad_token_id: int, stop_token_ids: tuple[int, ...]):
         self.decoder, self.has_policy, self.batch = decoder, has_policy, decoder.batch
         self.width_prompt, self.max_new_tokens = prompt_width, max_new_tokens
-        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.pad_token_id, self.stop_token_ids = pad_token_id, tuple(stop_token_ids)
         # Observations kept up to date in place: query left-padded to P columns, response after it.
         self.obs_ids = np.full((self.batch, prompt_width + max_new_tokens), pad_token_id, dtype=np.int64)  # (B, P+T)
         self.obs_mask = np.zeros_like(self.obs_ids)  # (B, P + T)
-        self.prompts: list[str | None] = [None] * self.batch
+        self.prompts: list[str | list[dict] | None] = [None] * self.batch
         self.queries: list[list[int]] = [[] for _ in range(self.batch)]
         self.responses: list[list[int]] = [[] for _ in range(self.batch)]
         self.logprobs: list[list[float]] = [[] for _ in range(self.batch)]
@@ -44,7 +45,8 @@ class EpisodeBatch:
         """One forward of each model over every row's input (see `BatchedDecoder.feed`)."""
         self.decoder.feed(inputs, restart)
 
-    def start(self, row: int, prompt: str, query: list[int], weights: tuple[float, ...] | None = None) -> None:
+    def start(self, row: int, prompt: str | list[dict], query: list[int],
+              weights: tuple[float, ...] | None = None) -> None:
         """Begin a new episode in `row` (its query is fed by the next `feed`), scored at its end with the reward
         `weights` in force now (None: whatever is in force when it ends)."""
         self.prompts[row], self.queries[row], self.weights[row] = prompt, query, weights
@@ -72,7 +74,8 @@ class EpisodeBatch:
     def append(self, rows: list[int], tokens: list[int], logprobs: list[float],
                ref_logprobs: list[float]) -> tuple[np.ndarray, np.ndarray]:
         """Record ``tokens[i]`` in ``rows[i]`` with its log-probs under π and π_ref; return, per entry, whether the
-        token is EOS (``finished``) and whether the episode ends with it (``terminated``: EOS or the token cap).
+        token is a stop token, EOS or end of turn (``finished``), and whether the episode ends with it
+        (``terminated``: a stop token or the token cap).
 
         The caller feeds the tokens of the rows that go on afterwards.
         """
@@ -84,7 +87,7 @@ class EpisodeBatch:
             lengths[i] = len(self.responses[row])
         columns = self.width_prompt + lengths - 1
         self.obs_ids[rows, columns], self.obs_mask[rows, columns] = tokens, 1
-        finished = np.array(tokens, dtype=np.int64) == self.eos_token_id
+        finished = np.isin(np.array(tokens, dtype=np.int64), self.stop_token_ids)
         terminated = finished | (lengths == self.max_new_tokens)
         for row, done in zip(rows, terminated.tolist()):
             self.active[row] = not done

@@ -10,22 +10,33 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rlhf_env.chat import check_prompt, encode_conversation, is_conversation
 from rlhf_env.lm import pad_left, pad_right
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int) -> list[list[int]]:
-    """Tokenize prompts as queries, refusing any that are empty or do not fit `max_length` tokens."""
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list, max_length: int) -> list[list[int]]:
+    """Tokenize prompts as queries, refusing any that are empty or do not fit `max_length` tokens.
+
+    A prompt is a string (``tokenizer(prompt)``, special tokens included) or a conversation, a list of
+    ``{"role", "content"}`` messages, rendered by the tokenizer's chat template with the generation prompt
+    (`rlhf_env.chat.encode_conversation`; `rlhf_env.chat.NoChatTemplate` without a template, `ValueError` for a
+    malformed conversation)."""
     queries = []
     special = set(tokenizer.all_special_ids)  # a costly property: read it once, not per prompt
     for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt)["input_ids"]
-        content = [t for t in ids if t not in special]
-        if not prompt.strip() or not content:
-            raise ValueError(f"prompt {i} ({prompt!r}) tokenizes to no tokens besides special tokens")
+        if is_conversation(prompt):
+            ids = encode_conversation(tokenizer, check_prompt(prompt, f"prompt {i}"), f"prompt {i}")
+        elif not isinstance(prompt, str):
+            check_prompt(prompt, f"prompt {i}")  # raises, naming the type
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+            content = [t for t in ids if t not in special]
+            if not prompt.strip() or not content:
+                raise ValueError(f"prompt {i} ({prompt!r}) tokenizes to no tokens besides special tokens")
         if len(ids) > max_length:
             raise ValueError(
                 f"prompt {i} is {len(ids)} tokens long, more than the {max_length} the model allows here "
-                f"({prompt[:60]!r}...)"
+                f"({str(prompt)[:60]!r}...)"
             )
         queries.append(ids)
     return queries

@@ -145,7 +145,7 @@ class RLHFVectorEnv(WorldParts, VectorEnv):
         self._failed = None
         self._autoreset[:] = False
         self._started, self.closed = True, False  # a closed env is usable again after a reset
-        infos = {"prompt": np.array([p for p, _ in drawn], dtype=object),
+        infos = {"prompt": _objects([p for p, _ in drawn]),
                  "prompt_tokens": np.array([len(q) for _, q in drawn])}
         return self._observations(), infos
 
@@ -288,6 +288,15 @@ def _stack(row_infos: dict[int, dict], num_envs: int) -> dict:
             array = np.array([0 if v is None else v for v in values],
                              dtype=np.float64 if isinstance(sample, float) else np.int64)
         else:
-            array = np.array(values, dtype=object)
+            array = _objects(values)
         out[key], out[f"_{key}"] = array, np.array(present)
     return out
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-d object array holding `values` as they are (``np.array`` would make equal-length lists, such as
+    conversation prompts, into a 2-d array of their items)."""
+    array = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        array[i] = value
+    return array

@@ -20,6 +20,15 @@ from gymnasium.error import InvalidAction, ResetNeeded
 from torch import nn
 from transformers import PreTrainedModel
 
+from rlhf_env.chat import (
+    CONVERSATION,
+    check_prompt,
+    detect_end_of_turn,
+    is_conversation,
+    prompt_key,
+    prompt_text,
+    require_chat_template,
+)
 from rlhf_env.decoding.batched import BatchedDecoder
 from rlhf_env.episodes import EpisodeBatch
 from rlhf_env.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
@@ -159,6 +168,7 @@ class RLHFWorld:
         rewards=None,
         reward_weights=None,
         lora=None,
+        end_of_turn: str | int | None = None,
     ):
         self.task = get_task(task)
         if kl_estimator not in KL_ESTIMATORS:
@@ -222,6 +232,10 @@ class RLHFWorld:
         single_model = reward_model if reward_fn is None and components is None else False
         self.tokenizer, self.policy, self.reference, self.reward_model = self._load(
             policy, reference, single_model, tokenizer, dtype, trust_remote_code, lora)
+        # Conversation prompts need the tokenizer's chat template: refused here, before any model runs.
+        chat = any(is_conversation(p) for p in self.task.train_prompts() + self.task.eval_prompts())
+        if chat:
+            require_chat_template(self.tokenizer, f"a prompt of task {self.task.name!r}")
         self.reward_fn = reward_fn
         self.backends = {name: choose_backend(model, backend) for name, model in
                          (("policy", self.policy), ("reference", self.reference)) if model is not None}
@@ -276,6 +290,10 @@ class RLHFWorld:
                                  f"only {rm_vocab} embedding rows")
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token: episodes end at EOS, so the env needs one")
+        # Episodes end at EOS and, for a chat task (or when given), at the end-of-turn token.
+        self.end_of_turn_id = self._end_of_turn(end_of_turn, chat)
+        self.stop_token_ids = tuple(dict.fromkeys(token for token in (self.tokenizer.eos_token_id,
+                                                                      self.end_of_turn_id) if token is not None))
         # The prompt plus the response must fit every model the env runs.
         read_through_ids = [(f"reward model {s.name!r}" if self.named_rewards else "reward model", s.model.trunk)
                             for s in self.reward_sources if s.model is not None and s.tokenizer is None]
@@ -290,7 +308,8 @@ class RLHFWorld:
                              f"context of {context} tokens (contexts: {contexts})")
         prompts = self.task.train_prompts() + self.task.eval_prompts()
         # The task's queries, tokenized once: resets then cost a dictionary lookup, not a tokenizer call.
-        self._queries = dict(zip(prompts, encode_prompts(self.tokenizer, prompts, context - self.max_new_tokens)))
+        self._queries = dict(zip(map(prompt_key, prompts),
+                                 encode_prompts(self.tokenizer, prompts, context - self.max_new_tokens)))
         self.max_prompt_tokens = max(len(q) for q in self._queries.values())
         self._train_prompts, self._eval_prompts = self.task.train_prompts(), self.task.eval_prompts()
         width = self.max_prompt_tokens + self.max_new_tokens
@@ -313,7 +332,7 @@ class RLHFWorld:
         decoder = BatchedDecoder([getattr(self, name) for name in names], [self.backends[name] for name in names],
                                  batch, self.temperature, self.pad_token_id, self.compact_at)
         return EpisodeBatch(decoder, self.policy is not None, self.max_prompt_tokens, self.max_new_tokens,
-                            self.pad_token_id, self.eos_token_id)
+                            self.pad_token_id, self.stop_token_ids)
 
     def start_episode(self, episodes: EpisodeBatch, row: int, prompt: str, query: list[int]) -> None:
         """Begin an episode in `row` of `episodes`, recording the reward weights in force now: it is scored with
@@ -381,7 +400,7 @@ class RLHFWorld:
         if isinstance(given, (str, Path)):
             given = load_tokenizer(given, trust_remote_code=trust_remote_code)
         tokenizer = given if given is not None else getattr(reward_model, "tokenizer", None)
-        probes = self.task.train_prompts()[:1] + self.task.eval_prompts()[:1]
+        probes = [prompt_text(p) for p in self.task.train_prompts()[:1] + self.task.eval_prompts()[:1]]
         if tokenizer is None or same_tokenizer(tokenizer, self.tokenizer, probes):
             return None
         return tokenizer
@@ -469,9 +488,10 @@ class RLHFWorld:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         return self._train_prompts if split == "train" else self._eval_prompts
 
-    def draw_prompt(self, options: dict | None, rng: np.random.Generator) -> tuple[str, list[int]]:
-        """The prompt (text, query ids) for a reset with `options`, drawn with `rng` unless pinned (`ValueError` for
-        bad options, before `rng` draws)."""
+    def draw_prompt(self, options: dict | None, rng: np.random.Generator) -> tuple[str | list[dict], list[int]]:
+        """The prompt (text or conversation, query ids) for a reset with `options`, drawn with `rng` unless pinned
+        (`ValueError` for bad options, `rlhf_env.chat.NoChatTemplate` for a conversation without a chat template,
+        before `rng` draws). A conversation is returned as a copy: the task's own is never handed out."""
         check_options(options)
         options = dict(options or {})
         unknown = set(options) - RESET_OPTIONS
@@ -482,14 +502,21 @@ class RLHFWorld:
             raise ValueError(f"reset option 'split' must be 'train' or 'eval', got {split!r}")
         if "prompt" in options:
             prompt = options["prompt"]
-            if not isinstance(prompt, str):
-                raise ValueError(f"reset option 'prompt' must be a string, got {type(prompt).__name__}")
+            if not isinstance(prompt, str) and not is_conversation(prompt):
+                raise ValueError(f"reset option 'prompt' must be a string or {CONVERSATION}, got "
+                                 f"{type(prompt).__name__}")
+            if is_conversation(prompt):
+                prompt = check_prompt(prompt, "reset option 'prompt'")
+                require_chat_template(self.tokenizer, "reset option 'prompt'")
         else:
             pool = self._train_prompts if split == "train" else self._eval_prompts
             prompt = pool[int(rng.integers(len(pool)))]
-        if prompt in self._queries:
-            return prompt, self._queries[prompt]
-        return prompt, encode_prompts(self.tokenizer, [prompt], self.max_prompt_tokens)[0]
+        query = self._queries.get(prompt_key(prompt))
+        if query is None:
+            query = encode_prompts(self.tokenizer, [prompt], self.max_prompt_tokens)[0]
+        if is_conversation(prompt):
+            prompt = [dict(message) for message in prompt]
+        return prompt, query
 
     def attach_agent(self, agent) -> None:
         """kl_mode="agent": `agent.action_logprobs(observations, actions)` gives log π(a|s) of the acting policy."""
@@ -517,6 +544,33 @@ class RLHFWorld:
         if not np.isfinite(checked).all() or (checked > 1e-5).any():
             raise ValueError(f"action_logprobs must return finite log-probabilities <= 0, got {checked.tolist()}")
         return np.minimum(out, 0.0).tolist()
+
+    def response_texts(self, responses: list[list[int]]) -> list[str]:
+        """Responses (token ids, each with the stop token that ended it, if any) as the text rewards and ``task.gold``
+        see: the closing EOS or end-of-turn token left out and special tokens skipped, so no template markup."""
+        stops = set(self.stop_token_ids)
+        return self.tokenizer.batch_decode([r[:-1] if r and r[-1] in stops else r for r in responses],
+                                           skip_special_tokens=True)
+
+    def _end_of_turn(self, given, chat: bool) -> int | None:
+        """The end-of-turn token's id: `given` (a token string or id), or for a chat task the one its chat template
+        closes an assistant turn with (`rlhf_env.chat.detect_end_of_turn`; None: episodes end at EOS only)."""
+        if given is None:
+            return detect_end_of_turn(self.tokenizer) if chat else None
+        if isinstance(given, str):
+            token = self.tokenizer.convert_tokens_to_ids(given)
+            if not isinstance(token, int) or self.tokenizer.convert_ids_to_tokens(token) != given:
+                raise ValueError(f"end_of_turn={given!r} is not a token of the tokenizer (a chat template's "
+                                 "end-of-turn token such as '<|im_end|>', or its id)")
+        elif isinstance(given, (int, np.integer)) and not isinstance(given, (bool, np.bool_)):
+            token = int(given)
+        else:
+            raise ValueError(f"end_of_turn must be a token (a string), a token id or None, got "
+                             f"{type(given).__name__} {given!r}")
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"end_of_turn={given!r} is token id {token}, outside the models' {self.vocab_size} "
+                             "actions")
+        return token
 
     def check_action(self, action) -> int:
         """The action as a token id, or `InvalidAction` saying what is wrong (before anything changes)."""
@@ -616,7 +670,7 @@ class RLHFWorld:
         kl, reward = token_reward(np.array(logprobs), np.array(ref_logprobs), self.beta, self.kl_estimator)
         check_token_rewards(kl, reward, logprobs, ref_logprobs, rows)
         lengths = np.array([len(episodes.responses[row]) + 1 for row in rows], dtype=np.int64)
-        finished = np.array(tokens, dtype=np.int64) == self.eos_token_id
+        finished = np.isin(np.array(tokens, dtype=np.int64), self.stop_token_ids)
         terminated = finished | (lengths == self.max_new_tokens)
         step = {"logprob": np.array(logprobs, dtype=np.float64), "ref_logprob": np.array(ref_logprobs, np.float64),
                 "kl": kl, "beta": np.full(len(rows), self.beta), "non_score_reward": reward,
@@ -657,7 +711,7 @@ class RLHFWorld:
         weights, recorded when it started (None: the current ones)."""
         if not prompts:
             return []
-        texts = [self.tokenizer.decode(response, skip_special_tokens=True) for response in responses]
+        texts = self.response_texts(responses)
         components = self.score_components(prompts, queries, responses, texts, finished)
         scores = self.weighted(components, weights)
         gold = f"task.gold {callable_name(self.task.gold)}"

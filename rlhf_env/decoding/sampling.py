@@ -10,6 +10,7 @@ Legend: ``B`` sequences, ``P`` query (prompt) tokens, ``T`` response tokens, ``V
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,7 @@ def sample(
     *,
     backend: str,
     max_new_tokens: int,
-    eos_token_id: int,
+    eos_token_id: int | Sequence[int],
     pad_token_id: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
@@ -60,7 +61,8 @@ def sample(
 
     `backend` (``"gpt2"`` or ``"hf"``, `rlhf_env.models.choose_backend`) is how `model` runs. A sequence stops at
     its EOS; later columns hold `pad_token_id` and log-prob 0 (finished rows keep being fed the pad token, so every
-    row sees the same columns).
+    row sees the same columns). `eos_token_id` may list several stop tokens (an env's ``world.stop_token_ids``: EOS
+    and a chat template's end-of-turn token); a sequence stops at the first of any.
     """
     decoder = BatchedDecoder([model], [backend], len(queries), temperature, pad_token_id,
                              compact_at=max(len(q) for q in queries) + max_new_tokens + 1)  # never compacts
@@ -69,19 +71,20 @@ def sample(
     logp = decoder.feed(queries, restart=[True] * len(queries))[:, 0]  # (B, V)
     tokens, logprobs = [], []
     finished = torch.zeros(len(queries), dtype=torch.bool, device=device)
+    stops = torch.as_tensor(eos_token_id, device=device).reshape(-1)  # (S,) the stop tokens
     for step in range(max_new_tokens):
         token = gumbel_max(logp, generator)  # (B,)
         token_logp = logp.gather(-1, token[:, None])[:, 0]  # (B,)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         logprobs.append(torch.where(finished, torch.zeros_like(token_logp), token_logp))
-        finished = finished | (token == eos_token_id)
+        finished = finished | torch.isin(token, stops)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         logp = decoder.feed([[t] for t in token.tolist()], restart=[False] * len(queries))[:, 0]
     responses = torch.stack(tokens, dim=1)  # (B, T)
     # A token is real if no EOS came strictly before it: EOS itself belongs to the response.
-    is_eos = responses == eos_token_id
+    is_eos = torch.isin(responses, stops)
     eos_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     response_mask = (~eos_before).long()
     return Samples(query_ids, query_mask, responses, response_mask, torch.stack(logprobs, dim=1), finished)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from rlhf_env.tasks.arithmetic import ArithmeticTask
 from rlhf_env.tasks.base import AnnotatorConfig, Task
 from rlhf_env.tasks.custom import FileTask
+from rlhf_env.tasks.dataset import DatasetTask
 from rlhf_env.tasks.sentiment import SentimentTask
 from rlhf_env.tasks.verbose import VerboseTask
 
@@ -33,6 +34,7 @@ __all__ = [
     "ArithmeticTask",
     "VerboseTask",
     "FileTask",
+    "DatasetTask",
     "TASKS",
     "DEFAULT_TASK",
     "get_task",

@@ -101,6 +101,23 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[tuple[int, dict[str
     return records
 
 
+def check_task_settings(name: str, max_new_tokens: int, annotator: AnnotatorConfig, well_formed) -> None:
+    """The checks `FileTask` and `rlhf_env.tasks.dataset.DatasetTask` make of their common settings: `TypeError` for
+    a `well_formed` that is neither None nor callable or an `annotator` that is not an `AnnotatorConfig`,
+    `ValueError` for a `max_new_tokens` that is not a positive integer or an empty `name`."""
+    if well_formed is not None and not callable(well_formed):
+        raise TypeError(
+            f"well_formed must be None or a function well_formed(prompt, response) -> bool, "
+            f"got {type(well_formed).__name__}"
+        )
+    if not isinstance(annotator, AnnotatorConfig):
+        raise TypeError(f"annotator must be an AnnotatorConfig, got {type(annotator).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(name, str) or not name:
+        raise ValueError("name must be a non-empty string")
+
+
 class FileTask(Task):
     """A task from local files and a gold-reward function (module docstring for the file formats).
 
@@ -137,17 +154,7 @@ class FileTask(Task):
     ):
         if not callable(gold):
             raise TypeError(f"gold must be a function gold(prompt, response) -> float, got {type(gold).__name__}")
-        if well_formed is not None and not callable(well_formed):
-            raise TypeError(
-                f"well_formed must be None or a function well_formed(prompt, response) -> bool, "
-                f"got {type(well_formed).__name__}"
-            )
-        if not isinstance(annotator, AnnotatorConfig):
-            raise TypeError(f"annotator must be an AnnotatorConfig, got {type(annotator).__name__}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if not name:
-            raise ValueError("name must be a non-empty string")
+        check_task_settings(name, max_new_tokens, annotator, well_formed)
         self.name, self.max_new_tokens, self.best_gold, self.annotator = (
             name,
             max_new_tokens,
