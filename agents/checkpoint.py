@@ -50,7 +50,7 @@ STATE_FILE = "training_state.json"
 COUNTERS = ("num_timesteps", "num_updates", "num_episodes")
 # Env settings that define the training problem: a checkpoint only resumes in an env that matches them.
 REQUIRED = ("task", "kl_mode", "kl_estimator", "temperature", "max_new_tokens", "missing_eos_penalty",
-            "nonfinite_reward", "reward", "reference", "tokenizer", "kl_controller", "lora")
+            "nonfinite_reward", "reward", "reference", "tokenizer", "kl_controller", "lora", "end_of_turn")
 
 
 # ---------------------------------------------------------------- identities
@@ -114,6 +114,7 @@ def env_settings(world) -> dict:
         "reward": reward, "reference": state_digest(world.reference),
         "tokenizer": hashlib.sha256((vocab + specials).encode("utf-8")).hexdigest(), "kl_controller": controller,
         "lora": lora_settings(world),
+        "end_of_turn": world.end_of_turn_id,  # None (EOS alone) in checkpoints from before chat prompts
         "device": str(world.device), "backends": dict(world.backends),
         "reward_weights": world.reward_weights if world.named_rewards else None,
     }

@@ -170,6 +170,7 @@ def test_a_damaged_or_truncated_checkpoint_is_refused_by_name(two_checkpoints, t
     (dict(reward_fn=lambda prompts, responses: [0.0] * len(prompts)), "reward"),
     (dict(missing_eos_penalty=1.0), "missing_eos_penalty"),
     (dict(kl_estimator="k3"), "kl_estimator"),
+    (dict(end_of_turn="good"), "end_of_turn"),  # episodes would stop at another token
 ])
 def test_a_load_into_another_env_is_refused_before_anything_changes(two_checkpoints, env_kwargs, message):
     root = two_checkpoints
