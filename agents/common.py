@@ -3,8 +3,9 @@ episodes, the optimizer step, acting, checkpoints and the command line. Plain fu
 module calls them by name and keeps its own state, listed in its ``__init__``.
 
 An agent, for these functions, has ``config`` (a frozen dataclass), ``envs`` and ``world``, ``lm`` (the env's
-acting policy, trained in place), ``optimizer``, ``rng`` (numpy), ``generator`` (torch), ``logger``, the counters
-``num_timesteps`` / ``num_updates`` / ``num_episodes`` and ``update() -> dict``.
+acting policy, trained in place), ``optimizer``, ``ranks`` (`agents.distributed.Ranks`), ``rng`` (numpy) and
+``generator`` (torch), this rank's streams, ``shared_rng`` (numpy, the same on every rank), ``logger``, the
+counters ``num_timesteps`` / ``num_updates`` / ``num_episodes`` (over all ranks) and ``update() -> dict``.
 
 Legend: ``B`` episodes, ``P`` query tokens (left-padded), ``T`` response tokens (right-padded).
 """
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from agents.distributed import SINGLE, Ranks, rank_generators, rank_share
 from agents.metrics import diagnose, read_history
 from agents.rollout import Episodes, collect_episodes, unwrap_vector_env
 from rlhf_env.decoding.sampling import gumbel_max
@@ -71,16 +73,22 @@ def none_or(check):
 
 
 # ---------------------------------------------------------------- training
-def acting_world(env, name: str, episodes_per_update: int | None) -> tuple[RLHFVectorEnv, RLHFWorld]:
+def acting_world(env, name: str, episodes_per_update: int | None,
+                 ranks: Ranks = SINGLE) -> tuple[RLHFVectorEnv, RLHFWorld]:
     """The native vector env under `env` and its world, checked for an agent that trains the env's acting policy
-    (it must have one) with rollouts that run every row once (``episodes_per_update`` a multiple of ``num_envs``,
-    and no longer than an adaptive β's horizon)."""
+    (it must have one) with rollouts that run every row once (each rank's share ``episodes_per_update / W`` a
+    multiple of ``num_envs``; the whole batch no longer than an adaptive β's horizon)."""
     envs = unwrap_vector_env(env)
     world = envs.world
     if world.policy is None:
         raise ValueError(f"{name} trains the env's acting policy: make the env with kl_mode='policy' (the default)")
     if episodes_per_update is not None:
-        exact_div(episodes_per_update, envs.num_envs, "episodes_per_update / num_envs")
+        share = rank_share(episodes_per_update, ranks, "episodes_per_update")
+        if ranks.single:
+            exact_div(episodes_per_update, envs.num_envs, "episodes_per_update / num_envs")
+        else:
+            exact_div(share, envs.num_envs, f"each of the {ranks.world_size} ranks collects episodes_per_update / "
+                                            f"{ranks.world_size} episodes per update with its env: share / num_envs")
         horizon = getattr(world.kl_controller, "horizon", None)  # an adaptive β moves once per rollout
         if horizon is not None and episodes_per_update > horizon:
             raise ValueError(f"episodes_per_update ({episodes_per_update}) must not exceed the env's kl_horizon "
@@ -93,17 +101,42 @@ def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=config.learning_rate, eps=config.adam_eps)
 
 
-def seeded_generators(seed: int) -> tuple[np.random.Generator, torch.Generator]:
-    """The numpy generator (prompts, orders, seeds of rollouts) and the torch one (sampling) of an agent."""
-    return np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+def seeded_generators(seed: int, ranks: Ranks = SINGLE) -> tuple[np.random.Generator, np.random.Generator,
+                                                                   torch.Generator]:
+    """An agent's ``(rng, shared_rng, generator)``: this rank's numpy stream (prompts, seeds of rollouts), the numpy
+    stream every rank shares (minibatch orders, demonstrations, DPO's order of the pairs) and this rank's torch
+    generator (sampling). One process: one numpy generator seeded with `seed` serves as both numpy streams;
+    W > 1 ranks: `agents.distributed.rank_generators` for the rank's, ``default_rng(seed)`` for the shared one."""
+    rng, generator = rank_generators(seed, ranks)
+    return rng, (rng if ranks.single else np.random.default_rng(seed)), generator
+
+
+def check_ranks_agree(agent) -> None:
+    """Every rank of a data-parallel agent has the same config and the same training problem
+    (`agents.distributed.RanksDisagree` otherwise, on every rank); then the trained parameters are rank 0's on every
+    rank (broadcast, as DDP does)."""
+    ranks, world = agent.ranks, agent.world
+    if ranks.single:
+        return
+    ranks.check_same("configs", asdict(agent.config))
+    ranks.check_same("env settings", {
+        "task": world.task.name, "kl_mode": world.kl_mode, "kl_estimator": world.kl_estimator,
+        "temperature": world.temperature, "max_new_tokens": world.max_new_tokens,
+        "missing_eos_penalty": world.missing_eos_penalty, "nonfinite_reward": world.nonfinite_reward,
+        "kl_controller": world.kl_controller.state_dict(), "reward_names": world.reward_names,
+        "device_type": world.device.type, "trained_parameters": [tuple(p.shape) for p in agent.params]})
+    ranks.broadcast_module(getattr(agent, "model", None) or agent.lm)
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
-                 finite: bool = True) -> float | None:
-    """Clip the accumulated gradient to global norm `max_grad_norm` and take the optimizer step; returns the norm
-    before clipping. A loss that was not finite (``finite=False``) or a non-finite norm skips the step instead: the
-    gradients are dropped, the parameters stay as they are, and None is returned."""
-    if finite:
+                 finite: bool = True, ranks: Ranks = SINGLE) -> float | None:
+    """Sum the accumulated gradients over the ranks (`agents.distributed.Ranks.sum_gradients`; nothing in one
+    process), clip them to global norm `max_grad_norm` and take the optimizer step; returns the norm before
+    clipping, the same on every rank. A loss that was not finite on some rank (``finite=False`` there) or a
+    non-finite norm skips the step on every rank instead: the gradients are dropped, the parameters stay as they
+    are, and None is returned."""
+    if ranks.all(finite):
+        ranks.sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         if torch.isfinite(grad_norm):
             optimizer.step()
@@ -117,35 +150,69 @@ def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True
     """Call ``agent.update()`` until ``agent.num_timesteps`` reaches `total_timesteps` (for the RL agents, env steps:
     generated tokens, idle rows included); the progress bar counts `unit` and shows the metrics `shown`.
 
-    ``callback(agent, metrics)`` runs after every update; returning False stops training.
+    ``callback(agent, metrics)`` runs after every update; returning False stops training (on every rank of a
+    data-parallel run, if it returns False on any; only rank 0 shows the progress bar).
     """
     total_timesteps = checked_integer("total_timesteps", total_timesteps, minimum=0)
     bar = tqdm(total=total_timesteps, initial=min(agent.num_timesteps, total_timesteps), unit=unit,
-               disable=not progress)
+               disable=not (progress and agent.ranks.is_main))
     while agent.num_timesteps < total_timesteps:
         metrics = agent.update()
         bar.update(min(metrics["time/timesteps"], total_timesteps) - bar.n)
         bar.set_postfix({k.split("/")[1]: round(metrics[k], 3) for k in shown})
-        if callback is not None and callback(agent, metrics) is False:
+        if callback is not None and agent.ranks.any(callback(agent, metrics) is False):
             break
     bar.close()
     return agent
 
 
 def rollout(agent, prompts: list[str] | None = None) -> Episodes:
-    """``config.episodes_per_update`` episodes from ``agent.envs``; `prompts` (one per episode) pins them.
+    """This rank's share of the batch, ``config.episodes_per_update / W`` episodes from ``agent.envs`` (all of it in
+    one process); `prompts` (one per episode) pins them.
 
-    β is the same for every episode of the rollout and moves once after it, from these episodes' KL (the
-    discarded autoreset episodes of idle rows never move it): one KL-controller step per batch, as in Ziegler et
-    al. (2019, §2.2)."""
+    β is the same for every episode of the rollout and moves once after it, from the whole batch's KL (every
+    rank's episodes, so β stays the same on every rank; the discarded autoreset episodes of idle rows never move
+    it): one KL-controller step per batch, as in Ziegler et al. (2019, §2.2)."""
     envs, episodes = agent.envs, Episodes()
     n = envs.num_envs
     with agent.world.beta_frozen():
-        for start in range(0, agent.config.episodes_per_update, n):
+        for start in range(0, agent.config.episodes_per_update // agent.ranks.world_size, n):
             rows = None if prompts is None else prompts[start: start + n]
             episodes.extend(collect_episodes(envs, int(agent.rng.integers(2**31 - 1)), agent.generator,
                                              prompts=rows))
-    agent.world.update_beta(episodes.kls)
+    agent.world.update_beta([kl for kls in agent.ranks.gather(episodes.kls) for kl in kls])
+    return episodes
+
+
+def whole_batch(episodes: Episodes, ranks: Ranks) -> Episodes:
+    """Every rank's `episodes` in one `Episodes`, in rank order (the batch's order): `episodes` itself in one
+    process. The batch's metrics are computed from it, the same on every rank."""
+    if ranks.single:
+        return episodes
+    everything = Episodes()
+    for part in ranks.gather(episodes):
+        everything.extend(part)
+    return everything
+
+
+def given_episodes(agent, episodes: Episodes) -> Episodes:
+    """`episodes` passed to ``update(episodes)``, checked: an `Episodes` with this rank's share of the batch
+    (``episodes_per_update / W``) whose per-token lists match each response. `ValueError` otherwise, before any
+    model call."""
+    if not isinstance(episodes, Episodes):
+        raise ValueError(f"update(episodes=...) takes an agents.rollout.Episodes, got {type(episodes).__name__}")
+    share = agent.config.episodes_per_update // agent.ranks.world_size
+    if len(episodes) != share:
+        raise ValueError(f"update(episodes=...) needs this rank's share of the batch, {share} episodes "
+                         f"(episodes_per_update / {agent.ranks.world_size} ranks); got {len(episodes)}")
+    for name in ("prompts", "queries", "logprobs", "rewards", "scores", "kls", "score_nonfinite"):
+        if len(getattr(episodes, name)) != share:
+            raise ValueError(f"update(episodes=...): episodes.{name} has {len(getattr(episodes, name))} entries for "
+                             f"{share} responses")
+    for i, response in enumerate(episodes.responses):
+        if not response or len(episodes.logprobs[i]) != len(response) or len(episodes.rewards[i]) != len(response):
+            raise ValueError(f"update(episodes=...): episode {i} has {len(response)} response tokens, "
+                             f"{len(episodes.logprobs[i])} log-probs and {len(episodes.rewards[i])} rewards")
     return episodes
 
 
