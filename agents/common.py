@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.distributed import SINGLE, Ranks, rank_generators, rank_share
+from agents.distributed import SINGLE, Ranks, init_from_environment, rank_generators, rank_share
 from agents.metrics import diagnose, read_history
 from agents.rollout import Episodes, collect_episodes, unwrap_vector_env
 from rlhf_env.decoding.sampling import gumbel_max
@@ -317,10 +317,12 @@ def command_line(description: str, config_cls) -> argparse.ArgumentParser:
     parser.add_argument("--reward", choices=["rm", "gold"], default="rm", help="learned reward model or gold (-GT)")
     parser.add_argument("--total-timesteps", type=int, default=200_000,
                         help="training budget: env steps (tokens, idle rows included); DPO: preference pairs")
-    parser.add_argument("--num-envs", type=int, default=64, help="rows of the vector env (episodes per rollout)")
+    parser.add_argument("--num-envs", type=int, default=None,
+                        help="rows of each process's vector env (default: 64 / the number of torchrun processes)")
     parser.add_argument("--beta", type=float, default=0.1, help="KL coefficient β (the initial β with --kl-target)")
     parser.add_argument("--kl-target", type=float, default=None, help="adaptive β toward this episode KL")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (CUDA when present), 'cpu', 'cuda', ...; under torchrun, cuda:LOCAL_RANK")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="directory for metrics.jsonl, the final model and summary")
     parser.add_argument("--eval-episodes", type=int, default=512, help="held-out episodes before and after training")
@@ -340,7 +342,12 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
                 extra_eval=None) -> dict | list[str]:
     """Parse `argv`, train `agent_cls` on the task, evaluate before and after on held-out prompts, print and save
     a summary (``--diagnose FILE`` only diagnoses a finished run). ``extra_eval(agent) -> dict`` adds the agent's
-    own held-out metrics to both evaluations."""
+    own held-out metrics to both evaluations.
+
+    Under ``torchrun --nproc_per_node W`` (``WORLD_SIZE`` > 1) every process trains its share of each batch
+    (`agents.distributed`): the process group is initialised here (gloo on the CPU, NCCL with one CUDA device per
+    local rank) and closed at the end; rank 0 alone evaluates, prints and writes files. Every rank returns the
+    summary."""
     import gymnasium as gym
 
     import rlhf_env
@@ -355,32 +362,50 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
         torch.set_num_threads(args.threads)
     config = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
     task = rlhf_env.tasks.get_task(args.task)
-    kwargs = dict(beta=args.beta, kl_target=args.kl_target, device=args.device)
-    if args.reward == "gold":
-        kwargs["reward_fn"] = task.gold_reward
-    envs = gym.make_vec(rlhf_env.env_id(args.task), num_envs=args.num_envs, **kwargs)
-    agent = agent_cls(envs, config, out_dir=args.out, progress=not args.no_progress)
-    optimum = kl_regularised_optimum(envs, task.gold_reward, args.beta) if args.estimate_optimum else None
-    def evaluate_all():
-        return {**evaluate(envs, args.eval_episodes, seed=10_000), **(extra_eval(agent) if extra_eval else {})}
+    started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    ranks, device = init_from_environment(args.device)
+    started = started and not ranks.single  # this call initialised the process group: it closes it too
+    try:
+        num_envs = args.num_envs if args.num_envs is not None else max(1, 64 // ranks.world_size)
+        kwargs = dict(beta=args.beta, kl_target=args.kl_target, device=device)
+        if args.reward == "gold":
+            kwargs["reward_fn"] = task.gold_reward
+        envs = gym.make_vec(rlhf_env.env_id(args.task), num_envs=num_envs, **kwargs)
+        agent = agent_cls(envs, config, out_dir=args.out, progress=not args.no_progress)
+        main = ranks.is_main  # rank 0 evaluates (the same held-out episodes as one process would) and writes
 
-    before = evaluate_all()
-    start = time.perf_counter()
-    agent.learn(args.total_timesteps)
-    seconds = time.perf_counter() - start
-    after = evaluate_all()
-    summary = {"algorithm": agent_cls.__name__, "task": args.task, "reward": args.reward, "beta": args.beta,
-               "seed": config.seed, "timesteps": agent.num_timesteps, "updates": agent.num_updates,
-               "train_seconds": round(seconds, 1), "eval_before": before, "eval_after": after,
-               # Share of the gap between π_SFT's held-out gold and the best reachable gold that training closed.
-               "gold_gap_closed": (after["objective/gold_score"] - before["objective/gold_score"])
-               / (task.best_gold - before["objective/gold_score"]),
-               "gold_objective": after["objective/gold_score"] - args.beta * after["objective/kl"],
-               "kl_regularised_optimum": optimum, "diagnose": diagnose(agent.logger.history),
-               "config": asdict(config)}
-    if args.out:
-        agent.save(Path(args.out) / "model")
-        atomic_write(Path(args.out) / "summary.json", json.dumps(summary, indent=2))
-    agent.logger.close()
-    print(json.dumps(summary, indent=2))
-    return summary
+        def evaluate_all():
+            return {**evaluate(envs, args.eval_episodes, seed=10_000), **(extra_eval(agent) if extra_eval else {})}
+
+        optimum = (kl_regularised_optimum(envs, task.gold_reward, args.beta)
+                   if args.estimate_optimum and main else None)
+        before = evaluate_all() if main else None
+        start = time.perf_counter()
+        agent.learn(args.total_timesteps)
+        seconds = time.perf_counter() - start
+        after = evaluate_all() if main else None
+        summary = None
+        if main:
+            summary = {"algorithm": agent_cls.__name__, "task": args.task, "reward": args.reward, "beta": args.beta,
+                       "seed": config.seed, "processes": ranks.world_size, "timesteps": agent.num_timesteps,
+                       "updates": agent.num_updates, "train_seconds": round(seconds, 1), "eval_before": before,
+                       "eval_after": after,
+                       # Share of the gap between π_SFT's held-out gold and the best reachable gold that training
+                       # closed.
+                       "gold_gap_closed": (after["objective/gold_score"] - before["objective/gold_score"])
+                       / (task.best_gold - before["objective/gold_score"]),
+                       "gold_objective": after["objective/gold_score"] - args.beta * after["objective/kl"],
+                       "kl_regularised_optimum": optimum, "diagnose": diagnose(agent.logger.history),
+                       "config": asdict(config)}
+        if args.out:
+            agent.save(Path(args.out) / "model")  # every rank: each one's random streams go into the checkpoint
+            if main:
+                atomic_write(Path(args.out) / "summary.json", json.dumps(summary, indent=2))
+        agent.logger.close()
+        summary = ranks.broadcast(summary)
+        if main:
+            print(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()

@@ -264,3 +264,21 @@ def test_ranks_that_disagree_are_named():
         ranks = Ranks(0, 2)
         object.__setattr__(ranks, "gather", lambda value: [value, 2])  # what two ranks would gather
         ranks.check_same("sizes", 1)
+
+
+def test_torchrun_trains_reinforce_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "agents.reinforce", "--baseline", "rloo", "--reward", "gold", "--total-timesteps", "600",
+               "--episodes-per-update", "8", "--num-envs", "4", "--eval-episodes", "8", "--no-progress",
+               "--threads", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["timesteps"] >= 600
+    assert done.stdout.count('"algorithm"') == 1  # rank 0 alone prints the summary
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["time/updates"] for h in history] == list(range(1, summary["updates"] + 1))  # logged once
+    assert json.loads((out / "model" / "training_state.json").read_text())["world_size"] == 2
