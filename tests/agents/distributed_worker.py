@@ -35,8 +35,20 @@ AGENTS = {"ppo": (PPO, PPOConfig), "reinforce": (Reinforce, ReinforceConfig), "d
 
 
 def build(spec: dict, load: str | None = None):
+    """The agent of `spec`: ``{"agent", "env" (make_vec's arguments; "lora": LoraConfig's), "config"}``, plus
+    ``"perturb_rank": r`` to add noise to rank r's policy before the agent is built (the agent must then start
+    from rank 0's parameters)."""
     cls, config_cls = AGENTS[spec["agent"]]
-    envs = gym.make_vec("RLHF-v0", **spec["env"])
+    env = dict(spec["env"])
+    if "lora" in env:
+        import peft
+
+        env["lora"] = peft.LoraConfig(**env["lora"])
+    envs = gym.make_vec("RLHF-v0", **env)
+    if dist.is_initialized() and spec.get("perturb_rank") == dist.get_rank():
+        with torch.no_grad():
+            for p in envs.unwrapped.policy.parameters():
+                p.add_(0.01 * torch.randn_like(p))
     if load is not None:
         return cls.load(load, envs, progress=False)
     return cls(envs, config_cls(**spec["config"]), progress=False)

@@ -4,7 +4,8 @@
 The update of 2 ranks × B/2 episodes equals the update of 1 process × B on the same episodes of unequal lengths:
 the gradient of every optimizer step (after the all-reduce and the clip on the global norm) and the parameters
 after the update, for PPO (minibatches drawn over the whole batch, gradient accumulation, whitened rewards and
-advantages, entropy, ptx), REINFORCE (RLOO, group norm, a value baseline) and DPO. Real rollouts keep β and the
+advantages, entropy, ptx), REINFORCE (RLOO, group norm, a value baseline, a LoRA policy; the moving average) and
+DPO, with rank 1's policy perturbed before the agent is built (it starts from rank 0's). Real rollouts keep β and the
 parameters identical on both ranks, β following the whole batch's KL, while the ranks sample different prompts. A
 2-rank run saved, stopped and resumed equals the uninterrupted 2-rank run; another number of processes is refused.
 """
@@ -32,6 +33,7 @@ from rlhf_env.kl import AdaptiveKLController
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5  # relative L2: float rounding only
 ENV = dict(num_envs=4, max_new_tokens=16, beta=0.05)
+LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)  # adapters on the shipped GPT-2
 
 
 def launch(folder: Path, case: str, job: dict, world_size: int = 2, timeout: float = 300) -> list[dict]:
@@ -76,9 +78,11 @@ def exact_jobs(pairs: str) -> dict:
         "ppo": {"agent": "ppo", "env": ENV, "config": dict(
             episodes_per_update=8, minibatch_size=4, update_epochs=2, gradient_accumulation_steps=2,
             whiten_rewards=True, ent_coef=0.01, ptx_coef=0.5, ptx_batch_size=5, **clip)},
-        "rloo": {"agent": "reinforce", "env": ENV, "config": dict(  # unclipped: a wrong scale would show
+        "rloo": {"agent": "reinforce", "env": ENV, "perturb_rank": 1, "config": dict(  # unclipped: a wrong scale
             episodes_per_update=8, samples_per_prompt=2, baseline="rloo", micro_batch_size=2, **clip | {
                 "max_grad_norm": 1e9})},
+        "lora": {"agent": "reinforce", "env": ENV | {"lora": LORA}, "config": dict(
+            episodes_per_update=8, samples_per_prompt=2, baseline="rloo", **clip | {"max_grad_norm": 1e9})},
         "group_norm": {"agent": "reinforce", "env": ENV, "config": dict(
             episodes_per_update=8, samples_per_prompt=2, baseline="rloo", group_norm=True, **clip)},
         "value": {"agent": "reinforce", "env": ENV, "config": dict(
@@ -122,7 +126,7 @@ def test_the_batch_has_unequal_lengths_within_and_across_the_ranks_shares(exact_
     assert max(lengths[:4]) != max(lengths[4:])  # the ranks pad to different widths
 
 
-@pytest.mark.parametrize("name", ["ppo", "rloo", "group_norm", "value", "dpo"])
+@pytest.mark.parametrize("name", ["ppo", "rloo", "group_norm", "value", "lora", "dpo"])
 def test_two_ranks_update_as_one_process_on_the_whole_batch(exact_runs, name):
     _, single, _, distributed = exact_runs
     expected = single[name]
@@ -146,7 +150,7 @@ def test_the_clip_sees_the_global_norm(exact_runs):
     assert {"ppo", "group_norm"} <= set(clipped) and not {"rloo", "dpo"} & set(clipped)
 
 
-@pytest.mark.parametrize("name", ["ppo", "rloo", "group_norm", "value", "moving_average", "dpo"])
+@pytest.mark.parametrize("name", ["ppo", "rloo", "group_norm", "value", "lora", "moving_average", "dpo"])
 def test_metrics_are_the_whole_batch_s_on_every_rank(exact_runs, name):
     _, single, ranks, _ = exact_runs
     assert ranks[0][name] == ranks[1][name]
