@@ -195,7 +195,7 @@ class Ranks:
         goes on to a collective the others never reach)."""
         try:
             result, error = step(), None
-        except Exception as raised:  # noqa: BLE001 (re-raised below, on every rank)
+        except Exception as raised:  # re-raised below, on every rank
             result, error = None, raised
         if self.single:
             if error is not None:

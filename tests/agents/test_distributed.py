@@ -264,10 +264,13 @@ def test_given_episodes_are_checked_before_any_model_call():
 
 
 def test_ranks_that_disagree_are_named():
+    class TwoRanks(Ranks):
+        def gather(self, obj):  # what rank 0 gathers when rank 1 was given 2
+            return [obj, 2]
+
+    TwoRanks(0, 2).check_same("sizes", 2)
     with pytest.raises(RanksDisagree, match="rank 1 has 2"):
-        ranks = Ranks(0, 2)
-        object.__setattr__(ranks, "gather", lambda value: [value, 2])  # what two ranks would gather
-        ranks.check_same("sizes", 1)
+        TwoRanks(0, 2).check_same("sizes", 1)
 
 
 def test_torchrun_trains_reinforce_from_the_command_line(tmp_path):
