@@ -6,9 +6,17 @@ A checkpoint directory holds::
     policy/                      the acting policy (`save_pretrained`, safetensors); for a LoRA policy only its
                                  adapter, in PEFT's format (adapter_model.safetensors, adapter_config.json)
     agent.safetensors            the agent's own tensors (critic, value head, DPO's order of the pairs)
-    training_state.safetensors   optimizer moments, the torch RNG state
-    training_state.json          algorithm, config, counters, KL controller, numpy RNG, the env it was trained in
+    training_state.safetensors   optimizer moments, the torch RNG state (of each rank: rng/torch_generator/<r>)
+    training_state.json          algorithm, config, counters, KL controller, numpy RNG, the env it was trained in,
+                                 the number of processes (world_size) and each rank's numpy RNG and rows
     manifest.json                written last: the sha256 and size of every other file
+
+**Data-parallel runs** (`agents.distributed`): every rank calls ``save`` (each one's random streams are gathered);
+rank 0 writes the one checkpoint, which holds the shared state (policy, optimizer, KL controller, counters, the
+numpy stream the ranks share) and every rank's own streams. An error while rank 0 writes is raised on every rank
+(`agents.distributed.RankFailed` on the others). Every rank loads the same folder (it must be visible to each one)
+and takes its own streams: a resume with the same number of processes is exact; another number is refused with
+`agents.distributed.WorldSizeMismatch` (the ranks' streams cannot be redistributed).
 
 **Saving** fills a temporary sibling directory and swaps it into place in one step (`rlhf_env.files`), so a save
 killed at any point leaves the previous checkpoint or the new one, never a mix. A folder that is neither missing,
@@ -35,6 +43,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from agents.distributed import Ranks, WorldSizeMismatch
 from rlhf_env.files import MANIFEST, atomic_directory, fault_point, refuse_foreign, verified_snapshot, write_manifest
 from rlhf_env.lora import AdaptersOff, adapter_settings, adapter_state_dict, is_peft_model, load_adapter_state_dict
 from rlhf_env.models import load_causal_lm, quiet_loading
@@ -150,20 +159,48 @@ def _checkpoint_files(directory: Path) -> set[str] | None:
 def save_checkpoint(agent, directory: str | Path, algorithm: str, tensors: dict[str, torch.Tensor],
                     state: dict | None = None) -> None:
     """Write `agent`'s policy, its own `tensors`, optimizer, RNG states, KL controller, counters, config, the env's
-    settings and `state` (JSON) as one checkpoint, replacing any previous one at `directory` in one step."""
+    settings and `state` (JSON) as one checkpoint, replacing any previous one at `directory` in one step.
+
+    In a data-parallel run every rank calls it (a collective); rank 0 writes, with every rank's random streams."""
+    ranks = agent.ranks
+    streams = ranks.gather({"numpy_rng": agent.rng.bit_generator.state, "torch_generator": agent.generator.get_state(),
+                            "num_envs": agent.envs.num_envs})  # every rank's own random streams and rows
+    if ranks.is_main:
+        _write_checkpoint(agent, Path(directory), algorithm, tensors, state, streams)
+    else:
+        ranks.agreed(lambda: None)  # rank 0's outcome: its error, if it had one, is raised here too
+
+
+def _write_checkpoint(agent, directory: Path, algorithm: str, tensors: dict[str, torch.Tensor], state: dict | None,
+                      streams: list[dict]) -> None:
+    """Rank 0's part of `save_checkpoint` (all of it in one process), `streams` holding each rank's own."""
     from dataclasses import asdict
 
-    directory = Path(directory)
-    refuse_foreign(directory, _checkpoint_files(directory) if directory.is_dir() else None, "an agent checkpoint")
-    optim = agent.optimizer.state_dict()
-    state_tensors = {"rng/torch_generator": agent.generator.get_state()}
-    for index, slots in optim["state"].items():
-        for name, value in slots.items():
-            state_tensors[f"optimizer/{index}/{name}"] = torch.as_tensor(value)
-    meta = {"algorithm": algorithm, "config": asdict(agent.config), **{c: getattr(agent, c) for c in COUNTERS},
-            "kl_controller": agent.world.kl_controller.state_dict(), **(state or {}),
-            "env": env_settings(agent.world) | {"num_envs": agent.envs.num_envs},
-            "optimizer_param_groups": optim["param_groups"], "numpy_rng": agent.rng.bit_generator.state}
+    def write() -> None:
+        refuse_foreign(directory, _checkpoint_files(directory) if directory.is_dir() else None,
+                       "an agent checkpoint")
+        optim = agent.optimizer.state_dict()
+        meta = {"algorithm": algorithm, "config": asdict(agent.config), **{c: getattr(agent, c) for c in COUNTERS},
+                "kl_controller": agent.world.kl_controller.state_dict(), **(state or {}),
+                "env": env_settings(agent.world) | {"num_envs": agent.envs.num_envs},
+                "optimizer_param_groups": optim["param_groups"], "world_size": len(streams)}
+        if len(streams) == 1:  # one process: one numpy stream, shared and own
+            state_tensors = {"rng/torch_generator": streams[0]["torch_generator"]}
+            meta["numpy_rng"] = streams[0]["numpy_rng"]
+        else:
+            state_tensors = {f"rng/torch_generator/{r}": s["torch_generator"] for r, s in enumerate(streams)}
+            meta["numpy_rng"] = agent.shared_rng.bit_generator.state
+            meta["ranks"] = [{"numpy_rng": s["numpy_rng"], "num_envs": s["num_envs"]} for s in streams]
+        for index, slots in optim["state"].items():
+            for name, value in slots.items():
+                state_tensors[f"optimizer/{index}/{name}"] = torch.as_tensor(value)
+        _write_files(agent, directory, algorithm, tensors, state_tensors, meta)
+
+    agent.ranks.agreed(write)
+
+
+def _write_files(agent, directory: Path, algorithm: str, tensors: dict[str, torch.Tensor],
+                 state_tensors: dict[str, torch.Tensor], meta: dict) -> None:
     text = json.dumps(meta, indent=2)  # serialised first: an unserialisable state writes nothing
     with atomic_directory(directory) as tmp:
         with quiet_loading():  # transformers' per-shard progress bar, at every checkpoint
@@ -205,11 +242,13 @@ def checkpoint_config(directory: str | Path, algorithm: str) -> dict:
     return meta["config"]
 
 
-def read_checkpoint(directory: str | Path, algorithm: str, envs) -> Checkpoint:
-    """Read and verify the checkpoint at `directory` for `algorithm`, to be loaded into the vector env `envs`.
+def read_checkpoint(directory: str | Path, algorithm: str, envs, world_size: int = 1) -> Checkpoint:
+    """Read and verify the checkpoint at `directory` for `algorithm`, to be loaded into the vector env `envs` by
+    `world_size` processes.
 
     Raises `ValueError` for a missing, incomplete or damaged file (sha256 against the manifest), a checkpoint of
-    another algorithm or format, or an env that differs in a `REQUIRED` setting. Changes nothing.
+    another algorithm or format, or an env that differs in a `REQUIRED` setting; `WorldSizeMismatch` (a
+    `ValueError`) for a checkpoint saved by another number of processes. Changes nothing.
     """
     directory = Path(directory)
     with verified_snapshot(directory, "checkpoint") as (copy, manifest):
@@ -230,6 +269,11 @@ def read_checkpoint(directory: str | Path, algorithm: str, envs) -> Checkpoint:
                    if k not in meta]
         if missing:
             raise ValueError(f"{directory / STATE_FILE} lacks {', '.join(missing)}")
+        saved_size = meta.get("world_size", 1)  # checkpoints from before data-parallel runs: one process
+        if saved_size != world_size:
+            raise WorldSizeMismatch(f"{directory} was saved by {saved_size} process(es), each with its own random "
+                                    f"streams; resume it with {saved_size} (torchrun --nproc_per_node "
+                                    f"{saved_size}), not {world_size}")
         _check_env(meta["env"], envs.world, envs.num_envs, directory)
         if meta["env"].get("lora") is None:
             policy = load_causal_lm(copy / "policy", device="cpu").state_dict()
@@ -283,13 +327,24 @@ def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -
     _compare("policy", checkpoint.policy, policy_state(agent.lm), directory)
     _compare("agent's own tensors", checkpoint.tensors, own, directory)
     optimizer_state = _optimizer_state(checkpoint, agent.optimizer)
-    generator_state = checkpoint.state_tensors.get("rng/torch_generator")
+    ranks = agent.ranks
+    shared_state = checkpoint.meta["numpy_rng"]  # one process: its only numpy stream
+    if ranks.single:
+        generator_key, numpy_state = "rng/torch_generator", shared_state
+    else:  # this rank's own streams
+        generator_key = f"rng/torch_generator/{ranks.rank}"
+        rank_states = checkpoint.meta.get("ranks")
+        if not isinstance(rank_states, list) or len(rank_states) != ranks.world_size:
+            raise ValueError(f"{directory / STATE_FILE} holds no random streams for {ranks.world_size} ranks")
+        numpy_state = rank_states[ranks.rank].get("numpy_rng", {})
+    generator_state = checkpoint.state_tensors.get(generator_key)
     if generator_state is None or generator_state.shape != agent.generator.get_state().shape:
-        raise ValueError(f"{directory / TENSORS_FILE} holds no valid torch RNG state")
-    numpy_state = checkpoint.meta["numpy_rng"]
-    if numpy_state.get("bit_generator") != agent.rng.bit_generator.state["bit_generator"]:
-        raise ValueError(f"{directory / STATE_FILE}: numpy RNG {numpy_state.get('bit_generator')!r} is not this "
-                         f"agent's {agent.rng.bit_generator.state['bit_generator']!r}")
+        raise ValueError(f"{directory / TENSORS_FILE} holds no valid torch RNG state ({generator_key})")
+    for state in (numpy_state, shared_state):
+        if not isinstance(state, dict) or state.get("bit_generator") != agent.rng.bit_generator.state["bit_generator"]:
+            found = state.get("bit_generator") if isinstance(state, dict) else state
+            raise ValueError(f"{directory / STATE_FILE}: numpy RNG {found!r} is not this agent's "
+                             f"{agent.rng.bit_generator.state['bit_generator']!r}")
 
     @torch.no_grad()
     def write() -> None:
@@ -300,6 +355,7 @@ def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -
         agent.optimizer.load_state_dict(optimizer_state)
         agent.generator.set_state(generator_state)
         agent.rng.bit_generator.state = numpy_state
+        agent.shared_rng.bit_generator.state = shared_state  # the same generator as agent.rng in one process
         agent.world.kl_controller.load_state_dict(checkpoint.meta["kl_controller"])
         for counter in COUNTERS:
             setattr(agent, counter, int(checkpoint.meta[counter]))
@@ -316,10 +372,12 @@ def load_agent(cls, config_cls, algorithm: str, directory: str | Path, env, out_
     from agents.metrics import MetricsLogger
     from agents.rollout import unwrap_vector_env
 
-    checkpoint = read_checkpoint(directory, algorithm, unwrap_vector_env(env))
+    ranks = Ranks.current()  # every step that may refuse is agreed: a refusal on one rank is raised on all
+    checkpoint = ranks.agreed(lambda: read_checkpoint(directory, algorithm, unwrap_vector_env(env), ranks.world_size))
     agent = cls(env, config_cls(**checkpoint.config), progress=progress)
-    write = restore_agent(agent, checkpoint, own(agent, checkpoint))
-    agent.logger = MetricsLogger(out_dir, resume_at=(checkpoint.meta["num_updates"], checkpoint.meta["num_timesteps"]))
+    write = ranks.agreed(lambda: restore_agent(agent, checkpoint, own(agent, checkpoint)))
+    resume_at = (checkpoint.meta["num_updates"], checkpoint.meta["num_timesteps"])
+    agent.logger = ranks.agreed(lambda: MetricsLogger(out_dir if ranks.is_main else None, resume_at=resume_at))
     write()
     write_own(agent, checkpoint)
     return agent

@@ -3,8 +3,9 @@ episodes, the optimizer step, acting, checkpoints and the command line. Plain fu
 module calls them by name and keeps its own state, listed in its ``__init__``.
 
 An agent, for these functions, has ``config`` (a frozen dataclass), ``envs`` and ``world``, ``lm`` (the env's
-acting policy, trained in place), ``optimizer``, ``rng`` (numpy), ``generator`` (torch), ``logger``, the counters
-``num_timesteps`` / ``num_updates`` / ``num_episodes`` and ``update() -> dict``.
+acting policy, trained in place), ``optimizer``, ``ranks`` (`agents.distributed.Ranks`), ``rng`` (numpy) and
+``generator`` (torch), this rank's streams, ``shared_rng`` (numpy, the same on every rank), ``logger``, the
+counters ``num_timesteps`` / ``num_updates`` / ``num_episodes`` (over all ranks) and ``update() -> dict``.
 
 Legend: ``B`` episodes, ``P`` query tokens (left-padded), ``T`` response tokens (right-padded).
 """
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from agents.distributed import SINGLE, Ranks, init_from_environment, rank_generators, rank_share
 from agents.metrics import diagnose, read_history
 from agents.rollout import Episodes, collect_episodes, unwrap_vector_env
 from rlhf_env.decoding.sampling import gumbel_max
@@ -71,16 +73,22 @@ def none_or(check):
 
 
 # ---------------------------------------------------------------- training
-def acting_world(env, name: str, episodes_per_update: int | None) -> tuple[RLHFVectorEnv, RLHFWorld]:
+def acting_world(env, name: str, episodes_per_update: int | None,
+                 ranks: Ranks = SINGLE) -> tuple[RLHFVectorEnv, RLHFWorld]:
     """The native vector env under `env` and its world, checked for an agent that trains the env's acting policy
-    (it must have one) with rollouts that run every row once (``episodes_per_update`` a multiple of ``num_envs``,
-    and no longer than an adaptive β's horizon)."""
+    (it must have one) with rollouts that run every row once (each rank's share ``episodes_per_update / W`` a
+    multiple of ``num_envs``; the whole batch no longer than an adaptive β's horizon)."""
     envs = unwrap_vector_env(env)
     world = envs.world
     if world.policy is None:
         raise ValueError(f"{name} trains the env's acting policy: make the env with kl_mode='policy' (the default)")
     if episodes_per_update is not None:
-        exact_div(episodes_per_update, envs.num_envs, "episodes_per_update / num_envs")
+        share = rank_share(episodes_per_update, ranks, "episodes_per_update")
+        if ranks.single:
+            exact_div(episodes_per_update, envs.num_envs, "episodes_per_update / num_envs")
+        else:
+            exact_div(share, envs.num_envs, f"each of the {ranks.world_size} ranks collects episodes_per_update / "
+                                            f"{ranks.world_size} episodes per update with its env: share / num_envs")
         horizon = getattr(world.kl_controller, "horizon", None)  # an adaptive β moves once per rollout
         if horizon is not None and episodes_per_update > horizon:
             raise ValueError(f"episodes_per_update ({episodes_per_update}) must not exceed the env's kl_horizon "
@@ -93,17 +101,42 @@ def adam(params: list[torch.nn.Parameter], config) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=config.learning_rate, eps=config.adam_eps)
 
 
-def seeded_generators(seed: int) -> tuple[np.random.Generator, torch.Generator]:
-    """The numpy generator (prompts, orders, seeds of rollouts) and the torch one (sampling) of an agent."""
-    return np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+def seeded_generators(seed: int, ranks: Ranks = SINGLE) -> tuple[np.random.Generator, np.random.Generator,
+                                                                   torch.Generator]:
+    """An agent's ``(rng, shared_rng, generator)``: this rank's numpy stream (prompts, seeds of rollouts), the numpy
+    stream every rank shares (minibatch orders, demonstrations, DPO's order of the pairs) and this rank's torch
+    generator (sampling). One process: one numpy generator seeded with `seed` serves as both numpy streams;
+    W > 1 ranks: `agents.distributed.rank_generators` for the rank's, ``default_rng(seed)`` for the shared one."""
+    rng, generator = rank_generators(seed, ranks)
+    return rng, (rng if ranks.single else np.random.default_rng(seed)), generator
+
+
+def check_ranks_agree(agent) -> None:
+    """Every rank of a data-parallel agent has the same config and the same training problem
+    (`agents.distributed.RanksDisagree` otherwise, on every rank); then the trained parameters are rank 0's on every
+    rank (broadcast, as DDP does)."""
+    ranks, world = agent.ranks, agent.world
+    if ranks.single:
+        return
+    ranks.check_same("configs", asdict(agent.config))
+    ranks.check_same("env settings", {
+        "task": world.task.name, "kl_mode": world.kl_mode, "kl_estimator": world.kl_estimator,
+        "temperature": world.temperature, "max_new_tokens": world.max_new_tokens,
+        "missing_eos_penalty": world.missing_eos_penalty, "nonfinite_reward": world.nonfinite_reward,
+        "kl_controller": world.kl_controller.state_dict(), "reward_names": world.reward_names,
+        "device_type": world.device.type, "trained_parameters": [tuple(p.shape) for p in agent.params]})
+    ranks.broadcast_module(getattr(agent, "model", None) or agent.lm)
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
-                 finite: bool = True) -> float | None:
-    """Clip the accumulated gradient to global norm `max_grad_norm` and take the optimizer step; returns the norm
-    before clipping. A loss that was not finite (``finite=False``) or a non-finite norm skips the step instead: the
-    gradients are dropped, the parameters stay as they are, and None is returned."""
-    if finite:
+                 finite: bool = True, ranks: Ranks = SINGLE) -> float | None:
+    """Sum the accumulated gradients over the ranks (`agents.distributed.Ranks.sum_gradients`; nothing in one
+    process), clip them to global norm `max_grad_norm` and take the optimizer step; returns the norm before
+    clipping, the same on every rank. A loss that was not finite on some rank (``finite=False`` there) or a
+    non-finite norm skips the step on every rank instead: the gradients are dropped, the parameters stay as they
+    are, and None is returned."""
+    if ranks.all(finite):
+        ranks.sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         if torch.isfinite(grad_norm):
             optimizer.step()
@@ -117,35 +150,69 @@ def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True
     """Call ``agent.update()`` until ``agent.num_timesteps`` reaches `total_timesteps` (for the RL agents, env steps:
     generated tokens, idle rows included); the progress bar counts `unit` and shows the metrics `shown`.
 
-    ``callback(agent, metrics)`` runs after every update; returning False stops training.
+    ``callback(agent, metrics)`` runs after every update; returning False stops training (on every rank of a
+    data-parallel run, if it returns False on any; only rank 0 shows the progress bar).
     """
     total_timesteps = checked_integer("total_timesteps", total_timesteps, minimum=0)
     bar = tqdm(total=total_timesteps, initial=min(agent.num_timesteps, total_timesteps), unit=unit,
-               disable=not progress)
+               disable=not (progress and agent.ranks.is_main))
     while agent.num_timesteps < total_timesteps:
         metrics = agent.update()
         bar.update(min(metrics["time/timesteps"], total_timesteps) - bar.n)
         bar.set_postfix({k.split("/")[1]: round(metrics[k], 3) for k in shown})
-        if callback is not None and callback(agent, metrics) is False:
+        if callback is not None and agent.ranks.any(callback(agent, metrics) is False):
             break
     bar.close()
     return agent
 
 
 def rollout(agent, prompts: list[str] | None = None) -> Episodes:
-    """``config.episodes_per_update`` episodes from ``agent.envs``; `prompts` (one per episode) pins them.
+    """This rank's share of the batch, ``config.episodes_per_update / W`` episodes from ``agent.envs`` (all of it in
+    one process); `prompts` (one per episode) pins them.
 
-    β is the same for every episode of the rollout and moves once after it, from these episodes' KL (the
-    discarded autoreset episodes of idle rows never move it): one KL-controller step per batch, as in Ziegler et
-    al. (2019, §2.2)."""
+    β is the same for every episode of the rollout and moves once after it, from the whole batch's KL (every
+    rank's episodes, so β stays the same on every rank; the discarded autoreset episodes of idle rows never move
+    it): one KL-controller step per batch, as in Ziegler et al. (2019, §2.2)."""
     envs, episodes = agent.envs, Episodes()
     n = envs.num_envs
     with agent.world.beta_frozen():
-        for start in range(0, agent.config.episodes_per_update, n):
+        for start in range(0, agent.config.episodes_per_update // agent.ranks.world_size, n):
             rows = None if prompts is None else prompts[start: start + n]
             episodes.extend(collect_episodes(envs, int(agent.rng.integers(2**31 - 1)), agent.generator,
                                              prompts=rows))
-    agent.world.update_beta(episodes.kls)
+    agent.world.update_beta([kl for kls in agent.ranks.gather(episodes.kls) for kl in kls])
+    return episodes
+
+
+def whole_batch(episodes: Episodes, ranks: Ranks) -> Episodes:
+    """Every rank's `episodes` in one `Episodes`, in rank order (the batch's order): `episodes` itself in one
+    process. The batch's metrics are computed from it, the same on every rank."""
+    if ranks.single:
+        return episodes
+    everything = Episodes()
+    for part in ranks.gather(episodes):
+        everything.extend(part)
+    return everything
+
+
+def given_episodes(agent, episodes: Episodes) -> Episodes:
+    """`episodes` passed to ``update(episodes)``, checked: an `Episodes` with this rank's share of the batch
+    (``episodes_per_update / W``) whose per-token lists match each response. `ValueError` otherwise, before any
+    model call."""
+    if not isinstance(episodes, Episodes):
+        raise ValueError(f"update(episodes=...) takes an agents.rollout.Episodes, got {type(episodes).__name__}")
+    share = agent.config.episodes_per_update // agent.ranks.world_size
+    if len(episodes) != share:
+        raise ValueError(f"update(episodes=...) needs this rank's share of the batch, {share} episodes "
+                         f"(episodes_per_update / {agent.ranks.world_size} ranks); got {len(episodes)}")
+    for name in ("prompts", "queries", "logprobs", "rewards", "scores", "kls", "score_nonfinite"):
+        if len(getattr(episodes, name)) != share:
+            raise ValueError(f"update(episodes=...): episodes.{name} has {len(getattr(episodes, name))} entries for "
+                             f"{share} responses")
+    for i, response in enumerate(episodes.responses):
+        if not response or len(episodes.logprobs[i]) != len(response) or len(episodes.rewards[i]) != len(response):
+            raise ValueError(f"update(episodes=...): episode {i} has {len(response)} response tokens, "
+                             f"{len(episodes.logprobs[i])} log-probs and {len(episodes.rewards[i])} rewards")
     return episodes
 
 
@@ -250,10 +317,12 @@ def command_line(description: str, config_cls) -> argparse.ArgumentParser:
     parser.add_argument("--reward", choices=["rm", "gold"], default="rm", help="learned reward model or gold (-GT)")
     parser.add_argument("--total-timesteps", type=int, default=200_000,
                         help="training budget: env steps (tokens, idle rows included); DPO: preference pairs")
-    parser.add_argument("--num-envs", type=int, default=64, help="rows of the vector env (episodes per rollout)")
+    parser.add_argument("--num-envs", type=int, default=None,
+                        help="rows of each process's vector env (default: 64 / the number of torchrun processes)")
     parser.add_argument("--beta", type=float, default=0.1, help="KL coefficient β (the initial β with --kl-target)")
     parser.add_argument("--kl-target", type=float, default=None, help="adaptive β toward this episode KL")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', ...")
+    parser.add_argument("--device", default="auto",
+                        help="'auto' (CUDA when present), 'cpu', 'cuda', ...; under torchrun, cuda:LOCAL_RANK")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="directory for metrics.jsonl, the final model and summary")
     parser.add_argument("--eval-episodes", type=int, default=512, help="held-out episodes before and after training")
@@ -273,7 +342,12 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
                 extra_eval=None) -> dict | list[str]:
     """Parse `argv`, train `agent_cls` on the task, evaluate before and after on held-out prompts, print and save
     a summary (``--diagnose FILE`` only diagnoses a finished run). ``extra_eval(agent) -> dict`` adds the agent's
-    own held-out metrics to both evaluations."""
+    own held-out metrics to both evaluations.
+
+    Under ``torchrun --nproc_per_node W`` (``WORLD_SIZE`` > 1) every process trains its share of each batch
+    (`agents.distributed`): the process group is initialised here (gloo on the CPU, NCCL with one CUDA device per
+    local rank) and closed at the end; rank 0 alone evaluates, prints and writes files. Every rank returns the
+    summary."""
     import gymnasium as gym
 
     import rlhf_env
@@ -288,32 +362,50 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
         torch.set_num_threads(args.threads)
     config = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
     task = rlhf_env.tasks.get_task(args.task)
-    kwargs = dict(beta=args.beta, kl_target=args.kl_target, device=args.device)
-    if args.reward == "gold":
-        kwargs["reward_fn"] = task.gold_reward
-    envs = gym.make_vec(rlhf_env.env_id(args.task), num_envs=args.num_envs, **kwargs)
-    agent = agent_cls(envs, config, out_dir=args.out, progress=not args.no_progress)
-    optimum = kl_regularised_optimum(envs, task.gold_reward, args.beta) if args.estimate_optimum else None
-    def evaluate_all():
-        return {**evaluate(envs, args.eval_episodes, seed=10_000), **(extra_eval(agent) if extra_eval else {})}
+    started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    ranks, device = init_from_environment(args.device)
+    started = started and not ranks.single  # this call initialised the process group: it closes it too
+    try:
+        num_envs = args.num_envs if args.num_envs is not None else max(1, 64 // ranks.world_size)
+        kwargs = dict(beta=args.beta, kl_target=args.kl_target, device=device)
+        if args.reward == "gold":
+            kwargs["reward_fn"] = task.gold_reward
+        envs = gym.make_vec(rlhf_env.env_id(args.task), num_envs=num_envs, **kwargs)
+        agent = agent_cls(envs, config, out_dir=args.out, progress=not args.no_progress)
+        main = ranks.is_main  # rank 0 evaluates (the same held-out episodes as one process would) and writes
 
-    before = evaluate_all()
-    start = time.perf_counter()
-    agent.learn(args.total_timesteps)
-    seconds = time.perf_counter() - start
-    after = evaluate_all()
-    summary = {"algorithm": agent_cls.__name__, "task": args.task, "reward": args.reward, "beta": args.beta,
-               "seed": config.seed, "timesteps": agent.num_timesteps, "updates": agent.num_updates,
-               "train_seconds": round(seconds, 1), "eval_before": before, "eval_after": after,
-               # Share of the gap between π_SFT's held-out gold and the best reachable gold that training closed.
-               "gold_gap_closed": (after["objective/gold_score"] - before["objective/gold_score"])
-               / (task.best_gold - before["objective/gold_score"]),
-               "gold_objective": after["objective/gold_score"] - args.beta * after["objective/kl"],
-               "kl_regularised_optimum": optimum, "diagnose": diagnose(agent.logger.history),
-               "config": asdict(config)}
-    if args.out:
-        agent.save(Path(args.out) / "model")
-        atomic_write(Path(args.out) / "summary.json", json.dumps(summary, indent=2))
-    agent.logger.close()
-    print(json.dumps(summary, indent=2))
-    return summary
+        def evaluate_all():
+            return {**evaluate(envs, args.eval_episodes, seed=10_000), **(extra_eval(agent) if extra_eval else {})}
+
+        optimum = (kl_regularised_optimum(envs, task.gold_reward, args.beta)
+                   if args.estimate_optimum and main else None)
+        before = evaluate_all() if main else None
+        start = time.perf_counter()
+        agent.learn(args.total_timesteps)
+        seconds = time.perf_counter() - start
+        after = evaluate_all() if main else None
+        summary = None
+        if main:
+            summary = {"algorithm": agent_cls.__name__, "task": args.task, "reward": args.reward, "beta": args.beta,
+                       "seed": config.seed, "processes": ranks.world_size, "timesteps": agent.num_timesteps,
+                       "updates": agent.num_updates, "train_seconds": round(seconds, 1), "eval_before": before,
+                       "eval_after": after,
+                       # Share of the gap between π_SFT's held-out gold and the best reachable gold that training
+                       # closed.
+                       "gold_gap_closed": (after["objective/gold_score"] - before["objective/gold_score"])
+                       / (task.best_gold - before["objective/gold_score"]),
+                       "gold_objective": after["objective/gold_score"] - args.beta * after["objective/kl"],
+                       "kl_regularised_optimum": optimum, "diagnose": diagnose(agent.logger.history),
+                       "config": asdict(config)}
+        if args.out:
+            agent.save(Path(args.out) / "model")  # every rank: each one's random streams go into the checkpoint
+            if main:
+                atomic_write(Path(args.out) / "summary.json", json.dumps(summary, indent=2))
+        agent.logger.close()
+        summary = ranks.broadcast(summary)
+        if main:
+            print(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()

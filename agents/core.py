@@ -8,27 +8,45 @@ call them directly with hand-computed values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
 
+Total = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the processes that hold the rest of a batch (`agents.distributed.Ranks.sum`)."""
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | float | None = None) -> torch.Tensor:
+
+def _alone(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | float | None = None,
+                total: Total | None = None) -> torch.Tensor:
     """Mean of `x` over the entries where `mask` is 1 (a scalar).
 
     `count` replaces ``mask.sum()`` as the denominator. When `x` is one micro-batch (or one rank's share) of a
     larger batch, pass the whole batch's count, decided before the micro-batches run: the micro-batches' results
     then add up to the batch's mean, every entry weighted 1/count however the batch is split. (A mean per
     micro-batch, averaged, would weight the entries of short micro-batches up.)
+
+    `total` makes it the mean over the whole batch when `x` is this process's share of it: numerator (and, without
+    `count`, the denominator) are summed over the processes (`Total`). None: `x` is the whole batch.
     """
-    return (x * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
+    total = total or _alone
+    return total((x * mask).sum()) / (total(mask.sum()).clamp(min=1) if count is None else count)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of `x` over the masked entries (Bessel-corrected by default, as TRL and lm-human-preferences do)."""
-    mean = masked_mean(x, mask)
-    count = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, total: Total | None = None) -> torch.Tensor:
+    """Variance of `x` over the masked entries (Bessel-corrected by default, as TRL and lm-human-preferences do).
+
+    Two passes (the mean, then the mean squared deviation), each summed over the processes with `total` (see
+    `masked_mean`), so a batch split over processes has the variance of the whole batch. `ValueError` for an
+    unbiased variance of fewer than 2 entries."""
+    total = total or _alone
+    mean = masked_mean(x, mask, total=total)
+    count = total(mask.sum())
+    var = masked_mean((x - mean) ** 2, mask, total=total)
     if unbiased:
         if count < 2:
             raise ValueError("an unbiased variance needs at least 2 masked entries")
@@ -36,14 +54,18 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total: Total | None = None) -> torch.Tensor:
     """Normalise `x` to unit variance (and zero mean unless ``shift_mean=False``) over the masked entries.
 
     Padding stays 0. ``shift_mean=False`` is how rewards are whitened: their sign carries meaning. With fewer than
     two masked entries there is no variance to divide by: `x` is only centred (``shift_mean``) or left as it is.
+    `total`: the mean and variance are the whole batch's when `x` is this process's share (`masked_var`).
     """
-    mean = masked_mean(x, mask)
-    scale = torch.rsqrt(masked_var(x, mask) + eps) if mask.sum() >= 2 else torch.ones_like(mean)
+    total = total or _alone
+    mean = masked_mean(x, mask, total=total)
+    scale = (torch.rsqrt(masked_var(x, mask, total=total) + eps) if total(mask.sum()) >= 2
+             else torch.ones_like(mean))
     whitened = (x - mean) * scale
     if not shift_mean:
         whitened = whitened + mean
@@ -126,12 +148,15 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, {"clipfrac": masked_mean(clipped_more.float(), mask, num_tokens).item()}
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 − Var[R − v] / Var[R] over the masked tokens (1: perfect critic, 0: no better than a constant)."""
-    var_returns = masked_var(returns, mask, unbiased=False)
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       total: Total | None = None) -> float:
+    """1 − Var[R − v] / Var[R] over the masked tokens (1: perfect critic, 0: no better than a constant); `total`:
+    over the whole batch when these are one process's share (`masked_var`)."""
+    var_returns = masked_var(returns, mask, unbiased=False, total=total)
+    residual = masked_var(returns - values, mask, unbiased=False, total=total)
     if var_returns == 0:
         return float("nan")
-    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)
+    return float(1 - residual / var_returns)
 
 
 # ---------------------------------------------------------------- REINFORCE

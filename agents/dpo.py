@@ -35,6 +35,7 @@ from agents.common import (
     at_least_one,
     autocast,
     check_field,
+    check_ranks_agree,
     clipped_step,
     exact_div,
     learn_loop,
@@ -46,6 +47,7 @@ from agents.common import (
     seeded_generators,
 )
 from agents.core import DPO_LOSSES, DPOLoss, dpo_loss, logprobs_from_logits
+from agents.distributed import Ranks, rank_share
 from agents.metrics import MetricsLogger
 from agents.policy import response_logits
 from rlhf_env.assets import asset_dir, load_preference_pairs
@@ -121,12 +123,22 @@ def sequence_logprobs(model: torch.nn.Module, backend: str, text: PairedText, ro
 
 class DPO:
     """DPO on the env's acting policy (trained in place; the env's reference is π_ref):
-    ``DPO(gym.make_vec("RLHF-v0", num_envs=64, beta=0.1), DPOConfig()).learn(60_000)`` (60k pairs)."""
+    ``DPO(gym.make_vec("RLHF-v0", num_envs=64, beta=0.1), DPOConfig()).learn(60_000)`` (60k pairs).
+
+    Data-parallel when a `torch.distributed` process group is initialised (`agents.distributed`): every rank draws
+    the same batch of ``batch_size`` pairs (the order of the pairs comes from the stream the ranks share), trains
+    on its ``batch_size / W`` of them, and the update is the single-process update of the whole batch. Each rank
+    computes the reference log-probs of all the pairs once, at the start."""
 
     def __init__(self, env, config: DPOConfig = DPOConfig(), out_dir: str | Path | None = None,
                  progress: bool = True):
         self.config = config
-        self.envs, self.world = acting_world(env, "DPO", None)
+        self.ranks = Ranks.current()
+        share = rank_share(config.batch_size, self.ranks, "DPOConfig.batch_size")
+        if config.micro_batch_size is not None and not self.ranks.single:
+            exact_div(share, config.micro_batch_size, f"each rank's share of the batch (batch_size / "
+                                                      f"{self.ranks.world_size} ranks) / micro_batch_size")
+        self.envs, self.world = acting_world(env, "DPO", None, self.ranks)
         self.device, self.lm = self.world.device, self.world.policy
         self.beta = float(self.world.beta)
         if not self.beta > 0:
@@ -141,10 +153,12 @@ class DPO:
                            else Preferences(eval_pairs, tokenizer, reference, reference_backend, self.device))
         self.params = [p for p in self.lm.parameters() if p.requires_grad]
         self.optimizer = adam(self.params, config)
-        self.rng, self.generator = seeded_generators(config.seed)
+        self.rng, self.shared_rng, self.generator = seeded_generators(config.seed, self.ranks)
         self.num_timesteps = self.num_updates = self.num_episodes = 0
-        self.progress, self.logger = progress, MetricsLogger(out_dir)
-        self.order = self.rng.permutation(len(self.train_pairs))  # this epoch's order of the pairs
+        check_ranks_agree(self)
+        self.ranks.check_same("training pairs", len(self.train_pairs))
+        self.progress, self.logger = progress, MetricsLogger(out_dir if self.ranks.is_main else None)
+        self.order = self.shared_rng.permutation(len(self.train_pairs))  # this epoch's order of the pairs
         self.position, self.epoch = 0, 0
 
     def _pairs(self, path: str | None, split: str, required: bool = True) -> list[dict] | None:
@@ -168,21 +182,24 @@ class DPO:
         picked = []
         while len(picked) < self.config.batch_size:
             if self.position == len(self.order):
-                self.order, self.position, self.epoch = self.rng.permutation(len(self.train_pairs)), 0, self.epoch + 1
+                self.order, self.position = self.shared_rng.permutation(len(self.train_pairs)), 0
+                self.epoch += 1
             take = min(self.config.batch_size - len(picked), len(self.order) - self.position)
             picked.extend(self.order[self.position: self.position + take].tolist())
             self.position += take
         return np.array(picked)
 
     def update(self) -> dict:
-        """One Adam step on the next batch of pairs. Returns the logged metrics."""
+        """One Adam step on the next batch of pairs. Returns the logged metrics (the whole batch's, on every
+        rank)."""
         cfg, start, data = self.config, time.perf_counter(), self.train_pairs
-        batch = self._next_batch()
+        batch = self._next_batch()  # the whole batch, the same on every rank
+        mine = np.split(batch, self.ranks.world_size)[self.ranks.rank]  # this rank's share
         self.lm.eval()  # dropout off: the policy's log-probs are comparable with the reference's
         self.optimizer.zero_grad(set_to_none=True)
         parts = {key: [] for key in ("losses", "chosen", "rejected", "chosen_logps", "rejected_logps")}
         finite = True
-        for micro in np.split(batch, len(batch) // (cfg.micro_batch_size or len(batch))):
+        for micro in np.split(mine, len(mine) // (cfg.micro_batch_size or len(mine))):
             rows = np.concatenate([micro, micro + data.n])  # chosen, then rejected: one forward
             with autocast(self.device):
                 logps = sequence_logprobs(self.lm, self.backend, data.text, rows)  # (2m,) fp32
@@ -191,7 +208,7 @@ class DPO:
             losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref[: len(micro)],
                                                                 ref[len(micro):], self.beta, cfg.loss_type,
                                                                 cfg.label_smoothing)
-            loss = losses.sum() / len(batch)
+            loss = losses.sum() / len(batch)  # the whole batch's mean: the ranks' gradients add up to it
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -199,14 +216,17 @@ class DPO:
             for key, value in [("losses", losses), ("chosen", chosen_rewards), ("rejected", rejected_rewards),
                                ("chosen_logps", chosen), ("rejected_logps", rejected)]:
                 parts[key].append(value.detach())
-        grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite)
+        grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite, self.ranks)
         skipped = grad_norm is None  # parameters stay as they are
         self.num_updates += 1
         self.num_timesteps += len(batch)
         seconds = time.perf_counter() - start
+        # Every rank's pairs, in rank order (the batch's order): the same metrics on every rank.
+        gathered = self.ranks.gather({k: torch.cat(v).cpu() for k, v in parts.items() if v})
+        parts = {k: torch.cat([g[k] for g in gathered if k in g]) for k in parts if any(k in g for g in gathered)}
         metrics = {"time/updates": self.num_updates, "time/timesteps": self.num_timesteps, "train/epoch": self.epoch,
-                   **self._pair_stats({k: torch.cat(v) if v else torch.full((1,), float("nan"))
-                                       for k, v in parts.items()}),
+                   **self._pair_stats({k: parts.get(k, torch.full((1,), float("nan")))
+                                       for k in ("losses", "chosen", "rejected", "chosen_logps", "rejected_logps")}),
                    "train/grad_norm": float("nan") if grad_norm is None else grad_norm,
                    "train/skipped": int(skipped), "time/pairs_per_s": len(batch) / seconds,
                    "time/update_seconds": seconds}

@@ -31,8 +31,10 @@ from agents.common import (
     autocast,
     batch_tensors,
     check_field,
+    check_ranks_agree,
     clipped_step,
     exact_div,
+    given_episodes,
     learn_loop,
     non_negative,
     none_or,
@@ -42,6 +44,7 @@ from agents.common import (
     run_command,
     seeded_generators,
     unit_interval,
+    whole_batch,
 )
 from agents.core import (
     entropy_from_logits,
@@ -53,9 +56,10 @@ from agents.core import (
     policy_loss,
     value_loss,
 )
+from agents.distributed import Ranks
 from agents.metrics import MetricsLogger
 from agents.policy import ActorCritic, ValueInit
-from agents.rollout import episode_stats
+from agents.rollout import Episodes, episode_stats
 from rlhf_env.pipeline.sft import sft_loss
 from rlhf_env.text import encode_pairs
 
@@ -139,12 +143,17 @@ class PPO:
 
     The policy being trained is ``env.unwrapped.policy`` (in place), so the env's per-token KL is always that of
     the policy that acted. β (fixed or adaptive) lives in the env; the checkpoint saves its controller.
+
+    Data-parallel when a `torch.distributed` process group is initialised (`agents.distributed`): each of the W
+    ranks samples ``episodes_per_update / W`` episodes, the minibatches are drawn over the whole batch, and each
+    update is the single-process update of the whole batch.
     """
 
     def __init__(self, env, config: PPOConfig = PPOConfig(), out_dir: str | Path | None = None,
                  progress: bool = True):
         self.config = config
-        self.envs, self.world = acting_world(env, "PPO", config.episodes_per_update)
+        self.ranks = Ranks.current()
+        self.envs, self.world = acting_world(env, "PPO", config.episodes_per_update, self.ranks)
         if config.ptx_coef > 0:  # PPO-ptx needs the task's demonstrations: a task without them raises here
             self.world.task.demonstrations(0, np.random.default_rng(0))
         self.device, self.lm = self.world.device, self.world.policy
@@ -161,9 +170,10 @@ class PPO:
                                      config.separate_critic, self.world.reward_model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adam(self.params, config)
-        self.rng, self.generator = seeded_generators(config.seed)
+        self.rng, self.shared_rng, self.generator = seeded_generators(config.seed, self.ranks)
         self.num_timesteps = self.num_updates = self.num_episodes = 0
-        self.progress, self.logger = progress, MetricsLogger(out_dir)
+        check_ranks_agree(self)
+        self.progress, self.logger = progress, MetricsLogger(out_dir if self.ranks.is_main else None)
 
     # ---------------------------------------------------------------- training
     def learn(self, total_timesteps: int, callback=None) -> PPO:
@@ -173,58 +183,77 @@ class PPO:
         """
         return learn_loop(self, total_timesteps, callback, self.progress)
 
-    def update(self) -> dict:
-        """One PPO iteration: rollout, advantages, K epochs of minibatch updates. Returns the logged metrics."""
+    def update(self, episodes: Episodes | None = None) -> dict:
+        """One PPO iteration: rollout, advantages, K epochs of minibatch updates. Returns the logged metrics (the
+        whole batch's, on every rank).
+
+        `episodes` replaces the rollout: this rank's share of the batch (``episodes_per_update / W``), sampled from
+        the current policy as `agents.rollout.collect_episodes` returns them; β then does not move. `ValueError`
+        for another count or per-token lengths, before any model call."""
         cfg, start = self.config, time.perf_counter()
         # 1. rollout: the env samples-and-scores; we keep its log-probs, rewards and scores (never recomputed).
         #    The model stays in eval mode for the whole update (dropout off, as TRL's disable_dropout): the training
         #    forward is then the function that sampled, and draws nothing from torch's global RNG, which no
         #    checkpoint holds (a model whose config has dropout, such as a released GPT-2, resumes bit for bit).
         self.model.eval()
-        episodes = rollout(self)
+        episodes = rollout(self) if episodes is None else given_episodes(self, episodes)
         rollout_seconds = time.perf_counter() - start
-        stats = episode_stats(episodes, self.world.beta, self.world.task)
+        everything = whole_batch(episodes, self.ranks)  # every rank's episodes: the batch's metrics
+        stats = episode_stats(everything, self.world.beta, self.world.task)
         b = batch_tensors(episodes, self.world.pad_token_id, self.device, cfg.score_clip)
+        total = self.ranks.sum  # sums a statistic over the ranks: the whole batch's (the identity in one process)
         # Tokens that carry a loss: every response token, except those of episodes whose score the env masked
         # (no value target, no advantage, in no whitening or mean).
         mask = b.response_mask.float() * b.valid.float()[:, None]  # (B, T)
+        # The minibatch orders are drawn over the whole batch from the stream every rank shares; this rank holds
+        # the batch's rows first … first + n − 1 (rank order) and trains on its own rows of each minibatch.
+        orders = [self.shared_rng.permutation(cfg.episodes_per_update) for _ in range(cfg.update_epochs)]
+        first, n = self.ranks.rank * len(episodes), len(episodes)
+        tokens = self.ranks.cat(mask.sum(1))  # (B_all,) each episode's loss tokens, the whole batch's
+
+        def mine(rows: np.ndarray) -> np.ndarray:  # this rank's rows of `rows` (batch indices), as local indices
+            return rows[(rows >= first) & (rows < first + n)] - first
+
         # 2. old log-probs and values, in the training forward's layout: the first minibatch of epoch 0 repeats
         #    this computation exactly, so its ratio is exactly 1 (the env's incremental KV-cache log-probs agree
         #    with these only to ~1e-6, so they are used for the reward, not for the ratio).
-        orders = [self.rng.permutation(len(episodes)) for _ in range(cfg.update_epochs)]
         old_logprobs, old_values = torch.zeros_like(mask), torch.zeros_like(mask)
         with torch.no_grad():
-            for micro in self._micro_batches(orders[0]):
+            for micro in self._micro_batches(mine(orders[0])):
                 logits, values = self._forward(b, micro)
                 old_logprobs[micro] = logprobs_from_logits(logits, b.responses[micro])
                 old_values[micro] = values
-        rollout_mismatch = float(((old_logprobs - b.env_logprobs).abs() * mask).max())
-        # 3. advantages: GAE over response tokens; the episode's last token is terminal (value 0 after it).
+        rollout_mismatch = self.ranks.max(float(((old_logprobs - b.env_logprobs).abs() * mask).max()))
+        # 3. advantages: GAE over response tokens; the episode's last token is terminal (value 0 after it). The
+        #    whitening statistics are the whole batch's.
         rewards = b.rewards
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, total=total)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (B, T) each
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, total=total)
         # 4. K epochs × minibatches: clipped policy loss + c₁·clipped value loss − c₂·entropy (+ ptx). Each term is
-        #    a mean over the minibatch's tokens whatever the accumulation: its denominator is counted before the
-        #    micro-batches run, and each micro-batch adds its share (`agents.core.masked_mean`).
+        #    a mean over the minibatch's tokens whatever the accumulation and however the ranks share it: its
+        #    denominator is counted before the micro-batches run, each micro-batch adds its share
+        #    (`agents.core.masked_mean`), and the ranks' gradients are summed before the step.
         log = {key: [] for key in ("loss/policy", "loss/value", "loss/ptx", "policy/entropy", "policy/clipfrac",
                                    "policy/approx_kl", "policy/ratio", "val/clipfrac", "train/grad_norm")}
         skipped, empty, epochs_run = 0, 0, 0
         for order in orders:
             epoch_kl = []
             for minibatch in np.split(order, cfg.num_minibatches):
-                num_tokens = mask[minibatch].sum()
+                num_tokens = tokens[minibatch].sum()
                 if num_tokens == 0:  # every episode of the minibatch masked: nothing to learn, no step
                     empty += 1
                     continue
-                sums = self._minibatch_gradients(b, minibatch, mask, num_tokens, old_logprobs, old_values,
+                sums = self._minibatch_gradients(b, mine(minibatch), mask, num_tokens, old_logprobs, old_values,
                                                  advantages, returns)
-                grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=bool(sums))
+                grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=sums is not None,
+                                         ranks=self.ranks)
                 if grad_norm is None:  # a loss or the gradient was not finite: parameters stay as they are
                     skipped += 1
                     continue
+                sums = self.ranks.sum_floats(sums)  # the ranks' shares add up to the minibatch's means
                 for key, value in sums.items():
                     log[key].append(value)
                 log["train/grad_norm"].append(grad_norm)
@@ -234,66 +263,81 @@ class PPO:
                 break
         # 5. stats
         self.num_updates += 1
-        self.num_episodes += len(episodes)
-        self.num_timesteps += episodes.tokens
+        self.num_episodes += len(everything)
+        self.num_timesteps += everything.tokens
         seconds = time.perf_counter() - start
         metrics = {"time/updates": self.num_updates, "time/timesteps": self.num_timesteps,
                    "time/episodes": self.num_episodes, **stats,
                    **{key: float(np.mean(values)) if values else float("nan") for key, values in log.items()},
-                   "val/explained_variance": explained_variance(old_values, returns, mask),
-                   "val/mean": float(masked_mean(old_values, mask)),
+                   "val/explained_variance": explained_variance(old_values, returns, mask, total),
+                   "val/mean": float(masked_mean(old_values, mask, total=total)),
                    "train/epochs": epochs_run, "train/skipped_minibatches": skipped,
                    "train/empty_minibatches": empty,
                    "train/rollout_logprob_mismatch": rollout_mismatch,
-                   "time/tokens_per_s": episodes.tokens / rollout_seconds, "time/update_seconds": seconds}
+                   "time/tokens_per_s": everything.tokens / rollout_seconds, "time/update_seconds": seconds}
         self.logger.log(metrics)
         return metrics
 
-    def _minibatch_gradients(self, b: Batch, minibatch: np.ndarray, mask: torch.Tensor, num_tokens: torch.Tensor,
+    def _minibatch_gradients(self, b: Batch, rows: np.ndarray, mask: torch.Tensor, num_tokens: torch.Tensor,
                              old_logprobs: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor,
-                             returns: torch.Tensor) -> dict[str, float]:
-        """Accumulate one minibatch's gradient over its micro-batches (zeroed first); return the minibatch's loss
-        terms and stats, or ``{}`` if a loss was not finite (the caller then skips the step)."""
+                             returns: torch.Tensor) -> dict[str, float] | None:
+        """Accumulate this rank's share of one minibatch's gradient over its micro-batches (zeroed first): `rows`,
+        its episodes of the minibatch (possibly none), and its share of the ptx demonstrations. Returns its shares
+        of the minibatch's loss terms and stats (zeros for a rank with nothing to do), or None if a loss was not
+        finite (the step is then skipped)."""
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        micro_batches = np.split(minibatch, cfg.gradient_accumulation_steps)
-        ptx_parts = self._ptx_parts(len(micro_batches)) if cfg.ptx_coef > 0 else [None] * len(micro_batches)
-        sums: dict[str, float] = {}
-        for micro, ptx in zip(micro_batches, ptx_parts):
-            m = mask[micro]
-            logits, values = self._forward(b, micro)
-            logprobs = logprobs_from_logits(logits, b.responses[micro])  # (b, T)
-            entropy = masked_mean(entropy_from_logits(logits), m, num_tokens)
-            pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[micro], advantages[micro], m, cfg.clip_range,
-                                            num_tokens)
-            vf_loss, vf_stats = value_loss(values, old_values[micro], returns[micro], m, cfg.clip_range_value,
-                                           num_tokens)
-            ptx_loss = sft_loss(self.model.lm, *ptx) if ptx is not None else torch.zeros((), device=self.device)
+        micro_batches = self._micro_batches(rows)
+        ptx_parts = self._ptx_parts(max(1, len(micro_batches))) if cfg.ptx_coef > 0 else []
+        zero = torch.zeros((), device=self.device)
+        sums = dict.fromkeys(("loss/policy", "loss/value", "loss/ptx", "policy/entropy", "policy/clipfrac",
+                              "policy/approx_kl", "policy/ratio", "val/clipfrac"), 0.0)
+        for i in range(max(len(micro_batches), len(ptx_parts))):
+            micro = micro_batches[i] if i < len(micro_batches) else None
+            ptx = ptx_parts[i] if i < len(ptx_parts) else None
+            if micro is None:  # this rank has no episode of the minibatch left, only ptx demonstrations
+                pg_loss = vf_loss = entropy = zero
+                pg_stats, vf_stats = {"clipfrac": 0.0, "approx_kl": 0.0, "ratio": 0.0}, {"clipfrac": 0.0}
+            else:
+                m = mask[micro]
+                logits, values = self._forward(b, micro)
+                logprobs = logprobs_from_logits(logits, b.responses[micro])  # (b, T)
+                entropy = masked_mean(entropy_from_logits(logits), m, num_tokens)
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[micro], advantages[micro], m, cfg.clip_range,
+                                                num_tokens)
+                vf_loss, vf_stats = value_loss(values, old_values[micro], returns[micro], m, cfg.clip_range_value,
+                                               num_tokens)
+            ptx_loss = sft_loss(self.model.lm, *ptx) if ptx is not None else zero
             loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy + cfg.ptx_coef * ptx_loss
             if not torch.isfinite(loss):
-                return {}
+                return None
             loss.backward()
             for key, value in (("loss/policy", pg_loss.item()), ("loss/value", vf_loss.item()),
                                ("loss/ptx", ptx_loss.item()), ("policy/entropy", entropy.item()),
                                ("policy/clipfrac", pg_stats["clipfrac"]), ("policy/approx_kl", pg_stats["approx_kl"]),
                                ("policy/ratio", pg_stats["ratio"]), ("val/clipfrac", vf_stats["clipfrac"])):
-                sums[key] = sums.get(key, 0.0) + value  # micro-batch shares add up to the minibatch's means
+                sums[key] += value  # micro-batch shares add up to the minibatch's means
         return sums
 
     def _ptx_parts(self, n: int) -> list[tuple | None]:
-        """PPO-ptx: one batch of ``ptx_batch_size`` demonstrations for the minibatch, split into `n` parts, each
-        ``(rows, num_tokens)`` for `sft_loss` with the whole batch's token count (None: an empty part)."""
+        """PPO-ptx: one batch of ``ptx_batch_size`` demonstrations for the minibatch (drawn from the stream every
+        rank shares), this rank's share of it (rank r of W: the r-th of W near-equal slices) split into `n` parts,
+        each ``(rows, num_tokens)`` for `sft_loss` with the whole batch's token count (None: an empty part)."""
         task, tokenizer = self.world.task, self.world.tokenizer
-        demos = task.demonstrations(self.config.ptx_batch_size, self.rng)
+        demos = task.demonstrations(self.config.ptx_batch_size, self.shared_rng)
         pairs = encode_pairs(tokenizer, [p for p, _ in demos], [r for _, r in demos],
                              int(self.model.lm.config.max_position_embeddings)).to(self.device)
         num_tokens = pairs.response_mask.sum()
-        parts = np.array_split(np.arange(len(pairs)), n)
+        share = np.array_split(np.arange(len(pairs)), self.ranks.world_size)[self.ranks.rank]
+        parts = np.array_split(share, n)
         return [(pairs.rows(torch.as_tensor(rows, device=self.device)), num_tokens) if len(rows) else None
                 for rows in parts]
 
-    def _micro_batches(self, order: np.ndarray) -> list[np.ndarray]:
-        return np.split(order, len(order) // self.config.micro_batch_size)
+    def _micro_batches(self, rows: np.ndarray) -> list[np.ndarray]:
+        """`rows` in consecutive chunks of ``micro_batch_size`` (the last one shorter when a rank's share of a
+        minibatch is not a multiple of it; none for no rows)."""
+        size = self.config.micro_batch_size
+        return [rows[i: i + size] for i in range(0, len(rows), size)]
 
     def _forward(self, b: Batch, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(b, T, V)`` at the sampling temperature and values ``(b, T)`` for episodes `rows`."""

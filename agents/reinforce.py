@@ -49,8 +49,10 @@ from agents.common import (
     autocast,
     batch_tensors,
     check_field,
+    check_ranks_agree,
     clipped_step,
     exact_div,
+    given_episodes,
     learn_loop,
     non_negative,
     none_or,
@@ -59,6 +61,7 @@ from agents.common import (
     rollout,
     run_command,
     seeded_generators,
+    whole_batch,
 )
 from agents.core import (
     entropy_from_logits,
@@ -67,13 +70,15 @@ from agents.core import (
     group_std,
     logprobs_from_logits,
     masked_mean,
+    masked_var,
     reinforce_loss,
     reward_to_go,
     rloo_baseline,
 )
+from agents.distributed import Ranks
 from agents.metrics import MetricsLogger
 from agents.policy import ActorCritic, response_logits
-from agents.rollout import episode_stats
+from agents.rollout import Episodes, episode_stats
 
 Baseline = Literal["moving_average", "rloo", "value", "none"]
 
@@ -131,21 +136,35 @@ class ReinforceConfig:
 
 class Reinforce:
     """REINFORCE with a baseline on the env's acting policy (trained in place):
-    ``Reinforce(gym.make_vec("RLHF-v0", num_envs=64), ReinforceConfig(baseline="rloo")).learn(500_000)``."""
+    ``Reinforce(gym.make_vec("RLHF-v0", num_envs=64), ReinforceConfig(baseline="rloo")).learn(500_000)``.
+
+    Data-parallel when a `torch.distributed` process group is initialised (`agents.distributed`): each of the W
+    ranks samples ``episodes_per_update / W`` episodes (whole groups of K samples of a prompt, so the RLOO and
+    group statistics stay on one rank) and the update is the single-process update of the whole batch."""
 
     def __init__(self, env, config: ReinforceConfig = ReinforceConfig(), out_dir: str | Path | None = None,
                  progress: bool = True):
         self.config = config
-        self.envs, self.world = acting_world(env, "Reinforce", config.episodes_per_update)
+        self.ranks = Ranks.current()
+        self.envs, self.world = acting_world(env, "Reinforce", config.episodes_per_update, self.ranks)
+        if not self.ranks.single:  # every prompt's K samples on one rank
+            exact_div(config.episodes_per_update // self.ranks.world_size, config.samples_per_prompt,
+                      f"each rank's share of the batch (episodes_per_update / {self.ranks.world_size} ranks) / "
+                      "samples_per_prompt")
+            if config.micro_batch_size is not None:
+                exact_div(config.episodes_per_update // self.ranks.world_size, config.micro_batch_size,
+                          f"each rank's share of the batch (episodes_per_update / {self.ranks.world_size} ranks) / "
+                          "micro_batch_size")
         self.device, self.lm, self.backend = self.world.device, self.world.policy, self.world.backends["policy"]
         with torch.random.fork_rng(devices=[]):  # the value head's init, seeded; the global RNG is left as it was
             torch.manual_seed(config.seed)
             self.model = ActorCritic(self.lm, self.backend, config.value_init) if config.baseline == "value" else None
         self.params = [p for p in (self.model or self.lm).parameters() if p.requires_grad]
         self.optimizer = adam(self.params, config)
-        self.rng, self.generator = seeded_generators(config.seed)
+        self.rng, self.shared_rng, self.generator = seeded_generators(config.seed, self.ranks)
         self.num_timesteps = self.num_updates = self.num_episodes = 0
-        self.progress, self.logger = progress, MetricsLogger(out_dir)
+        check_ranks_agree(self)
+        self.progress, self.logger = progress, MetricsLogger(out_dir if self.ranks.is_main else None)
         self.moving_average = 0.0  # the "moving_average" baseline: EMA of past batches' mean return
 
     def learn(self, total_timesteps: int, callback=None) -> Reinforce:
@@ -155,19 +174,29 @@ class Reinforce:
         """
         return learn_loop(self, total_timesteps, callback, self.progress)
 
-    def update(self) -> dict:
-        """One REINFORCE step on a fresh batch. Returns the logged metrics."""
+    def update(self, episodes: Episodes | None = None) -> dict:
+        """One REINFORCE step on a fresh batch. Returns the logged metrics (the whole batch's, on every rank).
+
+        `episodes` replaces the rollout: this rank's share of the batch (``episodes_per_update / W``, in
+        consecutive groups of ``samples_per_prompt`` samples of one prompt), sampled from the current policy as
+        `agents.rollout.collect_episodes` returns them (REINFORCE is on-policy); β then does not move. `ValueError`
+        for another count, groups or per-token lengths, before any model call."""
         cfg, start = self.config, time.perf_counter()
         k = cfg.samples_per_prompt
-        # 1. rollout: K samples of each of B/K training prompts, in consecutive groups of K.
+        # 1. rollout: K samples of each of B/K training prompts, in consecutive groups of K (this rank's B/W).
         # Eval mode for the whole update (dropout off, as PPO): the gradient is that of the policy that sampled.
         (self.model or self.lm).eval()
-        pool = self.world.prompt_pool("train")
-        picks = self.rng.integers(len(pool), size=cfg.episodes_per_update // k)
-        episodes = rollout(self, [pool[i] for i in picks for _ in range(k)])
+        if episodes is None:
+            pool = self.world.prompt_pool("train")
+            picks = self.rng.integers(len(pool), size=cfg.episodes_per_update // self.ranks.world_size // k)
+            episodes = rollout(self, [pool[i] for i in picks for _ in range(k)])
+        else:
+            episodes = self._given(episodes)
         rollout_seconds = time.perf_counter() - start
-        stats = episode_stats(episodes, self.world.beta, self.world.task)
+        everything = whole_batch(episodes, self.ranks)  # every rank's episodes: the batch's metrics
+        stats = episode_stats(everything, self.world.beta, self.world.task)
         b = batch_tensors(episodes, self.world.pad_token_id, self.device)
+        total = self.ranks.sum  # sums a statistic over the ranks: the whole batch's (the identity in one process)
         # Episodes that carry a loss: not those whose score the env masked (their return is not data), and, where
         # group statistics are taken, not those left without another valid sample of their prompt (no baseline).
         usable = b.valid  # (B,)
@@ -177,27 +206,30 @@ class Reinforce:
         # 2. returns: the env's per-token rewards (−β·KL_t, + the score at the last token), summed.
         episode_returns = b.rewards.sum(1)  # (B,)  G
         returns = reward_to_go(b.rewards, mask) if cfg.reward_to_go else episode_returns[:, None] * mask  # (B, T)
-        # 3. baselines (b does not depend on the sample's own actions) and advantages A = G − b.
+        # 3. baselines (b does not depend on the sample's own actions) and advantages A = G − b. The group
+        #    statistics (RLOO, group_norm) are each prompt's, whose K samples are all on this rank.
+        num_episodes, num_tokens = total(usable.sum()), total(mask.sum())  # the whole batch's
         if cfg.baseline == "rloo":
             baseline = rloo_baseline(episode_returns, k, usable)[:, None] * mask  # (B, T)
         elif cfg.baseline == "moving_average":
             baseline = torch.full_like(mask, self.moving_average) * mask
-            if usable.any():
+            returns_sum = total(episode_returns[usable].sum())
+            if num_episodes > 0:
                 self.moving_average = (cfg.ema_decay * self.moving_average
-                                       + (1 - cfg.ema_decay) * float(episode_returns[usable].mean()))
+                                       + (1 - cfg.ema_decay) * float(returns_sum / num_episodes))
         else:  # "none"; "value" subtracts V(s_t) in phase 4, from the same forward that trains it
             baseline = torch.zeros_like(mask)
         advantages = returns - baseline  # (B, T)
         scale = (group_std(episode_returns, k, usable) + cfg.group_norm_eps)[:, None] if cfg.group_norm else 1.0
         # 4. one gradient step: −Σ_t A_t·log π(a_t|s_t), summed over tokens, averaged over the usable episodes (and
-        #    the value loss averaged over their tokens); both denominators are counted before the micro-batches
-        #    run, so the micro-batches' gradients add up to the whole batch's.
-        num_episodes, num_tokens = usable.sum(), mask.sum()
+        #    the value loss averaged over their tokens); both denominators are the whole batch's, counted before
+        #    the micro-batches run, so the micro-batches' (and ranks') gradients add up to the whole batch's.
         self.optimizer.zero_grad(set_to_none=True)
         log = dict.fromkeys(("loss/policy", "loss/value", "policy/entropy"), 0.0)
         values_seen = torch.zeros_like(mask)
         finite, rows = True, np.arange(len(episodes))
-        no_signal = bool(num_episodes == 0) or (cfg.baseline != "value" and not advantages.abs().any())
+        no_signal = bool(num_episodes == 0) or (cfg.baseline != "value"
+                                                and not self.ranks.any(bool(advantages.abs().any())))
         for micro in np.split(rows, len(rows) // (cfg.micro_batch_size or len(rows))):
             if no_signal:  # e.g. RLOO on groups with equal returns: nothing to learn, parameters stay put
                 break
@@ -220,28 +252,41 @@ class Reinforce:
             for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
                                ("policy/entropy", masked_mean(entropy_from_logits(logits.detach()), m, num_tokens))):
                 log[key] += value.item()  # micro-batch shares add up to the batch's values
-        grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=finite and not no_signal)
+        finite = self.ranks.all(finite)  # a loss that was not finite on any rank skips the step on every rank
+        grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=finite and not no_signal,
+                                 ranks=self.ranks)
         skipped = grad_norm is None  # parameters stay as they are
+        log = self.ranks.sum_floats(log)  # the ranks' shares add up to the batch's values
         if no_signal or not finite:
             log = dict.fromkeys(log, float("nan"))
         # 5. stats
         self.num_updates += 1
-        self.num_episodes += len(episodes)
-        self.num_timesteps += episodes.tokens
+        self.num_episodes += len(everything)
+        self.num_timesteps += everything.tokens
         final_advantages = (advantages - values_seen) / scale
         metrics = {"time/updates": self.num_updates, "time/timesteps": self.num_timesteps,
                    "time/episodes": self.num_episodes, **stats,
                    **log,
-                   "policy/advantage_std": float(final_advantages[mask.bool()].std()) if mask.sum() >= 2
-                   else float("nan"),
-                   "val/baseline_mean": float(masked_mean(baseline + values_seen, mask)),
-                   "val/explained_variance": explained_variance(baseline + values_seen, returns, mask),
+                   "policy/advantage_std": float(masked_var(final_advantages, mask, total=total).sqrt())
+                   if num_tokens >= 2 else float("nan"),
+                   "val/baseline_mean": float(masked_mean(baseline + values_seen, mask, total=total)),
+                   "val/explained_variance": explained_variance(baseline + values_seen, returns, mask, total),
                    "train/grad_norm": float("nan") if grad_norm is None else grad_norm,
                    "train/skipped": int(skipped and not no_signal), "train/no_signal": int(no_signal),
-                   "time/tokens_per_s": episodes.tokens / rollout_seconds,
+                   "time/tokens_per_s": everything.tokens / rollout_seconds,
                    "time/update_seconds": time.perf_counter() - start}
         self.logger.log(metrics)
         return metrics
+
+    def _given(self, episodes: Episodes) -> Episodes:
+        """`update(episodes)`'s episodes, checked (`agents.common.given_episodes`, and groups of K of one prompt)."""
+        episodes = given_episodes(self, episodes)
+        k = self.config.samples_per_prompt
+        for start in range(0, len(episodes), k):
+            if len(set(episodes.prompts[start: start + k])) != 1:
+                raise ValueError(f"update(episodes=...): episodes {start}…{start + k - 1} are not {k} samples of one "
+                                 "prompt (samples_per_prompt): the batch holds consecutive groups of K samples")
+        return episodes
 
     def _forward(self, b: Batch, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(b, T, V)`` at the sampling temperature, and values ``(b, T)`` for baseline "value"."""
