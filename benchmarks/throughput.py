@@ -25,9 +25,11 @@ from benchmarks.report import git_commit
 from rlhf_env.decoding.sampling import gumbel_max
 from rlhf_env.vector_env import RLHFVectorEnv
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-def env_tokens_per_second(batch: int, length: int, steps: int, device: str) -> float:
-    envs = RLHFVectorEnv(num_envs=batch, max_new_tokens=length, device=device)
+
+def env_tokens_per_second(batch: int, length: int, steps: int, device: str, dtype: str = "float32") -> float:
+    envs = RLHFVectorEnv(num_envs=batch, max_new_tokens=length, device=device, dtype=DTYPES[dtype])
     eos = envs.tokenizer.eos_token_id
     generator = torch.Generator(device=envs.world.device).manual_seed(0)
     envs.reset(seed=0)
@@ -46,8 +48,8 @@ def env_tokens_per_second(batch: int, length: int, steps: int, device: str) -> f
     return tokens / (time.perf_counter() - start)
 
 
-def generate_tokens_per_second(batch: int, length: int, repeats: int, device: str) -> float:
-    envs = RLHFVectorEnv(num_envs=batch, max_new_tokens=length, device=device)
+def generate_tokens_per_second(batch: int, length: int, repeats: int, device: str, dtype: str = "float32") -> float:
+    envs = RLHFVectorEnv(num_envs=batch, max_new_tokens=length, device=device, dtype=DTYPES[dtype])
     policy, tokenizer = envs.policy, envs.tokenizer
     prompts = envs.task.train_prompts()[:batch]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(envs.world.device)  # left-padded
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=160, help="measured env steps per setting")
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements per side (median)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the models' dtype (both sides)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -78,18 +81,18 @@ def main(argv: list[str] | None = None) -> None:
         # Alternate the two sides and keep medians: this machine's speed drifts by 10-15% within a minute.
         env, gen = [], []
         for _ in range(args.repeats):
-            env.append(env_tokens_per_second(batch, args.length, args.steps, args.device))
+            env.append(env_tokens_per_second(batch, args.length, args.steps, args.device, args.dtype))
             gen.append(generate_tokens_per_second(batch, args.length, max(2, args.steps // args.length),
-                                                  args.device))
+                                                  args.device, args.dtype))
         env, gen = float(np.median(env)), float(np.median(gen))
         rows.append({"batch": batch, "length": args.length, "env_tokens_per_s": round(env),
                      "generate_tokens_per_s": round(gen), "env_over_generate": round(env / gen, 3)})
     scaling = []
     for length in [int(n) for n in args.lengths.split(",")]:
-        env = env_tokens_per_second(64, length, args.steps, args.device)
+        env = env_tokens_per_second(64, length, args.steps, args.device, args.dtype)
         scaling.append({"batch": 64, "length": length, "env_tokens_per_s": round(env)})
     commit = git_commit()
-    print(json.dumps({"commit": commit, "device": args.device, "threads": torch.get_num_threads(),
+    print(json.dumps({"commit": commit, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "machine": platform.machine(), "throughput": rows,
                       "length_scaling": scaling}, indent=2))
 
