@@ -347,8 +347,10 @@ class RLHFWorld:
         from rlhf_env.assets import asset_dir
 
         assets = asset_dir(self.task)
-        need_assets = ((policy is None and self.kl_mode == "policy") or reference is None or reward_model is None
-                       or tokenizer is None)
+        # A LoRA policy without reference= brings its own: its base with the adapters off.
+        derived_reference = reference is None and (lora is not None or is_peft_model(policy))
+        need_assets = ((policy is None and self.kl_mode == "policy") or (reference is None and not derived_reference)
+                       or reward_model is None or tokenizer is None)
         if need_assets and not (assets / "manifest.json").is_file():
             raise ValueError(f"task {self.task.name!r} has no shipped assets: build them with `python -m "
                              f"rlhf_env.assets build --task {self.task.name}` or pass every model explicitly")

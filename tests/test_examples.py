@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks import sb3 as sb3_benchmark
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -33,6 +35,20 @@ def test_sb3_example_trains_and_reports_both_policies():
 
 def test_own_model_example_runs_ppo_on_a_local_model_and_prompt_file():
     assert "held-out gold" in _run("own_model.py", "--updates", "1")
+
+
+def test_own_stack_example_trains_lora_with_rloo_on_a_chat_model_an_rm_with_its_own_tokenizer_and_a_rule(tmp_path):
+    pytest.importorskip("peft")  # the extras it names: lora and datasets
+    pytest.importorskip("datasets")
+    out = _run("own_stack.py", "--updates", "2", "--eval-episodes", "16", "--out", str(tmp_path))
+    assert "episodes end at ['<eos>', '<|im_end|>']" in out  # the chat template's end-of-turn token
+    assert "reward model 'rm' reads the text with its own tokenizer" in out
+    before, after = (next(line for line in out.splitlines() if line.startswith(label)) for label in ("before", "after"))
+    assert "x rm" in before and "x concise" in before and "KL 0.000 nats" in before  # LoRA starts at π_ref exactly
+    assert "KL" in after
+    adapters = tmp_path / "checkpoint" / "policy"
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {f.name for f in adapters.iterdir()}
+    assert not (adapters / "model.safetensors").exists()  # the adapters only, no base weights
 
 
 def test_sb3_benchmark_rows(capsys):

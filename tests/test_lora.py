@@ -287,6 +287,24 @@ def test_an_explicit_reference_is_used_as_given(tokenizer):
         assert kl_sum == pytest.approx(exact, abs=1e-5)
 
 
+def test_a_task_without_shipped_assets_needs_no_reference_with_a_lora_policy(tokenizer, tmp_path):
+    """Your own prompts, model folder and reward: π_ref is the base with the adapters off, so nothing is looked up in
+    the task's (absent) assets, whether lora= wraps the folder's model or the policy is a PeftModel already."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the plot was\nthe movie is\nthe acting was\nthe story is\n")
+    task = rlhf_env.tasks.FileTask(prompts, gold=lambda prompt, response: 0.0, max_new_tokens=4, eval_fraction=0.5)
+    tiny_llama(tokenizer).save_pretrained(tmp_path / "policy")
+    common = dict(num_envs=2, task=task, tokenizer=tokenizer, reward_fn=task.gold_reward)
+    for policy, lora in ((tmp_path / "policy", peft.LoraConfig(r=4, target_modules=["q_proj"])),
+                         (llama_peft(tokenizer)[0], None)):
+        envs = RLHFVectorEnv(policy=policy, lora=lora, **common)
+        assert isinstance(envs.world.reference, AdaptersOff)
+        envs.reset(seed=0)
+        envs.step(np.zeros(2, dtype=np.int64) + tokenizer.eos_token_id)
+    with pytest.raises(ValueError, match="no shipped assets"):  # a full policy still needs a reference
+        RLHFVectorEnv(policy=tmp_path / "policy", **common)
+
+
 def test_what_a_lora_env_refuses_is_named(tokenizer):
     with pytest.raises(ValueError, match="LoraConfig"):
         gym.make_vec("RLHF-v0", num_envs=2, lora={"r": 8})
