@@ -107,15 +107,20 @@ def best_of_n(envs, n: int, n_episodes: int, seed: int = 10_000, batch_size: int
 @torch.no_grad()
 def win_rate_vs_reference(world, episodes, seed: int) -> float:
     """P(gold(y) > gold(y_ref)) + ½·P(tie), where y is each episode's response and y_ref one sample of π_ref
-    (π_SFT) on the same prompt: 0.5 when the policy is π_ref."""
+    (π_SFT) on the same prompt: 0.5 when the policy is π_ref. Pairs with a NaN gold (a task without one, such as
+    a `DatasetTask` with ``gold=None``) are left out; NaN when no pair is left."""
     generator = torch.Generator(device=world.device).manual_seed(seed)
     samples = sample(world.reference, episodes.queries, backend=world.backends["reference"],
                      max_new_tokens=world.max_new_tokens,
                      eos_token_id=world.stop_token_ids, pad_token_id=world.pad_token_id,
                      temperature=world.temperature, generator=generator)
     texts = world.response_texts(samples.response_lists())
-    reference_gold = np.array([world.task.gold(p, t) for p, t in zip(episodes.prompts, texts)])
-    gold = np.array(episodes.gold_scores)
+    reference_gold = np.array([world.task.gold(p, t) for p, t in zip(episodes.prompts, texts)], dtype=float)
+    gold = np.array(episodes.gold_scores, dtype=float)
+    known = ~(np.isnan(gold) | np.isnan(reference_gold))
+    if not known.any():
+        return float("nan")
+    gold, reference_gold = gold[known], reference_gold[known]
     return float(np.mean((gold > reference_gold) + 0.5 * (gold == reference_gold)))
 
 

@@ -62,3 +62,11 @@ def test_win_rate_of_the_reference_against_itself_is_one_half():
     rates = [evaluate(envs, 128, seed=seed)["objective/win_rate"] for seed in (1, 2, 3)]
     assert any(rate != 0.5 for rate in rates)
     assert 0.45 < np.mean(rates) < 0.55  # ties are ~13% here: counted as wins, the mean is ~0.56
+
+
+def test_the_win_rate_leaves_out_pairs_without_a_gold(monkeypatch):
+    envs = gym.make_vec("RLHF-v0", num_envs=8, max_new_tokens=6)
+    task = envs.unwrapped.task
+    assert not np.isnan(evaluate(envs, 8, seed=1)["objective/win_rate"])
+    monkeypatch.setattr(task, "gold", lambda prompt, response: float("nan"))  # a task without a gold
+    assert np.isnan(evaluate(envs, 8, seed=1)["objective/win_rate"])  # not 0.0: NaN is no loss
