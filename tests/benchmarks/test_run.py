@@ -237,9 +237,12 @@ run.run_grid([CellConfig("sft")], Path(sys.argv[1]), progress=False)
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda how: how.name)
 def test_a_killed_grid_takes_its_cell_with_it(tmp_path, how):
     (tmp_path / "sleeping_cell.py").write_text(SLEEPING_CELL)
+    # A test run started in the background by a shell without job control (`cmd &` in a script) ignores SIGINT,
+    # and so would the grid, which inherits it: Ctrl-C reaches a foreground grid, so the grid gets SIGINT back.
     grid = subprocess.Popen([sys.executable, "-c", SLEEPING_GRID, str(tmp_path / "grid"),
                              str(tmp_path / "sleeping_cell.py")], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pid_file = tmp_path / "grid" / "cells" / "pid"
     cell = None
     try:
