@@ -151,7 +151,8 @@ def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True
     generated tokens, idle rows included); the progress bar counts `unit` and shows the metrics `shown`.
 
     ``callback(agent, metrics)`` runs after every update; returning False stops training (on every rank of a
-    data-parallel run, if it returns False on any; only rank 0 shows the progress bar).
+    data-parallel run, if it returns False on any, so a callback on some ranks only, e.g. rank 0's evaluations, is
+    fine; only rank 0 shows the progress bar).
     """
     total_timesteps = checked_integer("total_timesteps", total_timesteps, minimum=0)
     bar = tqdm(total=total_timesteps, initial=min(agent.num_timesteps, total_timesteps), unit=unit,
@@ -160,7 +161,8 @@ def learn_loop(agent, total_timesteps: int, callback=None, progress: bool = True
         metrics = agent.update()
         bar.update(min(metrics["time/timesteps"], total_timesteps) - bar.n)
         bar.set_postfix({k.split("/")[1]: round(metrics[k], 3) for k in shown})
-        if callback is not None and agent.ranks.any(callback(agent, metrics) is False):
+        stop = callback is not None and callback(agent, metrics) is False
+        if agent.ranks.any(stop):  # every rank takes part, with or without a callback of its own
             break
     bar.close()
     return agent

@@ -34,6 +34,7 @@ ALGORITHMS = {
                "from `budget` π_ref samples per prompt on `eval_episodes` held-out prompts",
 }
 # Training curves keep these metrics (when the algorithm logs them), averaged over windows of updates.
+UNTRAINED = ("sft", "best_of_n", "optimum")  # the algorithms that train no agent
 CURVE_KEYS = ("objective/score", "objective/gold_score", "objective/kl", "episode/well_formed", "episode/length",
               "loss/dpo", "rewards/accuracies", "rewards/margins")
 CURVE_POINTS = 100
@@ -68,6 +69,10 @@ class CellConfig:
     fixed. The Pareto sweep sets it so that every weight spends the same KL budget."""
     kl_horizon: int = 10_000
     """The adaptive controller's horizon in episodes (used with `kl_target` only)."""
+    processes: int = 1
+    """Data-parallel ranks the agent trains on (`agents.distributed`): > 1 runs the cell under ``torchrun``
+    (`benchmarks.run.cell_command`), each rank with ``num_envs / processes`` env rows and its share of every
+    batch; rank 0 evaluates and writes the record. The training algorithms only."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -86,6 +91,14 @@ class CellConfig:
             raise ValueError(f"kl_target must be > 0 nats, got {self.kl_target}")
         if self.kl_horizon < 1:
             raise ValueError(f"kl_horizon must be ≥ 1 episode, got {self.kl_horizon}")
+        if not (isinstance(self.processes, int) and self.processes >= 1):
+            raise ValueError(f"processes must be an integer ≥ 1, got {self.processes!r}")
+        if self.processes > 1 and self.algorithm in UNTRAINED:
+            raise ValueError(f"processes={self.processes}: {self.algorithm!r} trains nothing; only the training "
+                             "algorithms run on several processes")
+        if self.num_envs % self.processes:
+            raise ValueError(f"num_envs={self.num_envs} is not a multiple of processes={self.processes} (each rank "
+                             "gets num_envs / processes env rows)")
 
     @property
     def name(self) -> str:
@@ -96,6 +109,8 @@ class CellConfig:
             name += f"-w{self.weight:g}"
         if self.kl_target is not None:
             name += f"-kt{self.kl_target:g}-h{self.kl_horizon}"
+        if self.processes > 1:
+            name += f"-p{self.processes}"
         return name
 
 
@@ -199,8 +214,24 @@ def peak_memory_mib() -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def run_cell(config: CellConfig, progress: bool = True) -> dict:
-    """Train and evaluate one cell; returns its record (what `main` writes as JSON)."""
+def cell_ranks(config: CellConfig):
+    """This process's `agents.distributed.Ranks` and device for `config`: one process alone, or under ``torchrun``
+    (`config.processes` > 1) the initialised process group. `ValueError` when the two disagree (a cell of N
+    processes started without ``torchrun``, or with another ``--nproc_per_node``)."""
+    from agents.distributed import init_from_environment
+
+    ranks, device = init_from_environment(config.device)
+    if ranks.world_size != config.processes:
+        raise ValueError(f"cell {config.name}: processes={config.processes} but {ranks.world_size} process(es) "
+                         f"run it; start it with benchmarks.run.cell_command (torchrun --nproc_per_node "
+                         f"{config.processes} for more than one)")
+    return ranks, device
+
+
+def run_cell(config: CellConfig, progress: bool = True) -> dict | None:
+    """Train and evaluate one cell; returns its record (what `main` writes as JSON). Under ``torchrun``
+    (`config.processes` > 1; see `cell_ranks`) every rank trains and rank 0 alone evaluates (the policy is the same
+    on every rank) and returns the record; the other ranks return None. Timing and memory are rank 0's."""
     import gymnasium as gym
     import torch
 
@@ -209,11 +240,13 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict:
     from benchmarks.report import git_commit
     from rlhf_env.pipeline.sft import heldout_perplexity
 
+    ranks, device = cell_ranks(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     task = rlhf_env.tasks.get_task(config.task)
-    envs = gym.make_vec(rlhf_env.env_id(config.task), num_envs=config.num_envs, **env_kwargs(config, task))
+    envs = gym.make_vec(rlhf_env.env_id(config.task), num_envs=config.num_envs // config.processes,
+                        **{**env_kwargs(config, task), "device": device})
     world = envs.unwrapped.world
     eval_seed = 10_000 + config.seed
     start = time.perf_counter()
@@ -226,9 +259,12 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict:
     else:
         agent = make_agent(config, envs, progress)
         if agent is not None:
-            checkpoints = Checkpoints(envs, config.budget, seed=20_000 + config.seed)
+            if ranks.is_main:  # the held-out evaluations during training (the other ranks wait for rank 0's)
+                checkpoints = Checkpoints(envs, config.budget, seed=20_000 + config.seed)
             agent.learn(config.budget, callback=checkpoints)
             curve = training_curve(agent.logger.history)
+    if not ranks.is_main:
+        return None
     # Training alone (the updates, checkpoint evaluations excluded); for best-of-n, its sampling and scoring.
     train_seconds = checkpoints.seconds if checkpoints else time.perf_counter() - start
     if config.algorithm not in ("optimum", "best_of_n"):
@@ -245,19 +281,34 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict:
             "timing": {"train_seconds": round(train_seconds, 1), "wall_seconds": round(wall_seconds, 1),
                        "updates": getattr(agent, "num_updates", 0), "timesteps": getattr(agent, "num_timesteps", 0)},
             "memory": memory, "curve": curve, "checkpoints": checkpoints.points if checkpoints else [],
-            "machine": {"device": str(world.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": {"device": str(world.device), "processes": ranks.world_size,
+                        "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "python": platform.python_version(), "platform": platform.platform()}}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     """``python -m benchmarks.cell CONFIG.json OUT.json``: run the cell CONFIG describes, write its record to OUT
-    (atomically: a cell whose OUT exists is finished)."""
+    (atomically: a cell whose OUT exists is finished). A cell of N > 1 processes runs as
+    ``torchrun --standalone --nproc_per_node N -m benchmarks.cell CONFIG.json OUT.json``; rank 0 writes OUT."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         raise SystemExit("usage: python -m benchmarks.cell CONFIG.json OUT.json")
     config = CellConfig(**json.loads(Path(argv[0]).read_text()))
-    result = run_cell(config)
-    atomic_write_json(argv[1], result)
+    if config.processes > 1:
+        import torch.distributed as dist
+
+        from benchmarks.processes import die_with_parent
+
+        die_with_parent()  # a torchrun worker: dies with its launcher, which dies with the grid
+        try:
+            result = run_cell(config)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    else:
+        result = run_cell(config)
+    if result is not None:  # rank 0
+        atomic_write_json(argv[1], result)
     return result
 
 

@@ -70,7 +70,8 @@ def load_cells(out: Path) -> list[dict]:
 
 
 def aggregate(cells: list[dict]) -> list[dict]:
-    """One entry per (task, reward, β): the optimum, and a row per (algorithm, budget) with every metric's seeds."""
+    """One entry per (task, reward, β): the optimum, and a row per (algorithm, budget, processes) with every
+    metric's seeds (a data-parallel run of an algorithm is its own row, labelled with its number of processes)."""
     groups: dict[tuple, dict] = defaultdict(lambda: {"optimum": None, "rows": defaultdict(list)})
     for cell in cells:
         c = cell["config"]
@@ -78,13 +79,14 @@ def aggregate(cells: list[dict]) -> list[dict]:
         if c["algorithm"] == "optimum":
             group["optimum"] = cell["metrics"]
         else:
-            group["rows"][(c["algorithm"], c["budget"])].append(cell)
+            group["rows"][(c["algorithm"], c["budget"], c.get("processes", 1))].append(cell)
     result = []
     for (task, reward, beta), group in sorted(groups.items()):
         rows = []
-        for (algorithm, budget), runs in sorted(group["rows"].items(),
-                                                key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1])):
-            rows.append({"algorithm": algorithm, "budget": budget, "label": label(algorithm, budget),
+        for (algorithm, budget, processes), runs in sorted(group["rows"].items(),
+                                                           key=lambda kv: (ORDER.index(kv[0][0]), *kv[0][1:])):
+            name = label(algorithm, budget) + (f", {processes} processes" if processes > 1 else "")
+            rows.append({"algorithm": algorithm, "budget": budget, "processes": processes, "label": name,
                          "seeds": sorted(r["config"]["seed"] for r in runs), "runs": runs,
                          "commits": sorted({str(r["commit"]) for r in runs})})
         result.append({"task": task, "reward": reward, "beta": beta, "optimum": group["optimum"], "rows": rows})

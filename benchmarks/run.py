@@ -5,6 +5,7 @@ held-out prompts, then a results table and plots.
     python -m benchmarks.run                    # the full grid (hours; see FULL)
     python -m benchmarks.run --algorithms ppo rloo --betas 0.05 0.1 --seeds 0 1 2 --out runs/mine
     python -m benchmarks.run --pareto           # two objectives (sentiment gold vs brevity): the Pareto front
+    python -m benchmarks.run --quick --processes 2   # each training cell data-parallel on 2 processes (torchrun)
 
 Everything goes to one folder (``--out``): ``cells/<cell>.json`` (one per cell: config, commit, seed, metrics,
 timing, peak memory, training curve and held-out checkpoints), ``results.md``, ``results.json``, ``commands.txt``
@@ -25,14 +26,15 @@ Nothing lost, nothing half-done:
 * A killed grid takes its cell with it: on Linux the cell process gets SIGKILL from the kernel when the grid process
   dies (``PR_SET_PDEATHSIG``), even by SIGKILL; on Ctrl-C or SIGTERM the grid stops the cell (SIGTERM, then SIGKILL
   after 10 s) and waits for it before it exits. Elsewhere (macOS, Windows) only the second holds: after a hard kill
-  of the grid, stop its cell by hand before rerunning it. So a rerun never runs a cell twice at once.
+  of the grid, stop its cell by hand before rerunning it. So a rerun never runs a cell twice at once. A cell of
+  several processes (``--processes``) is a ``torchrun`` launcher whose workers each die with it the same way
+  (`benchmarks.processes`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -44,7 +46,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from benchmarks.cell import ALGORITHMS, CellConfig
+from benchmarks.cell import ALGORITHMS, UNTRAINED, CellConfig
+from benchmarks.processes import dies_with
 from benchmarks.results import read_cell
 from rlhf_env.files import FolderInUse, FolderLock, append_line, atomic_write_json
 
@@ -70,6 +73,8 @@ class Grid:
     kl_target: float | None = None
     """Adaptive β toward this KL per episode in every training cell (`CellConfig.kl_target`); None: β fixed."""
     kl_horizon: int = 10_000
+    processes: int = 1
+    """Data-parallel processes of every training cell (`CellConfig.processes`: run under ``torchrun``)."""
 
     def cells(self, threads: int | None = None, device: str = "auto") -> list[CellConfig]:
         """Every cell, cheapest kinds first and seed by seed, so that a partial run already fills a table."""
@@ -85,7 +90,8 @@ class Grid:
                     for seed in self.seeds:
                         runs = [("best_of_n", n) for n in self.best_of] + list(self.budgets.items())
                         cells += [CellConfig(algorithm, seed=seed, budget=budget, eval_episodes=self.eval_episodes,
-                                             **common) for algorithm, budget in runs]
+                                             processes=self._processes(algorithm), **common)
+                                  for algorithm, budget in runs]
         return cells
 
     def _pareto_cells(self, threads: int | None, device: str) -> list[CellConfig]:
@@ -101,9 +107,13 @@ class Grid:
                         for weight in self.weights:
                             cells += [CellConfig("best_of_n", budget=n, weight=weight, **common) for n in self.best_of]
                             cells += [CellConfig(algorithm, budget=budget, weight=weight, kl_target=self.kl_target,
-                                                 kl_horizon=self.kl_horizon, **common)
+                                                 kl_horizon=self.kl_horizon, processes=self._processes(algorithm),
+                                                 **common)
                                       for algorithm, budget in self.budgets.items() if algorithm != "sft"]
         return cells
+
+    def _processes(self, algorithm: str) -> int:
+        return 1 if algorithm in UNTRAINED else self.processes
 
 
 # ~10 minutes on 2 CPU cores (budgets measured on this machine: RLOO ~8.5k env steps/s, PPO ~2.4k, DPO ~700 pairs/s).
@@ -124,45 +134,28 @@ PARETO = Grid(seeds=(0, 1), budgets={"sft": 0, "rloo": 400_000, "ppo": 250_000},
 
 
 CELL_COMMAND = [sys.executable, "-m", "benchmarks.cell"]
-"""How `run_grid` starts a cell, before its two arguments (CONFIG.json OUT.json); tests put a stand-in here."""
+"""How `run_grid` starts a cell of one process, before its two arguments (CONFIG.json OUT.json); tests put a
+stand-in here."""
+
+
+def cell_command(config: CellConfig, config_path: Path, result_path: Path) -> list[str]:
+    """The command that runs a cell from its config file: `CELL_COMMAND` ``CONFIG OUT``, or for a cell of N > 1
+    processes ``python -m torch.distributed.run --standalone --nproc_per_node N -m benchmarks.cell CONFIG OUT``
+    (``torchrun``: one worker per rank, each with one thread unless the cell sets ``threads``)."""
+    if config.processes == 1:
+        return [*CELL_COMMAND, str(config_path), str(result_path)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(config.processes), "-m", "benchmarks.cell", str(config_path), str(result_path)]
 
 STOP_SECONDS = 10
 """How long a stopped cell gets to exit after SIGTERM before it is killed."""
-
-
-def _load_prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
-        return None
-
-
-_PRCTL = _load_prctl()  # looked up here, not in the child between fork and exec
-_PR_SET_PDEATHSIG = 1
-
-
-def _dies_with(parent: int):
-    """A ``preexec_fn`` that makes the kernel SIGKILL the child when `parent` dies (Linux ``PR_SET_PDEATHSIG``; the
-    signal follows the thread that started the child, so start cells from a thread that lives as long as the grid).
-    None where there is no prctl: there only `_run_cell_process`'s own cleanup (Ctrl-C, SIGTERM) stops a cell."""
-    if _PRCTL is None:
-        return None
-
-    def preexec() -> None:
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() != parent:  # the grid died before the request took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
 
 
 def _run_cell_process(command: list[str]) -> int:
     """Run one cell's process to its end and return its exit code. If the grid is interrupted meanwhile (Ctrl-C,
     SIGTERM: any exception), the cell is stopped (SIGTERM, then SIGKILL after `STOP_SECONDS`) and waited for first,
     so that no cell outlives its grid."""
-    child = subprocess.Popen(command, preexec_fn=_dies_with(os.getpid()))
+    child = subprocess.Popen(command, preexec_fn=dies_with(os.getpid()))
     try:
         return child.wait()
     except BaseException:
@@ -237,7 +230,7 @@ def run_grid(cells: list[CellConfig], out: Path, progress: bool = True) -> list[
             config_path, result_path = directory / f"{config.name}.config.json", directory / f"{config.name}.json"
             atomic_write_json(config_path, asdict(config))
             try:
-                returncode = _run_cell_process([*CELL_COMMAND, str(config_path), str(result_path)])
+                returncode = _run_cell_process(cell_command(config, config_path, result_path))
             except BaseException:
                 bar.close()
                 print(f"grid interrupted: cell {config.name} was stopped; rerunning the grid redoes it",
@@ -275,6 +268,8 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--optimum-prompts", type=int, help="held-out prompts for the optimum estimate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: one per core)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--processes", type=int,
+                        help="data-parallel processes per training cell, each cell under torchrun (default 1)")
     parser.add_argument("--list", action="store_true", help="print the cells and exit")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.md and plots from the cells")
     parser.add_argument("--no-progress", action="store_true")
@@ -295,7 +290,8 @@ def grid_from_args(args) -> Grid:
     budgets = {a: round(b * args.budget_scale) if a != "sft" else 0 for a, b in budgets.items()}
     overrides = {"tasks": args.tasks, "rewards": args.rewards, "betas": args.betas, "seeds": args.seeds,
                  "eval_episodes": args.eval_episodes, "optimum_samples": args.optimum_samples,
-                 "optimum_prompts": args.optimum_prompts, "weights": args.weights, "kl_target": args.kl_target}
+                 "optimum_prompts": args.optimum_prompts, "weights": args.weights, "kl_target": args.kl_target,
+                 "processes": args.processes}
     return replace(grid, budgets=budgets, best_of=tuple(best_of),
                    **{k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
 

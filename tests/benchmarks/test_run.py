@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import benchmarks.cell as cell
 import benchmarks.run as run
 import rlhf_env  # noqa: F401  (registers the envs)
 from agents.reinforce import Reinforce, ReinforceConfig
@@ -33,6 +34,26 @@ def test_cell_configs_reject_bad_input():
     with pytest.raises(ValueError, match="reward"):
         CellConfig("ppo", budget=10, reward="human")
     assert CellConfig("sft").name != CellConfig("sft", seed=1).name != CellConfig("sft", beta=0.2).name
+    with pytest.raises(ValueError, match="processes must be"):
+        CellConfig("rloo", budget=10, processes=0)
+    with pytest.raises(ValueError, match="trains nothing"):
+        CellConfig("best_of_n", budget=4, processes=2)
+    with pytest.raises(ValueError, match="num_envs=63 is not a multiple of processes=2"):
+        CellConfig("rloo", budget=10, num_envs=63, processes=2)
+
+
+def test_a_cell_of_several_processes_runs_under_torchrun_and_is_its_own_row():
+    one, two = CellConfig("rloo", budget=10), CellConfig("rloo", budget=10, processes=2)
+    assert two.name == one.name + "-p2"
+    assert run.cell_command(one, Path("c.json"), Path("o.json")) == [*run.CELL_COMMAND, "c.json", "o.json"]
+    assert run.cell_command(two, Path("c.json"), Path("o.json")) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "benchmarks.cell", "c.json", "o.json"]
+    cells = run.Grid(budgets={"sft": 0, "rloo": 10}, best_of=(2,), processes=2).cells()
+    assert {c.algorithm: c.processes for c in cells} == {"optimum": 1, "best_of_n": 1, "sft": 1, "rloo": 2}
+    assert grid_from_args(command_line().parse_args(["--quick", "--processes", "2"])).processes == 2
+    with pytest.raises(ValueError, match="processes=2 but 1 process"):  # N processes need torchrun
+        cell.cell_ranks(two)
 
 
 def test_the_quick_grid_runs_every_algorithm_of_the_issue_on_the_default_task():
@@ -125,6 +146,23 @@ def test_a_tiny_grid_writes_cells_table_and_plots_resumes_and_reproduces(tmp_pat
         return [{k: v for k, v in p.items() if k != "seconds"} for p in points]
 
     assert untimed(again["checkpoints"]) == untimed(rloo["checkpoints"])
+
+
+def test_a_grid_cell_trains_on_two_processes_under_torchrun(tmp_path):
+    """Every rank trains, rank 0 alone evaluates (its callback's collective has no partner on rank 1: the run must
+    not hang on it) and writes the one record; the report gives the run its own row."""
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "benchmarks.run", "--quick", "--algorithms", "rloo", "--seeds", "0",
+               "--budget-scale", "0.0075", "--eval-episodes", "16", "--optimum-samples", "8", "--optimum-prompts",
+               "4", "--processes", "2", "--out", str(out), "--no-progress"]
+    subprocess.run(command, check=True, timeout=300, cwd=ROOT)
+    cells = sorted(p.name for p in (out / "cells").glob("*.json"))
+    assert [name.split("-")[0] for name in cells] == ["optimum", "rloo"] and cells[1].endswith("-p2.json")
+    record = read_cell(out / "cells" / cells[1])
+    assert record["machine"]["processes"] == 2 and record["config"]["processes"] == 2
+    assert record["timing"]["timesteps"] >= 3000 and record["timing"]["updates"] >= 2  # both ranks' episodes
+    assert len(record["checkpoints"]) >= 3 and record["curve"]
+    assert "REINFORCE + RLOO (K=4), 2 processes" in (out / "results.md").read_text()
 
 
 # A stand-in for `python -m benchmarks.cell CONFIG OUT` that trains nothing: it writes a made-up record for the cell.
