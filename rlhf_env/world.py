@@ -237,6 +237,7 @@ class RLHFWorld:
         if chat:
             require_chat_template(self.tokenizer, f"a prompt of task {self.task.name!r}")
         self.reward_fn = reward_fn
+        self._backend = backend  # as asked: models swapped in later (set_reward_model) choose theirs the same way
         self.backends = {name: choose_backend(model, backend) for name, model in
                          (("policy", self.policy), ("reference", self.reference)) if model is not None}
         if self.reward_model is not None:
@@ -278,16 +279,8 @@ class RLHFWorld:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the models only "
                              f"{self.vocab_size} logits")
         for source in self.reward_sources:
-            if source.model is None:
-                continue
-            which = f"reward model {source.name!r}" if self.named_rewards else "reward model"
-            rm_vocab = source.model.trunk.get_input_embeddings().weight.shape[0]
-            if source.tokenizer is None and rm_vocab < self.vocab_size:
-                raise ValueError(f"the {which}'s vocabulary ({rm_vocab} embedding rows) is smaller than the "
-                                 f"policy's ({self.vocab_size} actions): it cannot read every response")
-            if source.tokenizer is not None and len(source.tokenizer) > rm_vocab:
-                raise ValueError(f"the {which}'s tokenizer has {len(source.tokenizer)} tokens but the {which} "
-                                 f"only {rm_vocab} embedding rows")
+            if source.model is not None:
+                self._check_vocabulary(source.name, source.model, source.tokenizer)
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token: episodes end at EOS, so the env needs one")
         # Episodes end at EOS and, for a chat task (or when given), at the end-of-turn token.
@@ -406,6 +399,61 @@ class RLHFWorld:
         if tokenizer is None or same_tokenizer(tokenizer, self.tokenizer, probes):
             return None
         return tokenizer
+
+    def _which(self, name: str) -> str:
+        return f"reward model {name!r}" if self.named_rewards else "reward model"
+
+    def _check_vocabulary(self, name: str, model: RewardModel, tokenizer) -> None:
+        """`ValueError` unless the reward model `name` can read every response: through the policy's ids (its
+        vocabulary covers the policy's actions) or through its own `tokenizer` (whose ids it embeds)."""
+        which, rm_vocab = self._which(name), model.trunk.get_input_embeddings().weight.shape[0]
+        if tokenizer is None and rm_vocab < self.vocab_size:
+            raise ValueError(f"the {which}'s vocabulary ({rm_vocab} embedding rows) is smaller than the "
+                             f"policy's ({self.vocab_size} actions): it cannot read every response")
+        if tokenizer is not None and len(tokenizer) > rm_vocab:
+            raise ValueError(f"the {which}'s tokenizer has {len(tokenizer)} tokens but the {which} "
+                             f"only {rm_vocab} embedding rows")
+
+    def set_reward_model(self, reward_model, name: str | None = None) -> None:
+        """Score episodes with `reward_model` from now on: a new version of the env's reward model (an iterated
+        reward model retrained on fresh labels), given as for ``reward_model=`` (a
+        `RewardModel`, a transformers sequence classifier, or a local folder; trust_remote_code stays off).
+
+        `name` picks the reward of ``rewards=`` to replace (None: the single reward model of ``reward_model=``).
+        Episodes that end after the call are scored by the new model (our agents call it between rollouts, and a
+        rollout resets every row first). `ValueError`, with nothing changed, for an env scored by a reward function,
+        an unknown name, or a model that cannot read the env's responses (its vocabulary or context)."""
+        if self.named_rewards:
+            names = [source.name for source in self.reward_sources if source.model is not None]
+            if name not in names:
+                raise ValueError(f"set_reward_model: name must be one of the reward models of rewards= {names}, got "
+                                 f"{name!r}")
+        elif name is not None:
+            raise ValueError(f"set_reward_model: this env has a single reward; drop name={name!r}")
+        elif self.reward_model is None:
+            raise ValueError("set_reward_model: this env is scored by a reward function (reward_fn=), not a reward "
+                             "model; build it with reward_model=")
+        index = next(i for i, source in enumerate(self.reward_sources) if name is None or source.name == name)
+        source = self.reward_sources[index]
+        if not isinstance(reward_model, (RewardModel, PreTrainedModel, str, Path)):
+            raise ValueError(f"set_reward_model: expected a RewardModel, a sequence classifier or a folder, got "
+                             f"{type(reward_model).__name__}")
+        dtype = next(source.model.parameters()).dtype
+        model = self._load_reward_model(reward_model, dtype, trust_remote_code=False)
+        tokenizer = self._reward_tokenizer(None, model, trust_remote_code=False)
+        self._check_vocabulary(source.name, model, tokenizer)
+        context = getattr(model.config, "max_position_embeddings", None)
+        width = self.max_prompt_tokens + self.max_new_tokens
+        if tokenizer is None and context is not None and int(context) < width:
+            raise ValueError(f"set_reward_model: the new {self._which(source.name)} reads {context} positions, "
+                             f"fewer than the env's prompts and responses need ({width})")
+        backend = choose_backend(model.trunk, self._backend)
+        # Checked; now the change, all at once.
+        self.reward_sources[index] = RewardSource(source.name, model=model, tokenizer=tokenizer,
+                                                  backend=source.backend)
+        self.backends[source.backend] = backend
+        if not self.named_rewards:
+            self.reward_model, self.reward_tokenizer = model, tokenizer
 
     @property
     def beta(self) -> float:
@@ -748,6 +796,10 @@ class WorldParts:
     def set_reward_weights(self, weights) -> None:
         """New weights for the rewards of ``rewards=``, from the next episode on (`RLHFWorld.set_reward_weights`)."""
         self.world.set_reward_weights(weights)
+
+    def set_reward_model(self, reward_model, name: str | None = None) -> None:
+        """Score the episodes that end from now on with `reward_model` (`RLHFWorld.set_reward_model`)."""
+        self.world.set_reward_model(reward_model, name)
 
     def update_beta(self, kls: Sequence[float]) -> None:
         """One KL-controller step for a batch of finished episodes' KL sums (`RLHFWorld.update_beta`)."""
