@@ -1,0 +1,225 @@
+"""An iterated reward model: during RL, fresh preference labels on the current policy's samples keep the reward
+model in step with the policy it scores.
+
+A reward model trained once, on π_SFT's samples, is asked to score the samples of a policy that drifts away from
+them; the further it drifts, the more the policy finds what the reward model gets wrong (over-optimisation: the
+proxy rises while the gold falls; Gao et al. 2022). Iterating the reward model is the defence of InstructGPT's
+and Llama 2's pipelines (Ouyang et al. 2022; Touvron et al. 2023, §3.2.2, "iterative reward modeling"): every
+`IteratedRMConfig.every` updates,
+
+1. sample ``prompts_per_round`` training prompts and ``k`` responses to each from the current policy (π_θ, at the
+   env's temperature),
+2. label them with the chosen labeler (default: the task's simulated annotators, the same that labelled the
+   original pairs; any ``labeler(groups, seed) -> pairs`` works, e.g. an AI judge),
+3. continue training the current reward model on the original pairs plus every new pair so far (a fresh AdamW
+   schedule, ``steps`` steps, uniform over all pairs), re-centred on the original π_SFT samples (the offset that
+   made their mean score 0, recomputed, so the reward's zero stays where it was),
+4. put it into the env (`rlhf_env.world.RLHFWorld.set_reward_model`), so the next rollout is scored by it.
+
+Use it as the agent's ``learn`` callback: ``agent.learn(steps, callback=IteratedRewardModel(envs))``. It logs one
+line per round (`history`): the round, the labels spent so far, and how well the reward model in force ranked the
+new pairs *before* retraining, against the labels and against gold when the task has one (the drift it corrects).
+
+Resume: `save` writes the reward model in force, the new pairs and the random state; `IteratedRewardModel.load`
+puts them back (and the reward model into the env) before the agent is loaded, so the agent's checkpoint, which
+records the env's reward model, matches, and the resumed run is the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from agents.common import at_least_one, check_field, positive
+from rlhf_env.files import atomic_directory, refuse_foreign, verify_manifest, write_manifest
+from rlhf_env.jsonl import dumps_jsonl
+from rlhf_env.pipeline.preferences import PreferenceConfig, label_groups, load_groups, load_pairs, sample_groups
+from rlhf_env.pipeline.reward_training import (
+    RewardConfig,
+    normalize_reward_model,
+    pairwise_accuracy,
+    score_texts,
+    train_reward_model,
+)
+from rlhf_env.vector_env import RLHFVectorEnv
+
+Labeler = Callable[[list[dict], int], list[dict]]
+"""``labeler(groups, seed) -> pairs``: preference pairs ``{"prompt", "chosen", "rejected", ...}`` for sampled
+groups ``{"prompt", "responses", "gold"}`` (`rlhf_env.pipeline.preferences`), labelled reproducibly from `seed`."""
+
+FILES = {"reward_model.safetensors", "pairs.jsonl", "state.json"}
+
+
+@dataclass(frozen=True)
+class IteratedRMConfig:
+    every: int = 50
+    """Updates between two rounds of fresh labels (the first round after `every` updates)."""
+    prompts_per_round: int = 128
+    """Training prompts sampled per round."""
+    k: int = 2
+    """Responses per prompt; a labeler judges each of their C(k, 2) pairs (pairs of equal responses are dropped)."""
+    steps: int = 300
+    """Reward-model optimizer steps per round, on the original pairs plus all new ones."""
+    learning_rate: float = 2e-4
+    """Peak AdamW learning rate of each round's schedule (warm-up, cosine decay); below the 5e-4 of the first
+    training, since each round continues from the reward model in force."""
+    batch_size: int = 64
+    """Pairs per reward-model step."""
+    warmup_steps: int = 20
+    """Linear warm-up steps of each round."""
+    max_rounds: int | None = None
+    """Stop labelling after this many rounds (None: every `every` updates until training ends)."""
+    seed: int = 0
+    """Seeds the prompts, samples, labels and reward-model batches of every round."""
+
+    def __post_init__(self):
+        for name in ("every", "prompts_per_round", "steps", "batch_size"):
+            check_field(self, name, at_least_one, "an integer ≥ 1")
+        check_field(self, "warmup_steps", lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0")
+        check_field(self, "k", lambda v: isinstance(v, int) and v >= 2, "an integer ≥ 2 (a pair needs two)")
+        check_field(self, "learning_rate", positive, "a finite number > 0")
+        check_field(self, "max_rounds", lambda v: v is None or (isinstance(v, int) and v >= 0),
+                    "None or an integer ≥ 0")
+        check_field(self, "seed", lambda v: isinstance(v, int) and v >= 0, "an integer ≥ 0")
+
+
+class IteratedRewardModel:
+    """A ``learn`` callback that retrains the env's reward model on fresh labels of the current policy's samples
+    every ``config.every`` updates and swaps it into the env (module docstring).
+
+    `envs`: the agent's vector env, built with a single reward model (``reward_model=``, the default). `pairs`: the
+    preference pairs the reward model was trained on, kept in every round's training data, and `groups`: the π_SFT
+    samples its offset was centred on (default: the built-in task's, from its assets). `labeler`: how new samples
+    are labelled (default: the task's simulated annotators, pairwise). `ValueError` for an env without a reward
+    model, or no pairs."""
+
+    def __init__(self, envs, config: IteratedRMConfig = IteratedRMConfig(), labeler: Labeler | None = None,
+                 pairs: list[dict] | None = None, groups: list[dict] | None = None):
+        world = envs.unwrapped.world if not isinstance(envs, RLHFVectorEnv) else envs.world
+        if world.named_rewards or world.reward_model is None:
+            raise ValueError("IteratedRewardModel retrains the env's reward model: build the env with a single "
+                             "reward_model= (not reward_fn= or rewards=)")
+        if pairs is None or groups is None:
+            from rlhf_env.assets import asset_dir
+
+            preferences = asset_dir(world.task) / "preferences"
+            pairs = load_pairs(preferences / "pairs_train.jsonl") if pairs is None else pairs
+            groups = load_groups(preferences / "groups_train.jsonl") if groups is None else groups
+        if not pairs:
+            raise ValueError("IteratedRewardModel needs the reward model's original preference pairs (pairs=)")
+        self.world, self.config = world, config
+        self.labeler = labeler or (lambda g, seed: label_groups(g, world.task.annotator, "pairwise", seed))
+        self.base_pairs, self.groups = list(pairs), list(groups)
+        self.new_pairs: list[dict] = []
+        self.rng = np.random.default_rng(config.seed)
+        self.rounds = 0
+        self.history: list[dict] = []
+
+    @property
+    def labels(self) -> int:
+        """New labels spent so far (pairs judged in all rounds)."""
+        return len(self.new_pairs)
+
+    def __call__(self, agent, metrics: dict) -> None:
+        cfg = self.config
+        if agent.num_updates % cfg.every or (cfg.max_rounds is not None and self.rounds >= cfg.max_rounds):
+            return
+        self.round(agent.num_updates)
+
+    def round(self, updates: int = 0) -> dict:
+        """One round: sample, label, retrain, swap (module docstring). Returns its log line."""
+        cfg, world = self.config, self.world
+        seed = int(self.rng.integers(2**31 - 1))
+        was_training = world.policy.training
+        world.policy.eval()
+        groups = sample_groups(world.policy, world.tokenizer, world.task,
+                               PreferenceConfig(n_prompts=cfg.prompts_per_round, k=cfg.k, seed=seed,
+                                                temperature=world.temperature, sampling_backend="auto"),
+                               progress=False)
+        world.policy.train(was_training)
+        new = self.labeler(groups, seed)
+        line = {"round": self.rounds + 1, "updates": updates, "new_pairs": len(new),
+                "labels": self.labels + len(new), **self._accuracy(world.reward_model, new)}
+        model = copy.deepcopy(world.reward_model)
+        train_reward_model(model, world.tokenizer, self.base_pairs + self.new_pairs + new, None,
+                           RewardConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+                                        warmup_steps=cfg.warmup_steps, seed=seed), progress=False)
+        normalize_reward_model(model, world.tokenizer, self.groups)
+        world.set_reward_model(model)
+        self.new_pairs += new
+        self.rounds += 1
+        line.update({f"after/{k}": v for k, v in self._accuracy(model, new).items()})
+        self.history.append(line)
+        return line
+
+    def _accuracy(self, model, pairs: list[dict]) -> dict:
+        """How `model` ranks `pairs`: agreement with the labels, and with gold where the pairs carry it."""
+        if not pairs:
+            return {}
+        prompts = [p["prompt"] for p in pairs]
+        chosen = score_texts(model, self.world.tokenizer, prompts, [p["chosen"] for p in pairs])
+        rejected = score_texts(model, self.world.tokenizer, prompts, [p["rejected"] for p in pairs])
+        out = {"rm_accuracy_labels": pairwise_accuracy(chosen, rejected)}
+        if all("chosen_gold" in p for p in pairs):
+            gold = torch.tensor([p["chosen_gold"] - p["rejected_gold"] for p in pairs])
+            differ = gold != 0
+            if differ.any():
+                sign = torch.sign(gold[differ])
+                out["rm_accuracy_gold"] = pairwise_accuracy(sign * chosen[differ], sign * rejected[differ])
+        return out
+
+    # ---------------------------------------------------------------- checkpoints
+    def _base_digest(self) -> str:
+        return hashlib.sha256(dumps_jsonl(self.base_pairs).encode("utf-8")).hexdigest()
+
+    def save(self, directory: str | Path) -> None:
+        """The reward model in force (its exact tensors), the new pairs, the round counter, the history and the
+        random state, written in one step; `ValueError` for a folder that holds anything else."""
+        directory = Path(directory)
+        refuse_foreign(directory, FILES | {"manifest.json"} if directory.is_dir() else None,
+                       "an iterated reward model")
+        state = {"config": asdict(self.config), "rounds": self.rounds, "history": self.history,
+                 "rng": self.rng.bit_generator.state, "base_pairs_sha256": self._base_digest()}
+        text = json.dumps(state, indent=1)
+        with atomic_directory(directory) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.world.reward_model.state_dict().items()},
+                      tmp / "reward_model.safetensors")
+            (tmp / "pairs.jsonl").write_text(dumps_jsonl(self.new_pairs), encoding="utf-8")
+            (tmp / "state.json").write_text(text)
+            write_manifest(tmp, {"format": "rlhf-gym iterated reward model 1"})
+
+    @classmethod
+    def load(cls, directory: str | Path, envs, labeler: Labeler | None = None, pairs: list[dict] | None = None,
+             groups: list[dict] | None = None) -> IteratedRewardModel:
+        """Resume from `save` in `envs` (built as the original run's, its reward model the original one), before the
+        agent is loaded: the saved reward model goes into the env. `ValueError`, with the env unchanged, for a
+        damaged folder, other original pairs, or a reward model of another shape."""
+        directory = Path(directory)
+        verify_manifest(directory, "iterated reward model")
+        state = json.loads((directory / "state.json").read_text())
+        out = cls(envs, IteratedRMConfig(**state["config"]), labeler, pairs, groups)
+        if out._base_digest() != state["base_pairs_sha256"]:
+            raise ValueError(f"{directory} was trained on other original pairs than the ones given (their sha256 "
+                             "differs)")
+        model = copy.deepcopy(out.world.reward_model)
+        tensors = load_file(directory / "reward_model.safetensors")
+        if set(tensors) != set(model.state_dict()) or any(
+                tensors[k].shape != v.shape for k, v in model.state_dict().items()):
+            raise ValueError(f"{directory}: the saved reward model does not fit the env's (other parameters or "
+                             "shapes)")
+        model.load_state_dict(tensors)
+        saved_pairs = directory / "pairs.jsonl"
+        out.new_pairs = load_pairs(saved_pairs) if saved_pairs.stat().st_size else []  # empty: no round yet
+        out.rounds, out.history = state["rounds"], state["history"]
+        out.rng.bit_generator.state = state["rng"]
+        out.world.set_reward_model(model)
+        return out
+

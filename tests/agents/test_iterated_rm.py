@@ -1,0 +1,92 @@
+"""The iterated reward model: a round samples the current policy, labels the samples, retrains the reward model on
+old + new pairs and swaps it into the env; resuming from its checkpoint (and the agent's) is the uninterrupted run;
+what cannot work is refused."""
+
+import gymnasium as gym
+import pytest
+
+import rlhf_env  # noqa: F401  (registers the envs)
+from agents.iterated_rm import IteratedRewardModel, IteratedRMConfig
+from agents.reinforce import Reinforce, ReinforceConfig
+from rlhf_env.assets import asset_dir
+from rlhf_env.pipeline.preferences import load_groups, load_pairs
+
+PREFERENCES = asset_dir("sentiment") / "preferences"
+PAIRS = load_pairs(PREFERENCES / "pairs_train.jsonl")[:200]
+GROUPS = load_groups(PREFERENCES / "groups_train.jsonl")[:50]
+SMALL = IteratedRMConfig(every=1, prompts_per_round=8, steps=3, batch_size=8, warmup_steps=1)
+
+
+def make_envs():
+    return gym.make_vec("RLHF-v0", num_envs=8, max_new_tokens=8, beta=0.1)
+
+
+def make_agent(envs):
+    return Reinforce(envs, ReinforceConfig(episodes_per_update=8, samples_per_prompt=2), progress=False)
+
+
+def test_a_round_labels_the_policys_samples_and_swaps_a_retrained_reward_model(digest):
+    envs = make_envs()
+    original = envs.unwrapped.reward_model
+    before = digest(original)
+    iterated = IteratedRewardModel(envs, SMALL, pairs=PAIRS, groups=GROUPS)
+    line = iterated.round()
+    assert envs.unwrapped.reward_model is not original and digest(original) == before  # a new model, the old kept
+    assert digest(envs.unwrapped.reward_model) != before
+    assert line["round"] == 1 and line["new_pairs"] == len(iterated.new_pairs) == iterated.labels > 0
+    assert line["new_pairs"] <= 8  # C(2, 2) = 1 pair per prompt, fewer where both samples are the same
+    assert 0 <= line["rm_accuracy_labels"] <= 1 and 0 <= line["after/rm_accuracy_labels"] <= 1
+    assert {"prompt", "chosen", "rejected", "chosen_gold"} <= set(iterated.new_pairs[0])
+
+
+def test_every_n_updates_and_at_most_max_rounds():
+    envs = make_envs()
+    iterated = IteratedRewardModel(envs, IteratedRMConfig(every=2, max_rounds=1, prompts_per_round=4, steps=1,
+                                                          batch_size=4, warmup_steps=0), pairs=PAIRS, groups=GROUPS)
+    make_agent(envs).learn(8 * 8 * 5, callback=iterated)  # at least 5 updates
+    assert [line["updates"] for line in iterated.history] == [2]
+
+
+def test_resume_from_both_checkpoints_is_the_uninterrupted_run(tmp_path, digest):
+    def run(updates, agent, iterated):
+        while agent.num_updates < updates:
+            agent.update()
+            iterated(agent, {})
+
+    envs = make_envs()
+    agent, iterated = make_agent(envs), IteratedRewardModel(envs, SMALL, pairs=PAIRS, groups=GROUPS)
+    run(4, agent, iterated)
+    expected = digest(agent.lm), digest(envs.unwrapped.reward_model), iterated.history
+
+    envs = make_envs()
+    agent, iterated = make_agent(envs), IteratedRewardModel(envs, SMALL, pairs=PAIRS, groups=GROUPS)
+    run(2, agent, iterated)
+    iterated.save(tmp_path / "rm")
+    agent.save(tmp_path / "agent")
+    envs = make_envs()  # a fresh process's env: the original reward model
+    with pytest.raises(ValueError, match="trained in another env"):  # the agent alone: the env's RM is not its own
+        Reinforce.load(tmp_path / "agent", envs, progress=False)
+    iterated = IteratedRewardModel.load(tmp_path / "rm", envs, pairs=PAIRS, groups=GROUPS)
+    agent = Reinforce.load(tmp_path / "agent", envs, progress=False)
+    run(4, agent, iterated)
+    assert (digest(agent.lm), digest(envs.unwrapped.reward_model), iterated.history) == expected
+
+
+def test_what_cannot_work_is_refused(tmp_path, task):
+    with pytest.raises(ValueError, match="IteratedRMConfig.k must be an integer ≥ 2"):
+        IteratedRMConfig(k=1)
+    with pytest.raises(ValueError, match="IteratedRMConfig.every must be an integer ≥ 1"):
+        IteratedRMConfig(every=0)
+    gold = gym.make_vec("RLHF-v0", num_envs=2, max_new_tokens=8, reward_fn=task.gold_reward)
+    with pytest.raises(ValueError, match="single reward_model="):
+        IteratedRewardModel(gold, SMALL, pairs=PAIRS, groups=GROUPS)
+    envs = make_envs()
+    with pytest.raises(ValueError, match="original preference pairs"):
+        IteratedRewardModel(envs, SMALL, pairs=[], groups=GROUPS)
+    IteratedRewardModel(envs, SMALL, pairs=PAIRS, groups=GROUPS).save(tmp_path / "rm")
+    with pytest.raises(ValueError, match="other original pairs"):
+        IteratedRewardModel.load(tmp_path / "rm", envs, pairs=PAIRS[:10], groups=GROUPS)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="refusing to write"):
+        IteratedRewardModel(envs, SMALL, pairs=PAIRS, groups=GROUPS).save(tmp_path / "other")
