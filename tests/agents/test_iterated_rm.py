@@ -14,7 +14,8 @@ from rlhf_env.pipeline.preferences import load_groups, load_pairs
 PREFERENCES = asset_dir("sentiment") / "preferences"
 PAIRS = load_pairs(PREFERENCES / "pairs_train.jsonl")[:200]
 GROUPS = load_groups(PREFERENCES / "groups_train.jsonl")[:50]
-SMALL = IteratedRMConfig(every=1, prompts_per_round=8, steps=3, batch_size=8, warmup_steps=1)
+SMALL = IteratedRMConfig(every=1, prompts_per_round=8, steps=3, batch_size=8, warmup_steps=1, replay=64,
+                         center_groups=20)
 
 
 def make_envs():
@@ -90,3 +91,18 @@ def test_what_cannot_work_is_refused(tmp_path, task):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="refusing to write"):
         IteratedRewardModel(envs, SMALL, pairs=PAIRS, groups=GROUPS).save(tmp_path / "other")
+
+
+def test_a_round_trains_on_every_new_pair_and_a_fresh_replay_of_original_ones(monkeypatch):
+    import agents.iterated_rm as module
+
+    seen = []
+    monkeypatch.setattr(module, "train_reward_model", lambda model, tokenizer, pairs, *rest, **kw: seen.append(pairs))
+    envs = make_envs()
+    iterated = IteratedRewardModel(envs, SMALL, pairs=PAIRS, groups=GROUPS)
+    for _ in range(2):
+        iterated.round()
+    first, second = seen
+    assert len(first) == 64 + iterated.history[0]["new_pairs"]
+    assert len(second) == 64 + iterated.labels and second[64:] == iterated.new_pairs  # all new pairs, every round
+    assert all(p in PAIRS for p in first[:64] + second[:64]) and first[:64] != second[:64]  # drawn afresh
