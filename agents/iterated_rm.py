@@ -18,8 +18,9 @@ and Llama 2's pipelines (Ouyang et al. 2022; Touvron et al. 2023, §3.2.2, "iter
 4. put it into the env (`rlhf_env.world.RLHFWorld.set_reward_model`), so the next rollout is scored by it.
 
 Use it as the agent's ``learn`` callback: ``agent.learn(steps, callback=IteratedRewardModel(envs))``. It logs one
-line per round (`history`): the round, the labels spent so far, and how well the reward model in force ranked the
-new pairs *before* retraining, against the labels and against gold when the task has one (the drift it corrects).
+line per round (`history`): the round, the labels spent so far, how well the reward model in force ranked the new
+pairs *before* retraining (and the new one after), against the labels and against gold when the task has one (the
+drift it corrects), and the round's wall time (sampling, labelling, training: part of the training cost).
 
 Resume: `save` writes the reward model in force, the new pairs and the random state; `IteratedRewardModel.load`
 puts them back (and the reward model into the env) before the agent is loaded, so the agent's checkpoint, which
@@ -31,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,7 +148,7 @@ class IteratedRewardModel:
 
     def round(self, updates: int = 0) -> dict:
         """One round: sample, label, retrain, swap (module docstring). Returns its log line."""
-        cfg, world = self.config, self.world
+        cfg, world, start = self.config, self.world, time.perf_counter()
         seed = int(self.rng.integers(2**31 - 1))
         was_training = world.policy.training
         world.policy.eval()
@@ -161,8 +163,8 @@ class IteratedRewardModel:
         data_size = min(cfg.replay, len(self.base_pairs)) + len(self.new_pairs) + len(new)
         if data_size == 0:  # every sample tied: nothing to learn this round, the reward model stays
             self.rounds += 1
-            self.history.append(line)
-            return line
+            self.history.append(line | {"seconds": round(time.perf_counter() - start, 2)})
+            return self.history[-1]
         replayed = self.rng.choice(len(self.base_pairs), size=min(cfg.replay, len(self.base_pairs)), replace=False)
         model = copy.deepcopy(world.reward_model)
         train_reward_model(model, world.tokenizer, [self.base_pairs[i] for i in replayed] + self.new_pairs + new, None,
@@ -173,8 +175,8 @@ class IteratedRewardModel:
         self.new_pairs += new
         self.rounds += 1
         line.update({f"after/{k}": v for k, v in self._accuracy(model, new).items()})
-        self.history.append(line)
-        return line
+        self.history.append(line | {"seconds": round(time.perf_counter() - start, 2)})
+        return self.history[-1]
 
     def _accuracy(self, model, pairs: list[dict]) -> dict:
         """How `model` ranks `pairs`: agreement with the labels, and with gold where the pairs carry it."""

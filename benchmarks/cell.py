@@ -35,6 +35,12 @@ ALGORITHMS = {
 }
 # Training curves keep these metrics (when the algorithm logs them), averaged over windows of updates.
 UNTRAINED = ("sft", "best_of_n", "optimum")  # the algorithms that train no agent
+# Where the cell's reward comes from (reward "rm"): which labels trained its reward model, and how.
+FEEDBACK = {
+    "human": "the task's reward model, trained once on the simulated human annotators' labels of π_SFT samples",
+    "iterated": "the same reward model, retrained during RL on fresh human labels of the current policy's samples "
+                "every 100 updates (agents.iterated_rm, default IteratedRMConfig)",
+}
 CURVE_KEYS = ("objective/score", "objective/gold_score", "objective/kl", "episode/well_formed", "episode/length",
               "loss/dpo", "rewards/accuracies", "rewards/margins")
 CURVE_POINTS = 100
@@ -69,6 +75,9 @@ class CellConfig:
     fixed. The Pareto sweep sets it so that every weight spends the same KL budget."""
     kl_horizon: int = 10_000
     """The adaptive controller's horizon in episodes (used with `kl_target` only)."""
+    feedback: str = "human"
+    """Where the reward model's labels come from (`FEEDBACK`); other than "human" needs reward "rm" and an RL
+    agent."""
     processes: int = 1
     """Data-parallel ranks the agent trains on (`agents.distributed`): > 1 runs the cell under ``torchrun``
     (`benchmarks.run.cell_command`), each rank with ``num_envs / processes`` env rows and its share of every
@@ -91,6 +100,13 @@ class CellConfig:
             raise ValueError(f"kl_target must be > 0 nats, got {self.kl_target}")
         if self.kl_horizon < 1:
             raise ValueError(f"kl_horizon must be ≥ 1 episode, got {self.kl_horizon}")
+        if self.feedback not in FEEDBACK:
+            raise ValueError(f"unknown feedback {self.feedback!r}; expected one of {sorted(FEEDBACK)}")
+        if self.feedback != "human" and (self.reward != "rm" or self.algorithm in (*UNTRAINED, "dpo")):
+            raise ValueError(f"feedback={self.feedback!r} shapes the reward model an RL agent trains on: it needs "
+                             f"reward='rm' and an RL algorithm, got reward={self.reward!r}, {self.algorithm!r}")
+        if self.feedback == "iterated" and self.processes > 1:
+            raise ValueError("feedback='iterated' runs on one process (its rounds sample and retrain on rank 0)")
         if not (isinstance(self.processes, int) and self.processes >= 1):
             raise ValueError(f"processes must be an integer ≥ 1, got {self.processes!r}")
         if self.processes > 1 and self.algorithm in UNTRAINED:
@@ -109,6 +125,8 @@ class CellConfig:
             name += f"-w{self.weight:g}"
         if self.kl_target is not None:
             name += f"-kt{self.kl_target:g}-h{self.kl_horizon}"
+        if self.feedback != "human":
+            name += f"-f{self.feedback}"
         if self.processes > 1:
             name += f"-p{self.processes}"
         return name
@@ -250,7 +268,7 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict | None:
     world = envs.unwrapped.world
     eval_seed = 10_000 + config.seed
     start = time.perf_counter()
-    agent, curve, checkpoints, metrics = None, [], None, {}
+    agent, curve, checkpoints, metrics, feedback = None, [], None, {}, {}
     if config.algorithm == "optimum":
         metrics = kl_regularised_optimum(envs, None, config.beta, n_prompts=config.eval_episodes,
                                          n_samples=config.budget, seed=config.seed)
@@ -259,14 +277,24 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict | None:
     else:
         agent = make_agent(config, envs, progress)
         if agent is not None:
+            callbacks = []
             if ranks.is_main:  # the held-out evaluations during training (the other ranks wait for rank 0's)
                 checkpoints = Checkpoints(envs, config.budget, seed=20_000 + config.seed)
-            agent.learn(config.budget, callback=checkpoints)
+                callbacks.append(checkpoints)
+            if config.feedback == "iterated":
+                from agents.iterated_rm import IteratedRewardModel, IteratedRMConfig
+
+                iterated = IteratedRewardModel(envs, IteratedRMConfig(seed=config.seed))
+                callbacks.insert(0, iterated)  # the checkpoint after a round scores with the new reward model
+            agent.learn(config.budget, callback=lambda agent, metrics: [c(agent, metrics) for c in callbacks])
             curve = training_curve(agent.logger.history)
+            if config.feedback == "iterated":
+                feedback = {"labels": iterated.labels, "rounds": iterated.history}
     if not ranks.is_main:
         return None
     # Training alone (the updates, checkpoint evaluations excluded); for best-of-n, its sampling and scoring.
     train_seconds = checkpoints.seconds if checkpoints else time.perf_counter() - start
+    train_seconds += sum(line["seconds"] for line in feedback.get("rounds", []))  # the iterated RM's rounds
     if config.algorithm not in ("optimum", "best_of_n"):
         metrics = evaluate(envs, config.eval_episodes, seed=eval_seed)
         if config.algorithm == "dpo":
@@ -281,6 +309,7 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict | None:
             "timing": {"train_seconds": round(train_seconds, 1), "wall_seconds": round(wall_seconds, 1),
                        "updates": getattr(agent, "num_updates", 0), "timesteps": getattr(agent, "num_timesteps", 0)},
             "memory": memory, "curve": curve, "checkpoints": checkpoints.points if checkpoints else [],
+            "feedback": feedback,
             "machine": {"device": str(world.device), "processes": ranks.world_size,
                         "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "python": platform.python_version(), "platform": platform.platform()}}

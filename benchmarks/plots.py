@@ -45,6 +45,24 @@ def _std(x: np.ndarray) -> float:
     return float(x.std(ddof=1)) if len(x) > 1 else 0.0
 
 
+# Rows of one algorithm on other feedback (or on several processes) get these colours, in order of appearance.
+VARIANT_COLORS = ["tab:olive", "tab:cyan", "tab:pink", "gold", "navy", "lime", "maroon", "teal"]
+
+
+def _color(row: dict) -> str:
+    """The algorithm's colour, or for a variant of it (`row["feedback"]` other than "human", several processes) a
+    colour of its own, the same in every panel."""
+    if row.get("feedback", "human") == "human" and row.get("processes", 1) == 1:
+        return COLORS[row["algorithm"]]
+    key = (row["algorithm"], row.get("feedback", "human"), row.get("processes", 1))
+    if key not in _VARIANTS:
+        _VARIANTS[key] = VARIANT_COLORS[len(_VARIANTS) % len(VARIANT_COLORS)]
+    return _VARIANTS[key]
+
+
+_VARIANTS: dict[tuple, str] = {}
+
+
 def _row_label(row: dict, beta: float, many_betas: bool) -> str:
     return row["label"] + (f", β = {beta:g}" if many_betas and row["algorithm"] not in ("sft", "best_of_n") else "")
 
@@ -78,7 +96,7 @@ def _frontier_panel(ax, groups: list[dict]) -> None:
                 continue
             if algorithm == "best_of_n":
                 continue
-            color, marker = COLORS[algorithm], MARKERS[b % len(MARKERS)]
+            color, marker = _color(row), MARKERS[b % len(MARKERS)]
             if runs[0].get("checkpoints"):
                 path_kl = _stack(runs, "checkpoints", "objective/kl").mean(0)
                 path_gold = _stack(runs, "checkpoints", "objective/gold_score").mean(0)
@@ -104,7 +122,7 @@ def _overoptimisation_panels(axes, groups: list[dict]) -> None:
                 path_kl = np.sqrt(np.clip(_stack(row["runs"], "checkpoints", "objective/kl"), 0, None)).mean(0)
                 path_y = _stack(row["runs"], "checkpoints", key).mean(0)
                 ax.plot(path_kl, path_y, "-", marker=MARKERS[b % len(MARKERS)], ms=4,
-                        color=COLORS[row["algorithm"]], label=_row_label(row, group["beta"], many))
+                        color=_color(row), label=_row_label(row, group["beta"], many))
         ax.set_xlabel("√KL(π ‖ π_ref) (√nats)")
         ax.set_ylabel(f"held-out {name}")
         ax.grid(alpha=0.3)
@@ -125,7 +143,7 @@ def _learning_panels(axes, groups: list[dict]) -> None:
                     continue
                 x = _stack(runs, "curve", x_key).mean(0)
                 y = _stack(runs, "curve", y_key)
-                color = COLORS[row["algorithm"]]
+                color = _color(row)
                 ax.plot(x, y.mean(0), color=color, ls=["-", "--", ":", "-."][b % 4],
                         label=_row_label(row, group["beta"], many))
                 if len(y) > 1:

@@ -23,6 +23,10 @@ LABELS = {"sft": "π_SFT (floor)", "best_of_n": "best-of-{n}", "ppo": "PPO", "rl
           "reinforce_value": "REINFORCE + value head", "dpo": "DPO"}
 
 
+# How the report names each feedback source (`benchmarks.cell.FEEDBACK`), in the table's order.
+FEEDBACK_LABELS = {"human": "human labels", "iterated": "iterated RM"}
+
+
 def label(algorithm: str, budget: int) -> str:
     return LABELS[algorithm].format(n=budget)
 
@@ -70,8 +74,8 @@ def load_cells(out: Path) -> list[dict]:
 
 
 def aggregate(cells: list[dict]) -> list[dict]:
-    """One entry per (task, reward, β): the optimum, and a row per (algorithm, budget, processes) with every
-    metric's seeds (a data-parallel run of an algorithm is its own row, labelled with its number of processes)."""
+    """One entry per (task, reward, β): the optimum, and a row per (algorithm, budget, feedback, processes) with
+    every metric's seeds (a run on other feedback, or data-parallel, is its own row, labelled with it)."""
     groups: dict[tuple, dict] = defaultdict(lambda: {"optimum": None, "rows": defaultdict(list)})
     for cell in cells:
         c = cell["config"]
@@ -79,14 +83,17 @@ def aggregate(cells: list[dict]) -> list[dict]:
         if c["algorithm"] == "optimum":
             group["optimum"] = cell["metrics"]
         else:
-            group["rows"][(c["algorithm"], c["budget"], c.get("processes", 1))].append(cell)
+            group["rows"][(c["algorithm"], c["budget"], c.get("feedback", "human"), c.get("processes", 1))].append(cell)
     result = []
     for (task, reward, beta), group in sorted(groups.items()):
         rows = []
-        for (algorithm, budget, processes), runs in sorted(group["rows"].items(),
-                                                           key=lambda kv: (ORDER.index(kv[0][0]), *kv[0][1:])):
-            name = label(algorithm, budget) + (f", {processes} processes" if processes > 1 else "")
-            rows.append({"algorithm": algorithm, "budget": budget, "processes": processes, "label": name,
+        for (algorithm, budget, feedback, processes), runs in sorted(
+                group["rows"].items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1],
+                                                       list(FEEDBACK_LABELS).index(kv[0][2]), kv[0][3])):
+            name = (label(algorithm, budget) + (f", {FEEDBACK_LABELS[feedback]}" if feedback != "human" else "")
+                    + (f", {processes} processes" if processes > 1 else ""))
+            rows.append({"algorithm": algorithm, "budget": budget, "feedback": feedback, "processes": processes,
+                         "label": name,
                          "seeds": sorted(r["config"]["seed"] for r in runs), "runs": runs,
                          "commits": sorted({str(r["commit"]) for r in runs})})
         result.append({"task": task, "reward": reward, "beta": beta, "optimum": group["optimum"], "rows": rows})

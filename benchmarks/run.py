@@ -46,7 +46,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from benchmarks.cell import ALGORITHMS, UNTRAINED, CellConfig
+from benchmarks.cell import ALGORITHMS, FEEDBACK, UNTRAINED, CellConfig
 from benchmarks.processes import dies_with
 from benchmarks.results import read_cell
 from rlhf_env.files import FolderInUse, FolderLock, append_line, atomic_write_json
@@ -73,6 +73,9 @@ class Grid:
     kl_target: float | None = None
     """Adaptive β toward this KL per episode in every training cell (`CellConfig.kl_target`); None: β fixed."""
     kl_horizon: int = 10_000
+    feedbacks: tuple[str, ...] = ("human",)
+    """Where the reward model's labels come from (`benchmarks.cell.FEEDBACK`): each RL cell on the learned reward
+    model runs once per feedback source ("human" is the task's reward model as built)."""
     processes: int = 1
     """Data-parallel processes of every training cell (`CellConfig.processes`: run under ``torchrun``)."""
 
@@ -90,8 +93,8 @@ class Grid:
                     for seed in self.seeds:
                         runs = [("best_of_n", n) for n in self.best_of] + list(self.budgets.items())
                         cells += [CellConfig(algorithm, seed=seed, budget=budget, eval_episodes=self.eval_episodes,
-                                             processes=self._processes(algorithm), **common)
-                                  for algorithm, budget in runs]
+                                             processes=self._processes(algorithm), feedback=feedback, **common)
+                                  for algorithm, budget in runs for feedback in self._feedbacks(algorithm, reward)]
         return cells
 
     def _pareto_cells(self, threads: int | None, device: str) -> list[CellConfig]:
@@ -114,6 +117,13 @@ class Grid:
 
     def _processes(self, algorithm: str) -> int:
         return 1 if algorithm in UNTRAINED else self.processes
+
+    def _feedbacks(self, algorithm: str, reward: str) -> tuple[str, ...]:
+        """The feedback sources a cell of `algorithm` on `reward` runs with: every one for an RL agent on the
+        learned reward model; "human" (the default reward model, or none) for the rest."""
+        if reward != "rm" or algorithm in (*UNTRAINED, "dpo"):
+            return ("human",)
+        return self.feedbacks
 
 
 # ~10 minutes on 2 CPU cores (budgets measured on this machine: RLOO ~8.5k env steps/s, PPO ~2.4k, DPO ~700 pairs/s).
@@ -268,6 +278,8 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--optimum-prompts", type=int, help="held-out prompts for the optimum estimate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: one per core)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--feedback", nargs="+", choices=sorted(FEEDBACK),
+                        help="feedback sources of the RL cells on the learned reward model (default: human)")
     parser.add_argument("--processes", type=int,
                         help="data-parallel processes per training cell, each cell under torchrun (default 1)")
     parser.add_argument("--list", action="store_true", help="print the cells and exit")
@@ -291,7 +303,7 @@ def grid_from_args(args) -> Grid:
     overrides = {"tasks": args.tasks, "rewards": args.rewards, "betas": args.betas, "seeds": args.seeds,
                  "eval_episodes": args.eval_episodes, "optimum_samples": args.optimum_samples,
                  "optimum_prompts": args.optimum_prompts, "weights": args.weights, "kl_target": args.kl_target,
-                 "processes": args.processes}
+                 "processes": args.processes, "feedbacks": args.feedback}
     return replace(grid, budgets=budgets, best_of=tuple(best_of),
                    **{k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
 

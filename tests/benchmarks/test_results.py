@@ -114,3 +114,16 @@ def test_a_benchmarks_json_report_is_written_whole_or_not_at_all(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         report({"rows": 2}, str(path))
     assert json.loads(path.read_text()) == {"rows": 1} and _temporary_files(tmp_path) == []
+
+
+def test_runs_on_other_feedback_or_processes_are_rows_of_their_own(tmp_path, cell_record):
+    out = tmp_path / "bench"
+    _write_cells(out, cell_record)
+    for config in (CellConfig("rloo", budget=100, eval_episodes=16, feedback="iterated"),
+                   CellConfig("rloo", budget=100, eval_episodes=16, processes=2)):
+        (out / "cells" / f"{config.name}.json").write_text(json.dumps(cell_record(config, 0.3)))
+    write_report(out)
+    rows = [line.split(" | ")[0] for line in (out / "results.md").read_text().splitlines()
+            if line.startswith("| REINFORCE")]
+    assert rows == ["| REINFORCE + RLOO (K=4)", "| REINFORCE + RLOO (K=4), 2 processes",
+                    "| REINFORCE + RLOO (K=4), iterated RM"]

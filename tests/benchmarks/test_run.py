@@ -42,6 +42,38 @@ def test_cell_configs_reject_bad_input():
         CellConfig("rloo", budget=10, num_envs=63, processes=2)
 
 
+def test_feedback_sources_are_cells_of_their_own(monkeypatch):
+    with pytest.raises(ValueError, match="unknown feedback"):
+        CellConfig("rloo", budget=10, feedback="crowd")
+    for bad in (dict(algorithm="rloo", reward="gold"), dict(algorithm="dpo"), dict(algorithm="best_of_n")):
+        with pytest.raises(ValueError, match="needs reward='rm' and an RL algorithm"):
+            CellConfig(**bad, budget=10, feedback="iterated")
+    with pytest.raises(ValueError, match="one process"):
+        CellConfig("rloo", budget=10, feedback="iterated", processes=2)
+    assert CellConfig("rloo", budget=10, feedback="iterated").name == CellConfig("rloo", budget=10).name + "-fiterated"
+    grid = run.Grid(rewards=("rm", "gold"), budgets={"sft": 0, "rloo": 10, "dpo": 10}, feedbacks=("human", "iterated"))
+    assert sorted((c.algorithm, c.reward, c.feedback) for c in grid.cells() if c.algorithm != "optimum") == [
+        ("dpo", "gold", "human"), ("dpo", "rm", "human"), ("rloo", "gold", "human"), ("rloo", "rm", "human"),
+        ("rloo", "rm", "iterated"), ("sft", "gold", "human"), ("sft", "rm", "human")]
+    args = command_line().parse_args(["--quick", "--feedback", "human", "iterated"])
+    assert grid_from_args(args).feedbacks == ("human", "iterated")
+
+
+def test_an_iterated_cell_records_its_rounds_and_labels(monkeypatch):
+    import functools
+
+    import agents.iterated_rm
+
+    monkeypatch.setattr(agents.iterated_rm, "IteratedRMConfig", functools.partial(
+        agents.iterated_rm.IteratedRMConfig, every=1, prompts_per_round=4, steps=1, batch_size=4, replay=8,
+        center_groups=4))
+    record = cell.run_cell(CellConfig("rloo", budget=2000, feedback="iterated", eval_episodes=16), progress=False)
+    rounds = record["feedback"]["rounds"]
+    assert [line["round"] for line in rounds] == list(range(1, record["timing"]["updates"] + 1))
+    assert record["feedback"]["labels"] == sum(line["new_pairs"] for line in rounds) > 0
+    assert record["timing"]["train_seconds"] >= sum(line["seconds"] for line in rounds)
+
+
 def test_a_cell_of_several_processes_runs_under_torchrun_and_is_its_own_row():
     one, two = CellConfig("rloo", budget=10), CellConfig("rloo", budget=10, processes=2)
     assert two.name == one.name + "-p2"
