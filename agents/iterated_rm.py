@@ -13,8 +13,12 @@ and Llama 2's pipelines (Ouyang et al. 2022; Touvron et al. 2023, §3.2.2, "iter
    original pairs; any ``labeler(groups, seed) -> pairs`` works, e.g. an AI judge),
 3. continue training the current reward model on every new pair so far plus ``replay`` original pairs drawn
    afresh each round (so it does not forget what it knew of π_SFT's samples), with a fresh AdamW schedule of
-   ``steps`` steps, uniform over those pairs; then re-centre it on ``center_groups`` of the original π_SFT sample
-   groups (the offset that makes their mean score 0, recomputed, so the reward's zero stays where it was),
+   ``steps`` steps, uniform over those pairs; then put it back on the original reward model's scale: on
+   ``center_groups`` of the original π_SFT sample groups its scores are given the original model's standard
+   deviation (the head's weight rescaled) and mean 0 (the offset recomputed). Bradley–Terry training leaves the
+   scale free and continued training grows it (margins widen), which at a fixed β would weaken the KL penalty
+   round after round: measured without this, the reward model's score on the policy's samples rose from 2.1 to
+   4.6 and the KL doubled,
 4. put it into the env (`rlhf_env.world.RLHFWorld.set_reward_model`), so the next rollout is scored by it.
 
 Use it as the agent's ``learn`` callback: ``agent.learn(steps, callback=IteratedRewardModel(envs))``. It logs one
@@ -67,8 +71,9 @@ class IteratedRMConfig:
     """Updates between two rounds of fresh labels (the first round after `every` updates)."""
     prompts_per_round: int = 256
     """Training prompts sampled per round."""
-    k: int = 2
-    """Responses per prompt; a labeler judges each of their C(k, 2) pairs (pairs of equal responses are dropped)."""
+    k: int = 4
+    """Responses per prompt; a labeler judges each of their C(k, 2) pairs (pairs of equal responses, and for the
+    simulated annotators at temperature 0 pairs of equal gold, carry no preference and are dropped)."""
     steps: int = 100
     """Reward-model optimizer steps per round, on all new pairs plus `replay` original ones."""
     replay: int = 1024
@@ -130,6 +135,7 @@ class IteratedRewardModel:
         self.world, self.config = world, config
         self.labeler = labeler or (lambda g, seed: label_groups(g, world.task.annotator, "pairwise", seed))
         self.base_pairs, self.groups = list(pairs), list(groups)[:config.center_groups]
+        self.scale = self._score_std(world.reward_model)  # the original reward model's scale on π_SFT samples
         self.new_pairs: list[dict] = []
         self.rng = np.random.default_rng(config.seed)
         self.rounds = 0
@@ -170,6 +176,8 @@ class IteratedRewardModel:
         train_reward_model(model, world.tokenizer, [self.base_pairs[i] for i in replayed] + self.new_pairs + new, None,
                            RewardConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.learning_rate,
                                         warmup_steps=cfg.warmup_steps, seed=seed), progress=False)
+        with torch.no_grad():
+            model.head.weight.mul_(self.scale / self._score_std(model))
         normalize_reward_model(model, world.tokenizer, self.groups)
         world.set_reward_model(model)
         self.new_pairs += new
@@ -177,6 +185,12 @@ class IteratedRewardModel:
         line.update({f"after/{k}": v for k, v in self._accuracy(model, new).items()})
         self.history.append(line | {"seconds": round(time.perf_counter() - start, 2)})
         return self.history[-1]
+
+    def _score_std(self, model) -> float:
+        """The standard deviation of `model`'s scores of the centring groups' responses (π_SFT samples)."""
+        prompts = [g["prompt"] for g in self.groups for _ in g["responses"]]
+        responses = [r for g in self.groups for r in g["responses"]]
+        return float(score_texts(model, self.world.tokenizer, prompts, responses).std())
 
     def _accuracy(self, model, pairs: list[dict]) -> dict:
         """How `model` ranks `pairs`: agreement with the labels, and with gold where the pairs carry it."""
@@ -204,7 +218,7 @@ class IteratedRewardModel:
         directory = Path(directory)
         refuse_foreign(directory, FILES | {"manifest.json"} if directory.is_dir() else None,
                        "an iterated reward model")
-        state = {"config": asdict(self.config), "rounds": self.rounds, "history": self.history,
+        state = {"config": asdict(self.config), "rounds": self.rounds, "history": self.history, "scale": self.scale,
                  "rng": self.rng.bit_generator.state, "base_pairs_sha256": self._base_digest()}
         text = json.dumps(state, indent=1)
         with atomic_directory(directory) as tmp:
@@ -236,7 +250,7 @@ class IteratedRewardModel:
         model.load_state_dict(tensors)
         saved_pairs = directory / "pairs.jsonl"
         out.new_pairs = load_pairs(saved_pairs) if saved_pairs.stat().st_size else []  # empty: no round yet
-        out.rounds, out.history = state["rounds"], state["history"]
+        out.rounds, out.history, out.scale = state["rounds"], state["history"], state["scale"]
         out.rng.bit_generator.state = state["rng"]
         out.world.set_reward_model(model)
         return out

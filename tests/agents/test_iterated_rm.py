@@ -4,12 +4,14 @@ what cannot work is refused."""
 
 import gymnasium as gym
 import pytest
+import torch
 
 import rlhf_env  # noqa: F401  (registers the envs)
 from agents.iterated_rm import IteratedRewardModel, IteratedRMConfig
 from agents.reinforce import Reinforce, ReinforceConfig
 from rlhf_env.assets import asset_dir
 from rlhf_env.pipeline.preferences import load_groups, load_pairs
+from rlhf_env.pipeline.reward_training import score_texts
 
 PREFERENCES = asset_dir("sentiment") / "preferences"
 PAIRS = load_pairs(PREFERENCES / "pairs_train.jsonl")[:200]
@@ -39,7 +41,7 @@ def test_a_round_labels_the_policys_samples_and_swaps_a_retrained_reward_model(d
     assert envs.unwrapped.reward_model is not original and digest(original) == before  # a new model, the old kept
     assert digest(envs.unwrapped.reward_model) != before
     assert line["round"] == 1 and line["new_pairs"] == len(iterated.new_pairs) == iterated.labels > 0
-    assert line["new_pairs"] <= 8  # C(2, 2) = 1 pair per prompt, fewer where both samples are the same
+    assert line["new_pairs"] <= 8 * 6  # C(4, 2) = 6 pairs per prompt, fewer where two samples tie
     assert 0 <= line["rm_accuracy_labels"] <= 1 and 0 <= line["after/rm_accuracy_labels"] <= 1
     assert {"prompt", "chosen", "rejected", "chosen_gold"} <= set(iterated.new_pairs[0])
 
@@ -110,3 +112,18 @@ def test_a_round_trains_on_every_new_pair_and_a_fresh_replay_of_original_ones(mo
     assert len(first) == 64 + iterated.history[0]["new_pairs"]
     assert len(second) == 64 + iterated.labels and second[64:] == iterated.new_pairs  # all new pairs, every round
     assert all(p in PAIRS for p in first[:64] + second[:64]) and first[:64] != second[:64]  # drawn afresh
+
+
+def test_the_retrained_reward_model_keeps_the_original_scale_and_zero():
+    envs = make_envs()
+    iterated = IteratedRewardModel(envs, IteratedRMConfig(prompts_per_round=8, steps=20, batch_size=8, replay=64,
+                                                          center_groups=20, learning_rate=5e-3), pairs=PAIRS,
+                                   groups=GROUPS)
+    iterated.round()
+    prompts = [g["prompt"] for g in iterated.groups for _ in g["responses"]]
+    responses = [r for g in iterated.groups for r in g["responses"]]
+    original = score_texts(make_envs().unwrapped.reward_model, envs.unwrapped.tokenizer, prompts, responses)
+    new = score_texts(envs.unwrapped.reward_model, envs.unwrapped.tokenizer, prompts, responses)
+    assert float(new.std()) == pytest.approx(float(original.std()), rel=1e-3)
+    assert abs(float(new.mean())) < 1e-3 and not torch.allclose(new, original, atol=1e-2)  # retrained all the same
+
