@@ -122,11 +122,11 @@ class IteratedRewardModel:
             raise ValueError("IteratedRewardModel retrains the env's reward model: build the env with a single "
                              "reward_model= (not reward_fn= or rewards=)")
         if pairs is None or groups is None:
-            from rlhf_env.assets import asset_dir
+            from rlhf_env.assets import asset_dir, load_preference_pairs
 
-            preferences = asset_dir(world.task) / "preferences"
-            pairs = load_pairs(preferences / "pairs_train.jsonl") if pairs is None else pairs
-            groups = load_groups(preferences / "groups_train.jsonl") if groups is None else groups
+            assets = asset_dir(world.task)
+            pairs = load_preference_pairs(assets) if pairs is None else pairs
+            groups = load_groups(assets / "preferences" / "groups_train.jsonl") if groups is None else groups
         if not pairs:
             raise ValueError("IteratedRewardModel needs the reward model's original preference pairs (pairs=)")
         if not groups:
