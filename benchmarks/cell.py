@@ -26,7 +26,8 @@ ALGORITHMS = {
     "best_of_n": "best of `budget` π_SFT samples by the cell's reward, at inference time (no training)",
     "ppo": "agents.ppo.PPO, default PPOConfig (value head on the policy's trunk); budget = env steps",
     "rloo": "agents.reinforce.Reinforce, baseline 'rloo', K = 4; budget = env steps",
-    "grpo": "Reinforce, baseline 'rloo' with group_norm (GRPO-style advantages), K = 4; budget = env steps",
+    "grpo": "Reinforce, baseline 'rloo', advantage_norm 'group_std' (GRPO-style advantages), K = 4; budget = env "
+            "steps",
     "reinforce_ma": "Reinforce, baseline 'moving_average', K = 1; budget = env steps",
     "reinforce_value": "Reinforce, baseline 'value' (learned, per token), K = 1; budget = env steps",
     "dpo": "agents.dpo.DPO on the task's preference pairs, its β the env's β; budget = preference pairs",
@@ -134,7 +135,7 @@ def make_agent(config: CellConfig, envs, progress: bool = True):
         return PPO(envs, PPOConfig(seed=seed), progress=progress)
     if algorithm == "dpo":
         return DPO(envs, DPOConfig(seed=seed), progress=progress)
-    reinforce = {"rloo": dict(baseline="rloo"), "grpo": dict(baseline="rloo", group_norm=True),
+    reinforce = {"rloo": dict(baseline="rloo"), "grpo": dict(baseline="rloo", advantage_norm="group_std"),
                  "reinforce_ma": dict(baseline="moving_average", samples_per_prompt=1),
                  "reinforce_value": dict(baseline="value", samples_per_prompt=1)}
     if algorithm in reinforce:

@@ -35,7 +35,7 @@ REFUSED = [
     ("reinforce", {"episodes_per_update": 0}, "episodes_per_update"),
     ("reinforce", {"samples_per_prompt": 0}, "samples_per_prompt"),
     ("reinforce", {"samples_per_prompt": 1, "baseline": "rloo"}, "samples_per_prompt"),
-    ("reinforce", {"samples_per_prompt": 1, "baseline": "none", "group_norm": True}, "samples_per_prompt"),
+    ("reinforce", {"samples_per_prompt": 1, "baseline": "none", "advantage_norm": "group_std"}, "samples_per_prompt"),
     ("reinforce", {"episodes_per_update": 6, "samples_per_prompt": 4}, "samples_per_prompt"),
     ("reinforce", {"micro_batch_size": 0}, "micro_batch_size"),
     ("reinforce", {"micro_batch_size": 5}, "micro_batch_size"),
@@ -101,7 +101,7 @@ DEGENERATE = [
      {"num_envs": 1, "max_new_tokens": 1}),
     ("reinforce", {"episodes_per_update": 1, "samples_per_prompt": 1, "baseline": "none", "reward_to_go": True},
      {"num_envs": 1, "max_new_tokens": 1}),
-    ("reinforce", {"episodes_per_update": 2, "samples_per_prompt": 2, "baseline": "rloo", "group_norm": True,
+    ("reinforce", {"episodes_per_update": 2, "samples_per_prompt": 2, "baseline": "rloo", "advantage_norm": "group_std",
                    "micro_batch_size": 1}, {"num_envs": 1, "max_new_tokens": 1}),
     ("dpo", {"batch_size": 1}, {"num_envs": 1}),
     ("dpo", {"batch_size": 12, "micro_batch_size": 4}, {"num_envs": 1}),  # more than the 8 pairs: epochs wrap

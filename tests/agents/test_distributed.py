@@ -84,7 +84,7 @@ def exact_jobs(pairs: str) -> dict:
         "lora": {"agent": "reinforce", "env": ENV | {"lora": LORA}, "config": dict(
             episodes_per_update=8, samples_per_prompt=2, baseline="rloo", **clip | {"max_grad_norm": 1e9})},
         "group_norm": {"agent": "reinforce", "env": ENV, "config": dict(
-            episodes_per_update=8, samples_per_prompt=2, baseline="rloo", group_norm=True, **clip)},
+            episodes_per_update=8, samples_per_prompt=2, baseline="rloo", advantage_norm="group_std", **clip)},
         "value": {"agent": "reinforce", "env": ENV, "config": dict(
             episodes_per_update=8, samples_per_prompt=2, baseline="value", value_init="small", reward_to_go=True,
             **clip)},
