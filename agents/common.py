@@ -347,6 +347,23 @@ def command_line(description: str, config_cls, presets: dict[str, dict] | None =
     return parser
 
 
+def parse_command_line(description: str, config_cls, argv: list[str] | None = None,
+                       presets: dict[str, dict] | None = None) -> argparse.Namespace:
+    """`argv` parsed by `command_line`; with ``--preset NAME``, the preset's field values replace the defaults of
+    the flags not given explicitly."""
+    parser = command_line(description, config_cls, presets)
+    args = parser.parse_args(argv)
+    if presets and args.preset:
+        parser.set_defaults(**presets[args.preset])
+        args = parser.parse_args(argv)
+    return args
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    """The `config_cls` of the parsed flags (its checks raise `ValueError` naming a bad field)."""
+    return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+
+
 def run_command(agent_cls, config_cls, description: str, argv: list[str] | None = None,
                 extra_eval=None, presets: dict[str, dict] | None = None, loss_kl_coef=None) -> dict | list[str]:
     """Parse `argv`, train `agent_cls` on the task, evaluate before and after on held-out prompts, print and save
@@ -364,19 +381,15 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
     import rlhf_env
     from agents.evaluate import evaluate, kl_regularised_optimum
 
-    parser = command_line(description, config_cls, presets)
-    args = parser.parse_args(argv)
+    args = parse_command_line(description, config_cls, argv, presets)
     preset = args.preset if presets else None
-    if preset:  # the preset's values as defaults; the flags given explicitly still win
-        parser.set_defaults(**presets[preset])
-        args = parser.parse_args(argv)
     if args.diagnose:
         flags = diagnose(read_history(args.diagnose))
         print("\n".join(flags) if flags else "no failure mode detected")
         return flags
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+    config = config_from_args(config_cls, args)
     loss_beta = loss_kl_coef(config) if loss_kl_coef is not None else None
     beta = args.beta if args.beta is not None else (0.0 if loss_beta is not None else 0.1)
     kl_weight = beta + (loss_beta or 0.0)  # the β of the objective the run optimises: gold − β·KL
@@ -394,7 +407,8 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
         main = ranks.is_main  # rank 0 evaluates (the same held-out episodes as one process would) and writes
 
         def evaluate_all():
-            return {**evaluate(envs, args.eval_episodes, seed=10_000), **(extra_eval(agent) if extra_eval else {})}
+            return {**evaluate(envs, args.eval_episodes, seed=10_000, beta=None if loss_beta is None else kl_weight),
+                    **(extra_eval(agent) if extra_eval else {})}
 
         optimum = (kl_regularised_optimum(envs, task.gold_reward, kl_weight)
                    if args.estimate_optimum and main else None)

@@ -5,26 +5,37 @@
 The estimator is the textbook one (Williams 1992): ∇J = E[Σ_t ∇log π(a_t|s_t) · (G − b)], where G is the episode's
 return as the env pays it, G = score − β·Σ_t KL_t (the env's per-token rewards, summed; never recomputed), and the
 log-probabilities are **summed** over the response's tokens (the log-probability of the sequence), not averaged.
-One gradient step per batch of fresh episodes, so the estimator stays on-policy and needs no importance ratio.
+By default one gradient step per batch of fresh episodes, so the estimator stays on-policy and needs no importance
+ratio.
 
-Baselines (``ReinforceConfig.baseline``); each keeps the estimator unbiased because b does not depend on the
-sample's own actions:
+Baselines (``ReinforceConfig.baseline``); each but ``"group_mean"`` keeps the estimator unbiased because b does not
+depend on the sample's own actions:
 
 * ``"moving_average"``: b = an exponential moving average of past batches' mean return (updated after the batch
   it is used on). The classic baseline of Williams (1992) and Sutton & Barto (2018, §13.4).
 * ``"rloo"``: K samples per prompt; b for a sample = the mean return of the other K − 1 samples of its prompt
   (REINFORCE leave-one-out: Kool et al. 2019; the RLHF recipe of Ahmadian et al. 2024, "Back to Basics").
+* ``"group_mean"``: b = the mean return of the sample's whole group, itself included (GRPO, Shao et al. 2024):
+  not independent of the sample, but its advantage is the leave-one-out one times (K − 1)/K, so the gradient is
+  the unbiased one scaled by that factor.
 * ``"value"``: a learned value head on the policy's trunk, one baseline per token, b_t = V(s_t), trained by MSE on
   the returns (PPO's critic without clipping or GAE; Sutton & Barto §13.4, "REINFORCE with baseline").
 * ``"none"``: b = 0 (the plain estimator; high variance, for comparison).
 
-Options: ``group_norm`` divides each advantage by the standard deviation of its prompt's K returns, as GRPO does
-(Shao et al. 2024) — a per-prompt step size, no longer the unbiased gradient of E[G] but of a reweighted objective;
-``reward_to_go`` uses G_t = Σ_{t' ≥ t} r_t' at token t instead of G (the KL paid before t cannot be caused by
-a_t, so dropping it lowers the variance and keeps the estimator unbiased; Sutton & Barto §13.3).
+Options, each one field (the table with their sources: docs/agents.md, "Loss options and presets"; the named
+recipes GRPO, Dr. GRPO, DAPO, RLOO and REINFORCE++ are `agents.presets`): ``advantage_norm`` ("group_std": divide
+by the prompt's return std, GRPO — a per-prompt step size, the gradient of a reweighted objective; "batch": whiten
+over the whole batch, REINFORCE++); ``reward_to_go`` (G_t = Σ_{t' ≥ t} r_t' at token t: unbiased, lower variance;
+Sutton & Barto §13.3); ``loss_aggregation`` (how tokens are weighted, `agents.core.aggregate`); ``clip_range`` or
+``clip_range_low`` / ``clip_range_high`` (PPO's clipped surrogate against the sampling policy, asymmetric for
+DAPO; inert at one step, where the ratio is 1), ``update_epochs`` × ``num_minibatches`` (several clipped steps
+per batch), ``ratio_level`` ("sequence": GSPO's ratio); ``kl_in_loss`` (kl_coef·KL(π ‖ π_ref) as a loss term
+with ``kl_estimator`` k1, k2 or k3, in an env with β = 0); ``drop_uniform_groups`` (DAPO's dynamic sampling,
+without refill). Every normaliser is the whole minibatch's, counted before its micro-batches run.
 
 One update (`Reinforce.update`): 1. rollout (K samples of each prompt); 2. returns; 3. baselines and advantages;
-4. one gradient step on −Σ_t A_t·log π(a_t|s_t) (+ c·value loss); 5. stats.
+4. one gradient step on −Σ_t A_t·log π(a_t|s_t) (+ c·value loss), or update_epochs × num_minibatches clipped
+steps; 5. stats.
 
 Legend: ``B`` episodes per update, ``K`` samples per prompt, ``T`` response tokens.
 """
@@ -87,6 +98,7 @@ from agents.core import (
 from agents.distributed import Ranks
 from agents.metrics import MetricsLogger
 from agents.policy import ActorCritic, response_logits
+from agents.presets import PRESETS
 from agents.rollout import Episodes, episode_stats
 
 Baseline = Literal["moving_average", "rloo", "group_mean", "value", "none"]
@@ -229,34 +241,6 @@ class ReinforceConfig:
         return cls(**saved)
 
 
-# The published recipes' loss settings. Each sets every field of the loss, so that a preset is the same whatever
-# the defaults; sizes (episodes_per_update, samples_per_prompt, learning_rate) stay the caller's. Sources and what
-# each paper sets around it (β, group size, steps): docs/agents.md, "Loss options and presets".
-_PLAIN = dict(baseline="rloo", advantage_norm="none", reward_to_go=False, loss_aggregation="seq_mean_token_sum",
-              clip_range=None, clip_range_low=None, clip_range_high=None, ratio_level="token", update_epochs=1,
-              num_minibatches=1, kl_in_loss=False, kl_estimator="k3", drop_uniform_groups=False)
-PRESETS: dict[str, dict] = {
-    # Shao et al. 2024 (DeepSeekMath), eq. 3-4 and §4.1.2: (G − mean)/std over the group, each episode's token
-    # mean, ε = 0.2, β·k3 in the loss with β = 0.04; one update per exploration stage (μ = 1), so the clip is inert.
-    "grpo": _PLAIN | dict(baseline="group_mean", advantage_norm="group_std", loss_aggregation="seq_mean_token_mean",
-                          clip_range=0.2, kl_in_loss=True, kl_estimator="k3", kl_coef=0.04),
-    # Liu et al. 2025 ("Understanding R1-Zero-Like Training"): GRPO without the std and the 1/|y_i| terms, the
-    # sequence sum divided by the constant max length instead; no KL term.
-    "dr_grpo": _PLAIN | dict(baseline="group_mean", loss_aggregation="seq_mean_token_sum_norm", clip_range=0.2),
-    # Yu et al. 2025 (DAPO), §3.1 and §3.3: clip-higher (ε_low = 0.2, ε_high = 0.28), token-level loss, the group's
-    # (G − mean)/std, no KL term, 16 gradient steps per rollout batch. Dynamic sampling: drop_uniform_groups.
-    "dapo": _PLAIN | dict(baseline="group_mean", advantage_norm="group_std", loss_aggregation="token_mean",
-                          clip_range_low=0.2, clip_range_high=0.28, num_minibatches=16),
-    # Ahmadian et al. 2024 ("Back to Basics"): the leave-one-out baseline on the sequence's log-probability, one
-    # on-policy step, β·KL in the reward (the env's). The defaults.
-    "rloo": dict(_PLAIN),
-    # Hu 2025 (REINFORCE++): no baseline; token-level k1 KL in the reward (the env's), reward-to-go (γ = 1), the
-    # advantages whitened over the whole batch, PPO's clip ε = 0.2 on a token mean.
-    "reinforce_pp": _PLAIN | dict(baseline="none", reward_to_go=True, advantage_norm="batch",
-                                  loss_aggregation="token_mean", clip_range=0.2),
-}
-
-
 class Reinforce:
     """REINFORCE with a baseline on the env's acting policy (trained in place):
     ``Reinforce(gym.make_vec("RLHF-v0", num_envs=64), ReinforceConfig(baseline="rloo")).learn(500_000)``.
@@ -340,18 +324,7 @@ class Reinforce:
         #    The group statistics are each prompt's, whose K samples are all on this rank; the batch whitening's
         #    are the whole batch's.
         num_episodes, num_tokens = total(usable.sum()), total(mask.sum())  # the whole batch's
-        if cfg.baseline == "rloo":
-            baseline = rloo_baseline(episode_returns, k, usable)[:, None] * mask  # (B, T)
-        elif cfg.baseline == "group_mean":
-            baseline = group_mean(episode_returns, k, usable)[:, None] * mask  # (B, T)
-        elif cfg.baseline == "moving_average":
-            baseline = torch.full_like(mask, self.moving_average) * mask
-            returns_sum = total(episode_returns[usable].sum())
-            if num_episodes > 0:
-                self.moving_average = (cfg.ema_decay * self.moving_average
-                                       + (1 - cfg.ema_decay) * float(returns_sum / num_episodes))
-        else:  # "none"; "value" subtracts V(s_t) in phase 4, from the same forward that trains it
-            baseline = torch.zeros_like(mask)
+        baseline = self._baseline(episode_returns, usable, mask, num_episodes)  # (B, T)
         advantages = returns - baseline  # (B, T)
         group_norm = cfg.advantage_norm == "group_std"
         scale = (group_std(episode_returns, k, usable) + cfg.group_norm_eps)[:, None] if group_norm else 1.0
@@ -421,6 +394,25 @@ class Reinforce:
                 else float("nan")
         self.logger.log(metrics)
         return metrics
+
+    def _baseline(self, episode_returns: torch.Tensor, usable: torch.Tensor, mask: torch.Tensor,
+                  num_episodes: torch.Tensor) -> torch.Tensor:
+        """b ``(B, T)`` of the config's baseline from the episodes' returns ``(B,)`` (the moving average is read, then
+        moved toward the batch's mean usable return); zeros for "none" and "value" (which subtracts V(s_t) in phase
+        4, from the same forward that trains it)."""
+        cfg, k = self.config, self.config.samples_per_prompt
+        if cfg.baseline == "rloo":
+            return rloo_baseline(episode_returns, k, usable)[:, None] * mask
+        if cfg.baseline == "group_mean":
+            return group_mean(episode_returns, k, usable)[:, None] * mask
+        if cfg.baseline == "moving_average":
+            baseline = torch.full_like(mask, self.moving_average) * mask
+            returns_sum = self.ranks.sum(episode_returns[usable].sum())
+            if num_episodes > 0:
+                self.moving_average = (cfg.ema_decay * self.moving_average
+                                       + (1 - cfg.ema_decay) * float(returns_sum / num_episodes))
+            return baseline
+        return torch.zeros_like(mask)
 
     def _old_logprobs(self, b: Batch, first_rows: np.ndarray) -> torch.Tensor:
         """log π_old ``(B, T)`` of this rank's episodes under the current parameters, before any step: the first
