@@ -195,6 +195,10 @@ def make_envs(num_envs: int = 8, **kwargs):
     return gym.make_vec("RLHF-v0", num_envs=num_envs, max_new_tokens=8, **kwargs)
 
 
+def zero_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    return [0.0] * len(responses)
+
+
 def recorded_advantages(monkeypatch, config: ReinforceConfig, beta: float = 0.05):
     """One update of `config`; the advantages its loss saw, with the batch's episodes and mask."""
     calls, episodes = [], []
@@ -275,7 +279,7 @@ def test_kl_in_loss_needs_the_env_beta_at_zero():
 
 def test_kl_in_loss_adds_the_coefficient_times_the_estimate(monkeypatch, perturbed_policy):
     # A policy away from π_ref, zero advantages (equal rewards, β = 0): the loss is kl_coef·k3 alone.
-    envs = make_envs(beta=0.0, policy=perturbed_policy(), reward_fn=lambda prompts, responses: [0.0] * len(responses))
+    envs = make_envs(beta=0.0, policy=perturbed_policy(), reward_fn=zero_reward)
     episodes = []
     real_rollout = agents.reinforce.rollout
     monkeypatch.setattr(agents.reinforce, "rollout",
@@ -288,6 +292,16 @@ def test_kl_in_loss_adds_the_coefficient_times_the_estimate(monkeypatch, perturb
     assert metrics["loss/kl"] == pytest.approx(expected, rel=1e-4) and metrics["loss/kl"] > 0
     assert metrics["train/no_signal"] == 0 and metrics["train/grad_norm"] > 0
     assert metrics["objective/beta"] == 0.0
+
+
+def test_the_kl_term_s_gradient_scales_with_kl_coef(perturbed_policy):
+    def gradient(kl_coef):
+        envs = make_envs(beta=0.0, policy=perturbed_policy(), reward_fn=zero_reward)
+        return step_gradients(Reinforce(envs, ReinforceConfig(episodes_per_update=8, samples_per_prompt=2,
+                                                              kl_in_loss=True, kl_coef=kl_coef, max_grad_norm=1e9),
+                                        progress=False))[0]
+
+    assert relative_difference(gradient(0.6), 2 * gradient(0.3)) <= TOLERANCE
 
 
 # ---------------------------------------------------------------- presets
@@ -349,12 +363,13 @@ def test_each_preset_trains_on_the_tiny_world(name, digest):
 
 
 def test_several_steps_start_at_ratio_one_against_the_sampling_policy(monkeypatch):
-    calls = []
+    calls, counts = [], []
     real = agents.reinforce.policy_loss
 
-    def recording(logprobs, old_logprobs, *args, **kwargs):
-        loss, stats = real(logprobs, old_logprobs, *args, **kwargs)
+    def recording(logprobs, old_logprobs, advantages, mask, *args, **kwargs):
+        loss, stats = real(logprobs, old_logprobs, advantages, mask, *args, **kwargs)
         calls.append((logprobs.detach().clone(), old_logprobs.clone(), stats))
+        counts.append((mask.clone(), float(kwargs["num_episodes"]), float(kwargs["num_tokens"])))
         return loss, stats
 
     monkeypatch.setattr(agents.reinforce, "policy_loss", recording)
@@ -366,6 +381,9 @@ def test_several_steps_start_at_ratio_one_against_the_sampling_policy(monkeypatc
         assert torch.equal(logprobs, old) and stats["clipfrac"] == 0.0 and stats["approx_kl"] == 0.0
     assert sum(stats["ratio"] for _, _, stats in calls[:2]) == pytest.approx(1.0)  # the micro-batches' shares
     assert not torch.equal(calls[2][0], calls[2][1])  # after one step the policy has moved
+    for step in range(4):  # each step's normalisers count its own minibatch (2 micro-batches of 2 episodes)
+        masks = [mask for mask, _, _ in counts[2 * step: 2 * step + 2]]
+        assert {c[1:] for c in counts[2 * step: 2 * step + 2]} == {(4.0, float(sum(m.sum() for m in masks)))}
     assert 0 <= metrics["train/rollout_logprob_mismatch"] < 1e-4
 
 
@@ -456,6 +474,19 @@ def test_micro_batches_take_the_steps_of_the_whole_batch(options, perturbed_poli
         assert len(split) == len(whole)
         for step, (a, b) in enumerate(zip(split, whole)):
             assert relative_difference(a, b) <= TOLERANCE, (micro, step)
+
+
+def test_ppo_weights_its_policy_loss_by_the_aggregation():
+    # The first step (ratio 1, no value loss, no entropy): the token sum is L = 8 times the sum over L, and a token
+    # mean is not an episode mean on episodes of unequal lengths.
+    def gradient(aggregation):
+        config = PPOConfig(episodes_per_update=8, minibatch_size=8, update_epochs=1, max_grad_norm=1e9, vf_coef=0.0,
+                           seed=0, loss_aggregation=aggregation)
+        return step_gradients(PPO(make_envs(beta=0.05), config, progress=False))[0]
+
+    token_sum, normalised = gradient("seq_mean_token_sum"), gradient("seq_mean_token_sum_norm")
+    assert relative_difference(token_sum, 8 * normalised) <= TOLERANCE
+    assert relative_difference(gradient("token_mean"), gradient("seq_mean_token_mean")) > 0.01
 
 
 @pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "seq_mean_token_sum_norm"])
