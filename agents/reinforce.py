@@ -487,9 +487,12 @@ class Reinforce:
         return [rows[i: i + size] for i in range(0, len(rows), size)]
 
     def _given(self, episodes: Episodes) -> Episodes:
-        """`update(episodes)`'s episodes, checked (`agents.common.given_episodes`, and groups of K of one prompt)."""
+        """`update(episodes)`'s episodes, checked (`agents.common.given_episodes`, groups of K of one prompt, and
+        with kl_in_loss log π_ref for every response token)."""
         episodes = given_episodes(self, episodes)
         k = self.config.samples_per_prompt
+        if self.config.kl_in_loss and [len(r) for r in episodes.ref_logprobs] != [len(r) for r in episodes.responses]:
+            raise ValueError("update(episodes=...): kl_in_loss needs episodes.ref_logprobs, one per response token")
         for start in range(0, len(episodes), k):
             if len(set(episodes.prompts[start: start + k])) != 1:
                 raise ValueError(f"update(episodes=...): episodes {start}…{start + k - 1} are not {k} samples of one "

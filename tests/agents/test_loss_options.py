@@ -277,6 +277,16 @@ def test_kl_in_loss_needs_the_env_beta_at_zero():
                   progress=False)
 
 
+def test_kl_in_loss_refuses_given_episodes_without_reference_log_probs():
+    envs = make_envs(beta=0.0)
+    prompt = envs.unwrapped.world.prompt_pool("train")[0]
+    episodes = collect_episodes(envs.unwrapped, 0, torch.Generator().manual_seed(0), prompts=[prompt] * 8)
+    episodes.ref_logprobs = []
+    agent = Reinforce(envs, ReinforceConfig(episodes_per_update=8, kl_in_loss=True), progress=False)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        agent.update(episodes=episodes)
+
+
 def test_kl_in_loss_adds_the_coefficient_times_the_estimate(monkeypatch, perturbed_policy):
     # A policy away from π_ref, zero advantages (equal rewards, β = 0): the loss is kl_coef·k3 alone.
     envs = make_envs(beta=0.0, policy=perturbed_policy(), reward_fn=zero_reward)
