@@ -366,9 +366,10 @@ def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -
 def load_agent(cls, config_cls, algorithm: str, directory: str | Path, env, out_dir, progress: bool,
                own: Callable, write_own: Callable):
     """Every agent's ``load``: read and verify the checkpoint (`read_checkpoint`), build the agent with the saved
-    config, check everything against it (`restore_agent`, and ``own(agent, checkpoint)`` -> the agent's own tensor
-    layout, raising for anything else it refuses), take `out_dir` (its log cut back to the checkpoint's update),
-    and only then write: the shared state, then ``write_own(agent, checkpoint)``."""
+    config (``config_cls(**saved)``: the config class, or a function that also reads older checkpoints' fields),
+    check everything against it (`restore_agent`, and ``own(agent, checkpoint)`` -> the agent's own tensor layout,
+    raising for anything else it refuses), take `out_dir` (its log cut back to the checkpoint's update), and only
+    then write: the shared state, then ``write_own(agent, checkpoint)``."""
     from agents.metrics import MetricsLogger
     from agents.rollout import unwrap_vector_env
 

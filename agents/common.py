@@ -233,6 +233,7 @@ class Batch:
     rewards: torch.Tensor  # (B, T)
     env_logprobs: torch.Tensor  # (B, T) log π at sampling time (the env's forward)
     valid: torch.Tensor  # (B,) bool
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref of the sampled tokens (the env's forward of the reference)
 
     def text(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(query_ids, query_mask, responses, response_mask)`` of episodes `rows`: a training forward's input."""
@@ -261,7 +262,8 @@ def batch_tensors(episodes: Episodes, pad_token_id: int, device: torch.device,
         clipped = scores.clamp(-score_clip, score_clip)
         rewards[torch.arange(len(scores), device=device), last] += clipped - scores
     valid = ~torch.tensor(episodes.score_nonfinite, dtype=torch.bool, device=device).reshape(-1)
-    return Batch(query_ids, query_mask, responses, response_mask, rewards, floats(episodes.logprobs), valid)
+    return Batch(query_ids, query_mask, responses, response_mask, rewards, floats(episodes.logprobs), valid,
+                 floats(episodes.ref_logprobs))
 
 
 def autocast(device: torch.device):
@@ -312,8 +314,9 @@ def _flag(kind) -> dict:
     return {"type": kind}
 
 
-def command_line(description: str, config_cls) -> argparse.ArgumentParser:
-    """The flags every agent's command line takes, plus one per field of `config_cls` (its docstring as help)."""
+def command_line(description: str, config_cls, presets: dict[str, dict] | None = None) -> argparse.ArgumentParser:
+    """The flags every agent's command line takes, plus one per field of `config_cls` (its docstring as help) and,
+    with `presets`, ``--preset NAME``, whose field values become the defaults that explicit flags override."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--task", default="sentiment", help="built-in task (sentiment, verbose, arithmetic)")
     parser.add_argument("--reward", choices=["rm", "gold"], default="rm", help="learned reward model or gold (-GT)")
@@ -321,7 +324,9 @@ def command_line(description: str, config_cls) -> argparse.ArgumentParser:
                         help="training budget: env steps (tokens, idle rows included); DPO: preference pairs")
     parser.add_argument("--num-envs", type=int, default=None,
                         help="rows of each process's vector env (default: 64 / the number of torchrun processes)")
-    parser.add_argument("--beta", type=float, default=0.1, help="KL coefficient β (the initial β with --kl-target)")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="the env's KL coefficient β in the reward (the initial β with --kl-target); default 0.1, "
+                             "or 0 when the config pays the KL in the loss")
     parser.add_argument("--kl-target", type=float, default=None, help="adaptive β toward this episode KL")
     parser.add_argument("--device", default="auto",
                         help="'auto' (CUDA when present), 'cpu', 'cuda', ...; under torchrun, cuda:LOCAL_RANK")
@@ -332,6 +337,10 @@ def command_line(description: str, config_cls) -> argparse.ArgumentParser:
                         help="also estimate the KL-regularised optimum of the gold reward (sampling from π_ref)")
     parser.add_argument("--diagnose", metavar="METRICS_JSONL", help="only diagnose an existing run and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None,
+                            help="a published recipe's settings as the defaults (docs/agents.md, 'Loss options and "
+                                 "presets'); explicit flags override them")
     docs, hints = field_docs(config_cls), typing.get_type_hints(config_cls)
     for f in fields(config_cls):
         help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help strings with %
@@ -340,11 +349,30 @@ def command_line(description: str, config_cls) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(description: str, config_cls, argv: list[str] | None = None,
+                       presets: dict[str, dict] | None = None) -> argparse.Namespace:
+    """`argv` parsed by `command_line`; with ``--preset NAME``, the preset's field values replace the defaults of
+    the flags not given explicitly."""
+    parser = command_line(description, config_cls, presets)
+    args = parser.parse_args(argv)
+    if presets and args.preset:
+        parser.set_defaults(**presets[args.preset])
+        args = parser.parse_args(argv)
+    return args
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    """The `config_cls` of the parsed flags (its checks raise `ValueError` naming a bad field)."""
+    return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+
+
 def run_command(agent_cls, config_cls, description: str, argv: list[str] | None = None,
-                extra_eval=None) -> dict | list[str]:
+                extra_eval=None, presets: dict[str, dict] | None = None, loss_kl_coef=None) -> dict | list[str]:
     """Parse `argv`, train `agent_cls` on the task, evaluate before and after on held-out prompts, print and save
     a summary (``--diagnose FILE`` only diagnoses a finished run). ``extra_eval(agent) -> dict`` adds the agent's
-    own held-out metrics to both evaluations.
+    own held-out metrics to both evaluations. `presets` (name → field values) adds ``--preset``.
+    ``loss_kl_coef(config) -> float | None`` is the KL coefficient the config pays in its loss (None: the KL is the
+    env's, in the reward): the env's β then defaults to 0, and the summary's objective weighs the KL by β plus it.
 
     Under ``torchrun --nproc_per_node W`` (``WORLD_SIZE`` > 1) every process trains its share of each batch
     (`agents.distributed`): the process group is initialised here (gloo on the CPU, NCCL with one CUDA device per
@@ -355,21 +383,25 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
     import rlhf_env
     from agents.evaluate import evaluate, kl_regularised_optimum
 
-    args = command_line(description, config_cls).parse_args(argv)
+    args = parse_command_line(description, config_cls, argv, presets)
+    preset = args.preset if presets else None
     if args.diagnose:
         flags = diagnose(read_history(args.diagnose))
         print("\n".join(flags) if flags else "no failure mode detected")
         return flags
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
+    config = config_from_args(config_cls, args)
+    loss_beta = loss_kl_coef(config) if loss_kl_coef is not None else None
+    beta = args.beta if args.beta is not None else (0.0 if loss_beta is not None else 0.1)
+    kl_weight = beta + (loss_beta or 0.0)  # the β of the objective the run optimises: gold − β·KL
     task = rlhf_env.tasks.get_task(args.task)
     started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ranks, device = init_from_environment(args.device)
     started = started and not ranks.single  # this call initialised the process group: it closes it too
     try:
         num_envs = args.num_envs if args.num_envs is not None else max(1, 64 // ranks.world_size)
-        kwargs = dict(beta=args.beta, kl_target=args.kl_target, device=device)
+        kwargs = dict(beta=beta, kl_target=args.kl_target, device=device)
         if args.reward == "gold":
             kwargs["reward_fn"] = task.gold_reward
         envs = gym.make_vec(rlhf_env.env_id(args.task), num_envs=num_envs, **kwargs)
@@ -377,9 +409,10 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
         main = ranks.is_main  # rank 0 evaluates (the same held-out episodes as one process would) and writes
 
         def evaluate_all():
-            return {**evaluate(envs, args.eval_episodes, seed=10_000), **(extra_eval(agent) if extra_eval else {})}
+            return {**evaluate(envs, args.eval_episodes, seed=10_000, beta=None if loss_beta is None else kl_weight),
+                    **(extra_eval(agent) if extra_eval else {})}
 
-        optimum = (kl_regularised_optimum(envs, task.gold_reward, args.beta)
+        optimum = (kl_regularised_optimum(envs, task.gold_reward, kl_weight)
                    if args.estimate_optimum and main else None)
         before = evaluate_all() if main else None
         start = time.perf_counter()
@@ -388,7 +421,9 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
         after = evaluate_all() if main else None
         summary = None
         if main:
-            summary = {"algorithm": agent_cls.__name__, "task": args.task, "reward": args.reward, "beta": args.beta,
+            summary = {"algorithm": agent_cls.__name__, "task": args.task, "reward": args.reward, "beta": beta,
+                       **({"preset": preset} if preset else {}),
+                       **({"kl_coef": loss_beta} if loss_beta is not None else {}),
                        "seed": config.seed, "processes": ranks.world_size, "timesteps": agent.num_timesteps,
                        "updates": agent.num_updates, "train_seconds": round(seconds, 1), "eval_before": before,
                        "eval_after": after,
@@ -396,7 +431,7 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
                        # closed.
                        "gold_gap_closed": (after["objective/gold_score"] - before["objective/gold_score"])
                        / (task.best_gold - before["objective/gold_score"]),
-                       "gold_objective": after["objective/gold_score"] - args.beta * after["objective/kl"],
+                       "gold_objective": after["objective/gold_score"] - kl_weight * after["objective/kl"],
                        "kl_regularised_optimum": optimum, "diagnose": diagnose(agent.logger.history),
                        "config": asdict(config)}
         if args.out:

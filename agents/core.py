@@ -1,5 +1,6 @@
-"""Pure tensor functions shared by the agents: masked statistics, log-probs, GAE and the PPO, REINFORCE and DPO
-losses.
+"""Pure tensor functions shared by the agents: masked statistics, log-probs, GAE, the PPO, REINFORCE and DPO
+losses, and the options of the critic-free recipes (loss aggregation, asymmetric and sequence-level clipping, group
+baselines, KL estimators as loss terms).
 
 Legend: ``B`` episodes, ``T`` response tokens (right-padded), ``V`` vocabulary. ``mask (B, T)`` is 1 on real
 response tokens (EOS included) and 0 on padding. Every function here is pure (no module state, no RNG), so tests
@@ -107,20 +108,96 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+LossAggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+LOSS_AGGREGATIONS = get_args(LossAggregation)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token_mean",
+              num_episodes: torch.Tensor | float | None = None, num_tokens: torch.Tensor | float | None = None,
+              max_tokens: int | None = None) -> torch.Tensor:
+    """One scalar loss from per-token terms ``(B, T)``: how a batch's tokens are weighted (verl's names).
+
+    * ``"token_mean"``: Σ_{i,t} ℓ / N_tokens, every token weighted alike (DAPO, Yu et al. 2025, §3.3; PPO);
+    * ``"seq_mean_token_mean"``: (1/N) Σ_i (1/|y_i|) Σ_t ℓ, each episode's token mean, averaged (GRPO, Shao et al.
+      2024, eq. 3): a token of a short response weighs more;
+    * ``"seq_mean_token_sum"``: (1/N) Σ_i Σ_t ℓ, the sequence's sum, averaged (REINFORCE on log π(y|x); RLOO);
+    * ``"seq_mean_token_sum_norm"``: (1/N) Σ_i Σ_t ℓ / L with L = `max_tokens`, the longest response allowed
+      (Dr. GRPO, Liu et al. 2025): the sequence sum scaled by a constant, so no length bias.
+
+    N is `num_episodes` and N_tokens `num_tokens`: the whole (mini)batch's counts when these rows are one
+    micro-batch or one process's share of it, decided before the micro-batches run, so that the parts add up to
+    the whole (`masked_mean`); None counts this call's rows (``B``) or masked tokens. |y_i| is the row's own masked
+    token count (a row lies whole in one micro-batch). `aggregation_weights` gives each token's weight.
+    """
+    if aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {LOSS_AGGREGATIONS}, got {aggregation!r}")
+    if per_token.shape != mask.shape:
+        raise ValueError(f"per-token terms {tuple(per_token.shape)} and mask {tuple(mask.shape)} must have the same "
+                         "(B, T) shape")
+    if aggregation == "token_mean":
+        return masked_mean(per_token, mask, num_tokens)
+    per_episode = (per_token * mask).sum(1)  # (B,)
+    if aggregation == "seq_mean_token_mean":
+        per_episode = per_episode / mask.sum(1).clamp(min=1)
+    elif aggregation == "seq_mean_token_sum_norm":
+        if max_tokens is None or max_tokens < 1:
+            raise ValueError(f"seq_mean_token_sum_norm divides by the longest response allowed: max_tokens must be "
+                             f"≥ 1, got {max_tokens}")
+        per_episode = per_episode / max_tokens
+    return per_episode.sum() / (mask.shape[0] if num_episodes is None else num_episodes)
+
+
+def aggregation_weights(mask: torch.Tensor, aggregation: str = "token_mean",
+                        num_episodes: torch.Tensor | float | None = None,
+                        num_tokens: torch.Tensor | float | None = None, max_tokens: int | None = None) -> torch.Tensor:
+    """The weight ``(B, T)`` each token's term has in `aggregate` (its gradient with respect to the term): the loss
+    is Σ_{i,t} w_{i,t}·ℓ_{i,t}. 0 on padding."""
+    terms = torch.zeros_like(mask, dtype=torch.float32, requires_grad=True)
+    loss = aggregate(terms, mask.float(), aggregation, num_episodes, num_tokens, max_tokens)
+    return torch.autograd.grad(loss, terms)[0]
+
+
+RatioLevel = Literal["token", "sequence"]
+RATIO_LEVELS = get_args(RatioLevel)
+
+
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence-level log-ratio (Zheng et al. 2025): each episode's mean token log-ratio,
+    log s_i = (1/|y_i|)·Σ_t log(π(a_t|s_t)/π_old(a_t|s_t)), the log of the geometric mean of its token ratios, at
+    every one of its tokens: ``(B, T) -> (B, T)``, 0 on padding. Its gradient spreads (1/|y_i|)·∇ over the
+    episode's tokens."""
+    per_episode = (log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+    return per_episode[:, None] * mask
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float, num_tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), a masked mean over tokens.
+                clip_range: float | tuple[float, float], num_tokens: torch.Tensor | float | None = None,
+                aggregation: str = "token_mean", num_episodes: torch.Tensor | float | None = None,
+                max_tokens: int | None = None, ratio_level: str = "token") -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7): per token max(−A·ρ, −A·clip(ρ, 1 − ε_low,
+    1 + ε_high)), aggregated over tokens (`aggregate`; PPO's token mean by default).
+
+    `clip_range`: ε, or ``(ε_low, ε_high)`` for DAPO's asymmetric "clip-higher" (Yu et al. 2025, §3.1: a larger
+    ε_high lets a low-probability token with A > 0 grow further before its gradient stops; ε_low still bounds how
+    far one with A < 0 is pushed down). ``ratio_level="sequence"``: ρ is the episode's GSPO ratio
+    (`sequence_log_ratio`) at every token instead of the token's own.
 
     Returns ``(loss, stats)`` with ``clipfrac`` (share of tokens where the clipped term is the active one),
-    ``approx_kl`` (the k3 estimate of KL(π_old ‖ π), as in CleanRL) and ``ratio``. With `num_tokens`, the token
-    count of the whole minibatch this ``(b, T)`` micro-batch belongs to, the loss and the stats are the
-    micro-batch's share: summed over the micro-batches they are the minibatch's token means (`masked_mean`).
+    ``approx_kl`` (the k3 estimate of KL(π_old ‖ π), as in CleanRL) and ``ratio``, all token means. With
+    `num_tokens` (and `num_episodes`, for the per-episode aggregations), the counts of the whole minibatch this
+    ``(b, T)`` micro-batch belongs to, the loss and the stats are the micro-batch's share: summed over the
+    micro-batches they are the minibatch's (`masked_mean`).
     """
+    low, high = clip_range if isinstance(clip_range, tuple) else (clip_range, clip_range)
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
     log_ratio = logprobs - old_logprobs  # (B, T)
+    if ratio_level == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, num_episodes, num_tokens, max_tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask, num_tokens).item(),
@@ -217,21 +294,74 @@ def group_std(returns: torch.Tensor, k: int, valid: torch.Tensor | None = None) 
     return var.sqrt().expand(-1, k).reshape(-1)
 
 
+def group_mean(returns: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's group mean return, the sample itself included (GRPO's baseline, Shao et al. 2024):
+    ``(N,) -> (N,)``, over the valid samples of each group only with `valid (N,)` (bool).
+
+    G − mean = (K − 1)/K · (G − `rloo_baseline`) for a group of K valid samples: the leave-one-out advantage scaled
+    by (K − 1)/K, so its expected gradient is the unbiased one times that factor."""
+    groups, valid = _groups(returns, k), _group_valid(returns, k, valid)
+    mean = (groups * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)  # (N / k, 1)
+    return mean.expand(-1, k).reshape(-1)
+
+
+def uniform_groups(returns: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """True for each sample whose group's valid returns are all equal (compared exactly): ``(N,) -> (N,)`` bool.
+    Such a group has no advantage to learn from under a group baseline; DAPO's dynamic sampling leaves it out
+    (Yu et al. 2025, §3.2)."""
+    groups, valid = _groups(returns, k), _group_valid(returns, k, valid).bool()
+    highest = torch.where(valid, groups, -torch.inf).max(1, keepdim=True).values
+    lowest = torch.where(valid, groups, torch.inf).min(1, keepdim=True).values
+    return (highest <= lowest).expand(-1, k).reshape(-1)
+
+
 def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                   num_episodes: torch.Tensor | float | None = None) -> torch.Tensor:
+                   num_episodes: torch.Tensor | float | None = None, aggregation: str = "seq_mean_token_sum",
+                   num_tokens: torch.Tensor | float | None = None, max_tokens: int | None = None) -> torch.Tensor:
     """The score-function surrogate −Σ_t A_t·log π(a_t|s_t), **summed** over each episode's tokens and averaged over
     episodes: its gradient is the REINFORCE estimator (Williams 1992) of −∇E[G] (with A_t = G − b or G_t − b_t).
 
     Summing, not averaging, over tokens is what makes it the gradient of the sequence's log-probability
     log π(y|x) = Σ_t log π(a_t|s_t); a per-token mean would weight short responses up. `num_episodes` replaces
     the ``B`` of this call as the denominator: the episode count of the whole batch when these ``(B, T)`` rows
-    are one micro-batch of it, so that the micro-batches' losses add up to the batch's.
+    are one micro-batch of it, so that the micro-batches' losses add up to the batch's. `aggregation` weights the
+    tokens otherwise (`aggregate`; `num_tokens` and `max_tokens` as there).
     """
     if not logprobs.shape == advantages.shape == mask.shape:
         raise ValueError(f"logprobs {tuple(logprobs.shape)}, advantages {tuple(advantages.shape)} and mask "
                          f"{tuple(mask.shape)} must have the same (B, T) shape")
-    per_episode = (advantages.detach() * logprobs * mask).sum(1)  # (B,)
-    return -(per_episode.mean() if num_episodes is None else per_episode.sum() / num_episodes)
+    return -aggregate(advantages.detach() * logprobs, mask, aggregation, num_episodes, num_tokens, max_tokens)
+
+
+# ---------------------------------------------------------------- KL to the reference, as a loss term
+KLEstimator = Literal["k1", "k2", "k3"]
+KL_ESTIMATORS = get_args(KLEstimator)
+
+
+def kl_estimates(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimates of KL(π ‖ π_ref) from the sampled tokens (Schulman 2020, "Approximating KL divergence"),
+    differentiable in `logprobs`; with d = log π(a|s) − log π_ref(a|s):
+
+    * ``"k1"`` = d: unbiased for the KL, but as a loss its gradient ∇log π has expectation 0 under π (on-policy
+      it adds noise, no pull toward π_ref);
+    * ``"k2"`` = d²/2: biased (low variance) for the KL; its gradient d·∇log π has the expectation of ∇KL(π ‖ π_ref)
+      (the score-function gradient), the pull toward π_ref the penalty in the reward gives;
+    * ``"k3"`` = exp(−d) − 1 + d: unbiased and never negative (GRPO's, Shao et al. 2024, eq. 4); its gradient
+      (1 − π_ref/π)·∇log π has the expectation of ∇KL(π_ref ‖ π), the forward KL.
+
+    ``(B, T), (B, T) -> (B, T)``, in the dtype of `logprobs`; `ref_logprobs` is a constant.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    if logprobs.shape != ref_logprobs.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} must have "
+                         "the same (B, T) shape")
+    d = logprobs - ref_logprobs.detach()  # (B, T)
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    return torch.expm1(-d) + d
 
 
 # ---------------------------------------------------------------- DPO

@@ -26,8 +26,11 @@ from rlhf_env.vector_env import RLHFVectorEnv
 REFERENCE_SEED_OFFSET = 1_000_003
 
 
-def evaluate(envs, n_episodes: int, seed: int = 10_000) -> dict:
+def evaluate(envs, n_episodes: int, seed: int = 10_000, beta: float | None = None) -> dict:
     """Mean objective metrics of `n_episodes` on held-out prompts, sampled at the env's temperature.
+
+    `beta`: the KL coefficient of the reported objective (``objective/rlhf_reward`` = score − β·KL); None: the
+    env's β. An agent that pays the KL in its loss trains in an env with β = 0: pass its coefficient.
 
     Uses its own seed and generator, and its episodes never move β, so evaluating never changes the course of
     training.
@@ -43,7 +46,7 @@ def evaluate(envs, n_episodes: int, seed: int = 10_000) -> dict:
                 episodes = batch
             else:
                 episodes.extend(batch)
-    stats = episode_stats(episodes, envs.world.beta, envs.world.task)
+    stats = episode_stats(episodes, envs.world.beta if beta is None else beta, envs.world.task)
     stats["objective/win_rate"] = win_rate_vs_reference(envs.world, episodes, seed + REFERENCE_SEED_OFFSET)
     stats["episodes"] = len(episodes)
     return stats

@@ -47,6 +47,7 @@ from agents.common import (
     whole_batch,
 )
 from agents.core import (
+    LossAggregation,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -82,7 +83,14 @@ class PPOConfig:
     lam: float = 0.95
     """GAE λ."""
     clip_range: float = 0.2
-    """PPO ratio clip ε."""
+    """PPO ratio clip ε (both sides, unless clip_range_low / clip_range_high set one)."""
+    clip_range_low: float | None = None
+    """ε_low: the ratio's floor is 1 − ε_low (None: clip_range)."""
+    clip_range_high: float | None = None
+    """ε_high: the ratio's ceiling is 1 + ε_high (None: clip_range; DAPO's clip-higher takes 0.28 with ε_low 0.2)."""
+    loss_aggregation: LossAggregation = "token_mean"
+    """How the policy loss weights tokens (agents.core.aggregate): "token_mean", "seq_mean_token_mean",
+    "seq_mean_token_sum" or "seq_mean_token_sum_norm"; the value loss stays a token mean."""
     clip_range_value: float | None = 0.2
     """Value clip around the old values (None: plain MSE)."""
     vf_coef: float = 0.1
@@ -120,13 +128,22 @@ class PPOConfig:
             check_field(self, name, non_negative, "a finite number ≥ 0")
         for name in ("adam_eps", "clip_range", "max_grad_norm"):
             check_field(self, name, positive, "a finite number > 0")
-        for name in ("clip_range_value", "target_kl", "score_clip"):
+        for name in ("clip_range_value", "target_kl", "score_clip", "clip_range_high"):
             check_field(self, name, none_or(positive), "None or a finite number > 0")
+        check_field(self, "clip_range_low", none_or(lambda eps: 0 < eps < 1), "None or in (0, 1)")
+        check_field(self, "loss_aggregation", get_args(LossAggregation).__contains__,
+                    f"one of {get_args(LossAggregation)}")
         for name in ("gamma", "lam"):
             check_field(self, name, unit_interval, "in [0, 1]")
         check_field(self, "ent_coef", math.isfinite, "finite")
         check_field(self, "value_init", get_args(ValueInit).__contains__, f"one of {get_args(ValueInit)}")
         _ = self.num_minibatches, self.micro_batch_size  # the sizes must divide
+
+    @property
+    def clip_ranges(self) -> tuple[float, float]:
+        """(ε_low, ε_high) of the clipped surrogate."""
+        return (self.clip_range if self.clip_range_low is None else self.clip_range_low,
+                self.clip_range if self.clip_range_high is None else self.clip_range_high)
 
     @property
     def num_minibatches(self) -> int:
@@ -246,8 +263,9 @@ class PPO:
                 if num_tokens == 0:  # every episode of the minibatch masked: nothing to learn, no step
                     empty += 1
                     continue
-                sums = self._minibatch_gradients(b, mine(minibatch), mask, num_tokens, old_logprobs, old_values,
-                                                 advantages, returns)
+                num_episodes = (tokens[minibatch] > 0).sum()  # its valid episodes (the per-episode aggregations)
+                sums = self._minibatch_gradients(b, mine(minibatch), mask, num_tokens, num_episodes, old_logprobs,
+                                                 old_values, advantages, returns)
                 grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=sums is not None,
                                          ranks=self.ranks)
                 if grad_norm is None:  # a loss or the gradient was not finite: parameters stay as they are
@@ -279,8 +297,8 @@ class PPO:
         return metrics
 
     def _minibatch_gradients(self, b: Batch, rows: np.ndarray, mask: torch.Tensor, num_tokens: torch.Tensor,
-                             old_logprobs: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor,
-                             returns: torch.Tensor) -> dict[str, float] | None:
+                             num_episodes: torch.Tensor, old_logprobs: torch.Tensor, old_values: torch.Tensor,
+                             advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float] | None:
         """Accumulate this rank's share of one minibatch's gradient over its micro-batches (zeroed first): `rows`,
         its episodes of the minibatch (possibly none), and its share of the ptx demonstrations. Returns its shares
         of the minibatch's loss terms and stats (zeros for a rank with nothing to do), or None if a loss was not
@@ -303,8 +321,9 @@ class PPO:
                 logits, values = self._forward(b, micro)
                 logprobs = logprobs_from_logits(logits, b.responses[micro])  # (b, T)
                 entropy = masked_mean(entropy_from_logits(logits), m, num_tokens)
-                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[micro], advantages[micro], m, cfg.clip_range,
-                                                num_tokens)
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[micro], advantages[micro], m, cfg.clip_ranges,
+                                                num_tokens, aggregation=cfg.loss_aggregation,
+                                                num_episodes=num_episodes, max_tokens=self.world.max_new_tokens)
                 vf_loss, vf_stats = value_loss(values, old_values[micro], returns[micro], m, cfg.clip_range_value,
                                                num_tokens)
             ptx_loss = sft_loss(self.model.lm, *ptx) if ptx is not None else zero

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.presets import PRESETS
 from rlhf_env.files import atomic_write_json
+
+PRESET_PREFIX = "preset_"
+"""``preset_<name>`` runs `agents.reinforce.Reinforce` with the preset <name> of `agents.presets`."""
 
 # What each algorithm name runs, and what its `budget` counts.
 ALGORITHMS = {
@@ -26,12 +30,20 @@ ALGORITHMS = {
     "best_of_n": "best of `budget` π_SFT samples by the cell's reward, at inference time (no training)",
     "ppo": "agents.ppo.PPO, default PPOConfig (value head on the policy's trunk); budget = env steps",
     "rloo": "agents.reinforce.Reinforce, baseline 'rloo', K = 4; budget = env steps",
-    "grpo": "Reinforce, baseline 'rloo' with group_norm (GRPO-style advantages), K = 4; budget = env steps",
+    "grpo": "Reinforce, baseline 'rloo', advantage_norm 'group_std' (GRPO-style advantages), K = 4; budget = env "
+            "steps",
     "reinforce_ma": "Reinforce, baseline 'moving_average', K = 1; budget = env steps",
     "reinforce_value": "Reinforce, baseline 'value' (learned, per token), K = 1; budget = env steps",
     "dpo": "agents.dpo.DPO on the task's preference pairs, its β the env's β; budget = preference pairs",
     "optimum": "not an agent: the KL-regularised optimum β·log E_π_ref[exp(r/β)] of the cell's reward, estimated "
                "from `budget` π_ref samples per prompt on `eval_episodes` held-out prompts",
+} | {
+    f"{PRESET_PREFIX}{name}": f"Reinforce, the {name!r} preset of agents.presets, K = 4; "
+    + ("its KL term in the loss at the cell's β (kl_coef = β, the env's β = 0)" if preset["kl_in_loss"] else
+       "the KL in the env's reward at the cell's β, as in every cell"
+       + ("" if name in ("rloo", "reinforce_pp") else " (the paper trains without a KL term)"))
+    + "; budget = env steps"
+    for name, preset in PRESETS.items()
 }
 # Training curves keep these metrics (when the algorithm logs them), averaged over windows of updates.
 UNTRAINED = ("sft", "best_of_n", "optimum")  # the algorithms that train no agent
@@ -115,6 +127,15 @@ class CellConfig:
         if self.num_envs % self.processes:
             raise ValueError(f"num_envs={self.num_envs} is not a multiple of processes={self.processes} (each rank "
                              "gets num_envs / processes env rows)")
+        if self.kl_in_loss and self.kl_target is not None:
+            raise ValueError(f"{self.algorithm} pays its KL in the loss at the fixed coefficient β; the env's adaptive "
+                             "controller (kl_target) cannot steer it")
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """The cell's agent pays β·KL in its loss (a preset with kl_in_loss): the env's own β is then 0."""
+        preset = PRESETS.get(self.algorithm.removeprefix(PRESET_PREFIX))
+        return self.algorithm.startswith(PRESET_PREFIX) and bool(preset["kl_in_loss"])
 
     @property
     def name(self) -> str:
@@ -133,12 +154,13 @@ class CellConfig:
 
 
 def env_kwargs(config: CellConfig, task) -> dict:
-    """The env's keyword arguments for `config` (besides the task and the number of rows): β, the KL controller and
+    """The env's keyword arguments for `config` (besides the task and the number of rows): β (0 for a cell whose
+    agent pays the KL in its loss), the KL controller and
     the reward — the task's reward model (the env's default), its gold reward, or with a `weight` both of the task's
     first two gold objectives weighted (`ValueError` for a task with only one)."""
     from rlhf_env.assets import asset_dir
 
-    kwargs = dict(beta=config.beta, device=config.device)
+    kwargs = dict(beta=0.0 if config.kl_in_loss else config.beta, device=config.device)
     if config.kl_target is not None:
         kwargs.update(kl_target=config.kl_target, kl_horizon=config.kl_horizon)
     if config.weight is None:
@@ -157,7 +179,8 @@ def env_kwargs(config: CellConfig, task) -> dict:
 
 
 def make_agent(config: CellConfig, envs, progress: bool = True):
-    """The agent a cell trains (default config, the cell's seed), or None for the algorithms that do not train."""
+    """The agent a cell trains (default config or a preset's, the cell's seed), or None for the algorithms that do
+    not train."""
     from agents.dpo import DPO, DPOConfig
     from agents.ppo import PPO, PPOConfig
     from agents.reinforce import Reinforce, ReinforceConfig
@@ -167,11 +190,15 @@ def make_agent(config: CellConfig, envs, progress: bool = True):
         return PPO(envs, PPOConfig(seed=seed), progress=progress)
     if algorithm == "dpo":
         return DPO(envs, DPOConfig(seed=seed), progress=progress)
-    reinforce = {"rloo": dict(baseline="rloo"), "grpo": dict(baseline="rloo", group_norm=True),
+    reinforce = {"rloo": dict(baseline="rloo"), "grpo": dict(baseline="rloo", advantage_norm="group_std"),
                  "reinforce_ma": dict(baseline="moving_average", samples_per_prompt=1),
                  "reinforce_value": dict(baseline="value", samples_per_prompt=1)}
     if algorithm in reinforce:
         return Reinforce(envs, ReinforceConfig(seed=seed, **reinforce[algorithm]), progress=progress)
+    if algorithm.startswith(PRESET_PREFIX):  # the recipe's loss; its KL coefficient (if in the loss) the cell's β
+        overrides = dict(seed=seed, **({"kl_coef": config.beta} if config.kl_in_loss else {}))
+        return Reinforce(envs, ReinforceConfig.preset(algorithm.removeprefix(PRESET_PREFIX), **overrides),
+                         progress=progress)
     return None
 
 
@@ -197,14 +224,16 @@ class Checkpoints:
     """A `learn` callback that evaluates the policy on `episodes` held-out episodes whenever training has taken
     another 1/`count` of `budget` (and once before training): the policy's path through (KL, gold, proxy score).
 
+    `beta`: the β of the reported objective (`agents.evaluate.evaluate`; None: the env's).
     `agents.evaluate.evaluate` uses its own seed and restores the KL controller, so these evaluations do not change
     the course of training (tests check a run with and without them ends bit-identical).
     """
 
     KEYS = ("objective/gold_score", "objective/score", "objective/kl", "episode/well_formed", "objective/win_rate")
 
-    def __init__(self, envs, budget: int, seed: int, count: int = CHECKPOINTS, episodes: int = CHECKPOINT_EPISODES):
-        self.envs, self.seed, self.episodes = envs, seed, episodes
+    def __init__(self, envs, budget: int, seed: int, count: int = CHECKPOINTS, episodes: int = CHECKPOINT_EPISODES,
+                 beta: float | None = None):
+        self.envs, self.seed, self.episodes, self.beta = envs, seed, episodes, beta
         self.thresholds = [budget * (i + 1) / count for i in range(count)]
         self.seconds = 0.0  # training time so far, evaluations excluded
         self.points: list[dict] = []
@@ -213,7 +242,7 @@ class Checkpoints:
     def _record(self, timesteps: int, updates: int) -> None:
         from agents.evaluate import evaluate
 
-        metrics = evaluate(self.envs, self.episodes, seed=self.seed)
+        metrics = evaluate(self.envs, self.episodes, seed=self.seed, beta=self.beta)
         self.points.append({"timesteps": timesteps, "updates": updates, "seconds": round(self.seconds, 2),
                             **{key: metrics[key] for key in self.KEYS},
                             **{key: value for key, value in metrics.items() if key.startswith("objective/gold/")}})
@@ -267,6 +296,7 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict | None:
                         **{**env_kwargs(config, task), "device": device})
     world = envs.unwrapped.world
     eval_seed = 10_000 + config.seed
+    objective_beta = config.beta if config.kl_in_loss else None  # the objective's β: the env's, or the loss's
     start = time.perf_counter()
     agent, curve, checkpoints, metrics, feedback = None, [], None, {}, {}
     if config.algorithm == "optimum":
@@ -279,7 +309,7 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict | None:
         if agent is not None:
             callbacks = []
             if ranks.is_main:  # the held-out evaluations during training (the other ranks wait for rank 0's)
-                checkpoints = Checkpoints(envs, config.budget, seed=20_000 + config.seed)
+                checkpoints = Checkpoints(envs, config.budget, seed=20_000 + config.seed, beta=objective_beta)
                 callbacks.append(checkpoints)
             if config.feedback == "iterated":
                 from agents.iterated_rm import IteratedRewardModel, IteratedRMConfig
@@ -296,7 +326,7 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict | None:
     train_seconds = checkpoints.seconds if checkpoints else time.perf_counter() - start
     train_seconds += sum(line["seconds"] for line in feedback.get("rounds", []))  # the iterated RM's rounds
     if config.algorithm not in ("optimum", "best_of_n"):
-        metrics = evaluate(envs, config.eval_episodes, seed=eval_seed)
+        metrics = evaluate(envs, config.eval_episodes, seed=eval_seed, beta=objective_beta)
         if config.algorithm == "dpo":
             metrics.update(agent.evaluate_preferences())
     if config.algorithm != "optimum":  # best-of-n and sft: π_SFT's own perplexity

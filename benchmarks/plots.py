@@ -20,7 +20,9 @@ import numpy as np
 from rlhf_env.files import atomic_write
 
 COLORS = {"sft": "black", "best_of_n": "tab:gray", "ppo": "tab:blue", "rloo": "tab:orange", "grpo": "tab:green",
-          "reinforce_ma": "tab:purple", "reinforce_value": "tab:brown", "dpo": "tab:red"}
+          "reinforce_ma": "tab:purple", "reinforce_value": "tab:brown", "dpo": "tab:red", "preset_grpo": "tab:olive",
+          "preset_dr_grpo": "tab:cyan", "preset_dapo": "tab:pink", "preset_rloo": "gold",
+          "preset_reinforce_pp": "navy"}
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 KL_LABEL = "KL(π ‖ π_ref) per response (nats)"
 GOLD_LABEL = "held-out gold reward (task's true reward)"

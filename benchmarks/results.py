@@ -17,10 +17,13 @@ import numpy as np
 
 from rlhf_env.files import atomic_write, read_lines
 
-ORDER = ["sft", "best_of_n", "ppo", "rloo", "grpo", "reinforce_ma", "reinforce_value", "dpo"]
+ORDER = ["sft", "best_of_n", "ppo", "rloo", "grpo", "reinforce_ma", "reinforce_value", "dpo", "preset_grpo",
+         "preset_dr_grpo", "preset_dapo", "preset_rloo", "preset_reinforce_pp"]
 LABELS = {"sft": "π_SFT (floor)", "best_of_n": "best-of-{n}", "ppo": "PPO", "rloo": "REINFORCE + RLOO (K=4)",
           "grpo": "REINFORCE, GRPO-style (K=4)", "reinforce_ma": "REINFORCE + moving average",
-          "reinforce_value": "REINFORCE + value head", "dpo": "DPO"}
+          "reinforce_value": "REINFORCE + value head", "dpo": "DPO", "preset_grpo": "GRPO preset (K=4)",
+          "preset_dr_grpo": "Dr. GRPO preset (K=4)", "preset_dapo": "DAPO preset (K=4)",
+          "preset_rloo": "RLOO preset (K=4)", "preset_reinforce_pp": "REINFORCE++ preset (K=4)"}
 
 
 # How the report names each feedback source (`benchmarks.cell.FEEDBACK`), in the table's order.

@@ -297,7 +297,8 @@ def grid_from_args(args) -> Grid:
     budgets = dict(grid.budgets)
     best_of = args.best_of or grid.best_of
     if args.algorithms:
-        budgets = {a: budgets.get(a, FULL.budgets[a]) for a in args.algorithms if a != "best_of_n"}
+        rloo = budgets.get("rloo", FULL.budgets["rloo"])  # a preset's budget: RLOO's (env steps, the same work)
+        budgets = {a: budgets.get(a, FULL.budgets.get(a, rloo)) for a in args.algorithms if a != "best_of_n"}
         best_of = best_of if "best_of_n" in args.algorithms else ()
     budgets = {a: round(b * args.budget_scale) if a != "sft" else 0 for a, b in budgets.items()}
     overrides = {"tasks": args.tasks, "rewards": args.rewards, "betas": args.betas, "seeds": args.seeds,

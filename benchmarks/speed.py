@@ -11,8 +11,8 @@
   Adam step. TRL's gradient (activation) checkpointing, on by default, is turned off (it measured within 3% either way).
 
 * ``grpo``: the RLOO row's work with GRPO's advantages (each return minus its group's mean, divided by the group's
-  std): our `Reinforce` (baseline "rloo", ``group_norm=True``) against TRL's `GRPOTrainer` (β = 0.05 so that it
-  runs the reference model, as we do; one step per batch).
+  std): our `Reinforce` (baseline "rloo", ``advantage_norm="group_std"``) against TRL's `GRPOTrainer` (β = 0.05 so
+  that it runs the reference model, as we do; one step per batch).
 * ``scaling``: our RLOO update and TRL's as the response length grows (16, 64, 256 new tokens on the 0.48M model)
   and as the model grows (~0.5M, ~4M, ~30M parameters at 32 new tokens), a few updates per point.
 * ``ppo``: our `PPO` on the RLOO row's work (TRL deleted its PPO): per update the same rollout, then 4 epochs × 2
@@ -116,7 +116,7 @@ def ours_grpo(world: dict, prompts: int, k: int, length: int, updates: int, warm
 
     def make(envs):
         return Reinforce(envs, ReinforceConfig(episodes_per_update=prompts * k, samples_per_prompt=k,
-                                               group_norm=True, learning_rate=1e-6), progress=False)
+                                               advantage_norm="group_std", learning_rate=1e-6), progress=False)
 
     return _time_our_agent(world, make, prompts * k, length, updates, warmup)
 

@@ -91,7 +91,7 @@ def test_ppo_rollouts_here_have_unequal_lengths():
     {"baseline": "value"},
     {"baseline": "value", "reward_to_go": True},
     {"baseline": "rloo"},
-    {"baseline": "rloo", "group_norm": True},
+    {"baseline": "rloo", "advantage_norm": "group_std"},
     {"baseline": "moving_average"},
     {"baseline": "none"},
 ], ids=["value", "value-reward_to_go", "rloo", "rloo-group_norm", "moving_average", "none"])

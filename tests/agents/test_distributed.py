@@ -4,8 +4,9 @@
 The update of 2 ranks × B/2 episodes equals the update of 1 process × B on the same episodes of unequal lengths:
 the gradient of every optimizer step (after the all-reduce and the clip on the global norm) and the parameters
 after the update, for PPO (minibatches drawn over the whole batch, gradient accumulation, whitened rewards and
-advantages, entropy, ptx), REINFORCE (RLOO, group norm, a value baseline, a LoRA policy; the moving average) and
-DPO, with rank 1's policy perturbed before the agent is built (it starts from rank 0's). Real rollouts keep β and the
+advantages, entropy, ptx), REINFORCE (RLOO, group norm, a value baseline, a LoRA policy; the moving average;
+several clipped steps with batch whitening, a token mean and a KL loss term; GSPO's sequence ratio) and DPO, with
+rank 1's policy perturbed before the agent is built (it starts from rank 0's). Real rollouts keep β and the
 parameters identical on both ranks, β following the whole batch's KL, while the ranks sample different prompts. A
 2-rank run saved, stopped and resumed equals the uninterrupted 2-rank run; another number of processes is refused.
 """
@@ -84,7 +85,17 @@ def exact_jobs(pairs: str) -> dict:
         "lora": {"agent": "reinforce", "env": ENV | {"lora": LORA}, "config": dict(
             episodes_per_update=8, samples_per_prompt=2, baseline="rloo", **clip | {"max_grad_norm": 1e9})},
         "group_norm": {"agent": "reinforce", "env": ENV, "config": dict(
-            episodes_per_update=8, samples_per_prompt=2, baseline="rloo", group_norm=True, **clip)},
+            episodes_per_update=8, samples_per_prompt=2, baseline="rloo", advantage_norm="group_std", **clip)},
+        # Several clipped steps on minibatches drawn over the whole batch, batch whitening, a token mean, k2 loss.
+        "steps": {"agent": "reinforce", "env": ENV | {"beta": 0.0}, "config": dict(
+            episodes_per_update=8, samples_per_prompt=2, baseline="group_mean", advantage_norm="batch",
+            loss_aggregation="token_mean", clip_range_low=0.2, clip_range_high=0.28, update_epochs=2,
+            num_minibatches=2, kl_in_loss=True, kl_estimator="k2", micro_batch_size=1, **clip)},
+        # GSPO's sequence ratio on each episode's token sum over the longest length, group std.
+        "sequence": {"agent": "reinforce", "env": ENV, "config": dict(
+            episodes_per_update=8, samples_per_prompt=2, baseline="group_mean", advantage_norm="group_std",
+            loss_aggregation="seq_mean_token_sum_norm", clip_range=0.2, ratio_level="sequence", num_minibatches=2,
+            **clip)},
         "value": {"agent": "reinforce", "env": ENV, "config": dict(
             episodes_per_update=8, samples_per_prompt=2, baseline="value", value_init="small", reward_to_go=True,
             **clip)},
@@ -126,7 +137,7 @@ def test_the_batch_has_unequal_lengths_within_and_across_the_ranks_shares(exact_
     assert max(lengths[:4]) != max(lengths[4:])  # the ranks pad to different widths
 
 
-@pytest.mark.parametrize("name", ["ppo", "rloo", "group_norm", "value", "lora", "dpo"])
+@pytest.mark.parametrize("name", ["ppo", "rloo", "group_norm", "steps", "sequence", "value", "lora", "dpo"])
 def test_two_ranks_update_as_one_process_on_the_whole_batch(exact_runs, name):
     _, single, _, distributed = exact_runs
     expected = single[name]
@@ -150,7 +161,8 @@ def test_the_clip_sees_the_global_norm(exact_runs):
     assert {"ppo", "group_norm"} <= set(clipped) and not {"rloo", "dpo"} & set(clipped)
 
 
-@pytest.mark.parametrize("name", ["ppo", "rloo", "group_norm", "value", "lora", "moving_average", "dpo"])
+@pytest.mark.parametrize("name", ["ppo", "rloo", "group_norm", "steps", "sequence", "value", "lora", "moving_average",
+                                  "dpo"])
 def test_metrics_are_the_whole_batch_s_on_every_rank(exact_runs, name):
     _, single, ranks, _ = exact_runs
     assert ranks[0][name] == ranks[1][name]

@@ -66,9 +66,9 @@ def test_other_baselines_take_no_data_from_masked_episodes(baseline, monkeypatch
     calls = []
     real = agents.reinforce.reinforce_loss
 
-    def recording_loss(logprobs, advantages, mask, num_episodes=None):
+    def recording_loss(logprobs, advantages, mask, num_episodes=None, *args):
         calls.append((mask.clone(), float(num_episodes)))
-        return real(logprobs, advantages, mask, num_episodes)
+        return real(logprobs, advantages, mask, num_episodes, *args)
 
     monkeypatch.setattr(agents.reinforce, "reinforce_loss", recording_loss)
     envs = masked_envs(beta=0.05)  # β > 0: a masked episode's return (−β·KL) is not 0, so it would weigh in
@@ -116,9 +116,9 @@ def test_ppo_gives_masked_episodes_no_advantage_and_whitens_over_valid_tokens_on
     calls = []
     real = agents.ppo.policy_loss
 
-    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, *args):
+    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, *args, **kwargs):
         calls.append((advantages.detach().clone(), mask.clone()))
-        return real(logprobs, old_logprobs, advantages, mask, *args)
+        return real(logprobs, old_logprobs, advantages, mask, *args, **kwargs)
 
     monkeypatch.setattr(agents.ppo, "policy_loss", recording_policy_loss)
     agent = PPO(masked_envs(num_envs=8), PPOConfig(episodes_per_update=8, minibatch_size=8, update_epochs=1),

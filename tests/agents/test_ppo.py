@@ -25,8 +25,8 @@ def make_envs(num_envs=8, **kwargs):
 def test_first_minibatch_ratio_is_exactly_one_and_nothing_is_clipped(monkeypatch):
     calls = []
 
-    def recording_policy_loss(logprobs, old_logprobs, *args):
-        loss, stats = policy_loss(logprobs, old_logprobs, *args)
+    def recording_policy_loss(logprobs, old_logprobs, *args, **kwargs):
+        loss, stats = policy_loss(logprobs, old_logprobs, *args, **kwargs)
         calls.append((logprobs.detach().clone(), old_logprobs.clone(), stats))
         return loss, stats
 

@@ -39,7 +39,9 @@ AGENTS = {  # a config, or a function of the `small_pairs` fixture that makes on
     "moving_average": (Reinforce, ReinforceConfig(episodes_per_update=8, samples_per_prompt=1,
                                                   baseline="moving_average")),
     "value": (Reinforce, ReinforceConfig(episodes_per_update=8, baseline="value", value_init="small",
-                                         reward_to_go=True, group_norm=True)),
+                                         reward_to_go=True, advantage_norm="group_std")),
+    # Several clipped steps per batch on minibatches drawn from the numpy stream: its state must be saved too.
+    "dapo": (Reinforce, ReinforceConfig.preset("dapo", episodes_per_update=8, num_minibatches=2, update_epochs=2)),
     # 40 pairs in batches of 16: the 4 updates cross an epoch boundary (a new order is drawn and must be restored).
     "dpo": (DPO, lambda pairs: DPOConfig(batch_size=16, micro_batch_size=8, learning_rate=1e-3,
                                          pairs=pairs(40), eval_pairs=pairs(16, "eval"))),
