@@ -44,12 +44,10 @@ from agents.checkpoint import load_agent, save_checkpoint
 from agents.common import (
     Batch,
     acting_world,
-    adam,
     at_least_one,
     autocast,
     batch_tensors,
     check_field,
-    check_ranks_agree,
     clipped_step,
     exact_div,
     given_episodes,
@@ -61,6 +59,7 @@ from agents.common import (
     rollout,
     run_command,
     seeded_generators,
+    train_module,
     whole_batch,
 )
 from agents.core import (
@@ -76,6 +75,7 @@ from agents.core import (
     rloo_baseline,
 )
 from agents.distributed import Ranks
+from agents.fsdp import check_shardable
 from agents.metrics import MetricsLogger
 from agents.policy import ActorCritic, response_logits
 from agents.rollout import Episodes, episode_stats
@@ -140,13 +140,16 @@ class Reinforce:
 
     Data-parallel when a `torch.distributed` process group is initialised (`agents.distributed`): each of the W
     ranks samples ``episodes_per_update / W`` episodes (whole groups of K samples of a prompt, so the RLOO and
-    group statistics stay on one rank) and the update is the single-process update of the whole batch."""
+    group statistics stay on one rank) and the update is the single-process update of the whole batch. With
+    ``fsdp=True`` the policy (and value head) is also sharded over the ranks (`agents.fsdp`)."""
 
     def __init__(self, env, config: ReinforceConfig = ReinforceConfig(), out_dir: str | Path | None = None,
-                 progress: bool = True):
+                 progress: bool = True, fsdp: bool = False):
         self.config = config
         self.ranks = Ranks.current()
         self.envs, self.world = acting_world(env, "Reinforce", config.episodes_per_update, self.ranks)
+        if fsdp:
+            check_shardable(self.world)
         if not self.ranks.single:  # every prompt's K samples on one rank
             exact_div(config.episodes_per_update // self.ranks.world_size, config.samples_per_prompt,
                       f"each rank's share of the batch (episodes_per_update / {self.ranks.world_size} ranks) / "
@@ -155,15 +158,16 @@ class Reinforce:
                 exact_div(config.episodes_per_update // self.ranks.world_size, config.micro_batch_size,
                           f"each rank's share of the batch (episodes_per_update / {self.ranks.world_size} ranks) / "
                           "micro_batch_size")
-        self.device, self.lm, self.backend = self.world.device, self.world.policy, self.world.backends["policy"]
+        self.device, self.lm = self.world.device, self.world.policy
+        # The training forward: the env's choice for its policy, or under FSDP the model's own forward (its hooks
+        # gather and reduce the shards; the lean GPT-2 path would bypass them).
+        self.backend = "hf" if fsdp else self.world.backends["policy"]
         with torch.random.fork_rng(devices=[]):  # the value head's init, seeded; the global RNG is left as it was
             torch.manual_seed(config.seed)
             self.model = ActorCritic(self.lm, self.backend, config.value_init) if config.baseline == "value" else None
-        self.params = [p for p in (self.model or self.lm).parameters() if p.requires_grad]
-        self.optimizer = adam(self.params, config)
         self.rng, self.shared_rng, self.generator = seeded_generators(config.seed, self.ranks)
         self.num_timesteps = self.num_updates = self.num_episodes = 0
-        check_ranks_agree(self)
+        self.params, self.sharded, self.optimizer = train_module(self, self.model or self.lm, fsdp)
         self.progress, self.logger = progress, MetricsLogger(out_dir if self.ranks.is_main else None)
         self.moving_average = 0.0  # the "moving_average" baseline: EMA of past batches' mean return
 
@@ -247,14 +251,16 @@ class Reinforce:
             loss = pg_loss + cfg.vf_coef * vf_loss
             if not torch.isfinite(loss):
                 finite = False
-                break
+                if self.sharded is None:
+                    break
+                # FSDP: every rank runs every backward (each one a collective); the step is skipped below
             loss.backward()
             for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
                                ("policy/entropy", masked_mean(entropy_from_logits(logits.detach()), m, num_tokens))):
                 log[key] += value.item()  # micro-batch shares add up to the batch's values
         finite = self.ranks.all(finite)  # a loss that was not finite on any rank skips the step on every rank
         grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=finite and not no_signal,
-                                 ranks=self.ranks)
+                                 ranks=self.ranks, sharded=self.sharded is not None)
         skipped = grad_norm is None  # parameters stay as they are
         log = self.ranks.sum_floats(log)  # the ranks' shares add up to the batch's values
         if no_signal or not finite:
@@ -307,12 +313,13 @@ class Reinforce:
         save_checkpoint(self, directory, "reinforce", tensors, {"moving_average": self.moving_average})
 
     @classmethod
-    def load(cls, directory: str | Path, env, out_dir: str | Path | None = None,
-             progress: bool = True) -> Reinforce:
+    def load(cls, directory: str | Path, env, out_dir: str | Path | None = None, progress: bool = True,
+             fsdp: bool = False) -> Reinforce:
         """Resume from `save` in `env`, built like the original (same task, reference, reward and KL settings).
 
         Check-then-change: a damaged checkpoint, another env or another shape raises `ValueError` and leaves the env
-        as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update."""
+        as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update. `fsdp` shards the
+        resumed agent (`agents.fsdp`), whether or not the saved run was sharded."""
         def own(agent, checkpoint):
             average = checkpoint.meta.get("moving_average")
             if average is not None and not math.isfinite(average):
@@ -324,7 +331,8 @@ class Reinforce:
                 agent.model.load_state_dict(checkpoint.tensors, strict=False)
             agent.moving_average = checkpoint.meta.get("moving_average")
 
-        return load_agent(cls, ReinforceConfig, "reinforce", directory, env, out_dir, progress, own, write_own)
+        return load_agent(cls, ReinforceConfig, "reinforce", directory, env, out_dir, progress, fsdp, own,
+                          write_own)
 
 
 def main(argv: list[str] | None = None) -> dict | list[str]:
