@@ -7,8 +7,9 @@ Reads ``FOLDER/job.json`` (what to run: agents by name, their config and env arg
 them) and writes its results under FOLDER with its rank in the name. Cases:
 
 * ``exact``: one update of each agent, on this rank's share of the episodes in ``FOLDER/episodes.json`` (DPO: on
-  its share of the next batch of pairs); writes the gradient of every optimizer step and the parameters after
-  (whole, gathered under FSDP), and the numbers of parameter and Adam-moment elements this rank holds.
+  its share of the next batch of pairs; ``"poison_rank": r`` makes rank r's first reward NaN); writes the gradient
+  of every optimizer step and the parameters after (whole, gathered under FSDP), and the numbers of parameter and
+  Adam-moment elements this rank holds.
 * ``straight``: 4 updates of each agent with real rollouts (β, this rank's KLs and prompts, the metrics after
   each, the parameters' digest), then 2 updates of a fresh one and a checkpoint.
 * ``resume``: each checkpoint loaded (in this fresh process; ``"load_fsdp"`` overrides ``"fsdp"``, ``"checkpoint"``
@@ -152,7 +153,10 @@ def exact(folder: Path, job: dict, rank: int, world_size: int) -> None:
     for name, spec in job["agents"].items():
         agent = build(spec)
         gradients = record_steps(agent)
-        metrics = agent.update() if spec["agent"] == "dpo" else agent.update(episodes=mine)
+        given = mine
+        if spec.get("poison_rank") == rank:  # a NaN reward on this rank only: its loss is not finite
+            given = Episodes(**{**vars(mine), "rewards": [[float("nan")] * len(mine.rewards[0]), *mine.rewards[1:]]})
+        metrics = agent.update() if spec["agent"] == "dpo" else agent.update(episodes=given)
         torch.save({"gradients": gradients, "parameters": trained(agent)}, folder / f"{name}-rank{rank}.pt")
         results[name] = {"metrics": comparable(metrics), "moving_average": getattr(agent, "moving_average", None),
                          "held": held(agent)}

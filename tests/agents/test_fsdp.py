@@ -55,6 +55,8 @@ def exact_jobs(pairs: str) -> dict:
             **clip)},
         "dpo": {"agent": "dpo", "env": ENV | {"beta": 0.1}, "config": dict(
             batch_size=8, micro_batch_size=2, pairs=pairs, eval_pairs=pairs, **unclipped)},
+        "poisoned": {"agent": "reinforce", "env": ENV, "poison_rank": 1, "config": dict(  # rank 1's loss is NaN
+            episodes_per_update=8, samples_per_prompt=2, baseline="rloo", micro_batch_size=2, **unclipped)},
     }
 
 
@@ -71,6 +73,8 @@ def exact_runs(tmp_path_factory, small_pairs):
     jobs = exact_jobs(small_pairs(64))
     single = {}
     for name, spec in jobs.items():
+        if "poison_rank" in spec:
+            continue
         agent = worker.build(spec)
         gradients = worker.record_steps(agent)
         metrics = agent.update() if spec["agent"] == "dpo" else agent.update(episodes=batch)
@@ -79,6 +83,16 @@ def exact_runs(tmp_path_factory, small_pairs):
     ranks = launch(folder, "exact", {"agents": {name: spec | {"fsdp": True} for name, spec in jobs.items()}})
     sharded = [{name: torch.load(folder / f"{name}-rank{rank}.pt") for name in jobs} for rank in range(2)]
     return single, ranks, sharded
+
+
+def test_a_loss_that_is_not_finite_on_one_rank_skips_the_step_on_both(exact_runs, small_pairs):
+    """Rank 1 meets a NaN loss at its first micro-batch and still runs the backward passes rank 0 runs (each one a
+    reduce-scatter both must join); then neither steps."""
+    _, ranks, sharded = exact_runs
+    initial = worker.trained(worker.build(exact_jobs(small_pairs(64))["poisoned"]))
+    for rank in range(2):
+        assert ranks[rank]["poisoned"]["metrics"]["train/skipped"] == 1
+        assert torch.equal(sharded[rank]["poisoned"]["parameters"], initial), rank
 
 
 @pytest.mark.parametrize("name", ["rloo", "value", "ppo", "critic", "dpo"])
