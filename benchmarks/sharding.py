@@ -1,5 +1,5 @@
 """FSDP on this machine's CPU cores, 2 gloo processes: what each rank holds, and what decoding costs (``python -m
-benchmarks.fsdp``; it starts ``torchrun --standalone --nproc_per_node 2`` itself).
+benchmarks.sharding``; it starts ``torchrun --standalone --nproc_per_node 2`` itself).
 
 Each rank builds an RLOO agent on the default task without FSDP and one with it (`agents.fsdp`), takes one update
 with each, and counts the bytes it holds of the trained parameters, their gradients and Adam's moments (π_ref, which
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     from benchmarks.report import git_commit
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "benchmarks.fsdp", "--child", "--rows", str(args.rows), "--max-new-tokens",
+               "-m", "benchmarks.sharding", "--child", "--rows", str(args.rows), "--max-new-tokens",
                str(args.max_new_tokens), "--repeats", str(args.repeats)]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           check=False)
