@@ -18,6 +18,10 @@ numpy stream the ranks share) and every rank's own streams. An error while rank 
 and takes its own streams: a resume with the same number of processes is exact; another number is refused with
 `agents.distributed.WorldSizeMismatch` (the ranks' streams cannot be redistributed).
 
+**FSDP runs** (`agents.fsdp`) write the same format: every rank joins the gather of each sharded tensor (policy,
+the agent's own tensors, Adam's moments) and rank 0 writes them whole. Loading cuts each rank's shard from the
+full tensors. So a checkpoint resumes with or without FSDP, on as many ranks as saved it.
+
 **Saving** fills a temporary sibling directory and swaps it into place in one step (`rlhf_env.files`), so a save
 killed at any point leaves the previous checkpoint or the new one, never a mix. A folder that is neither missing,
 empty nor a checkpoint is refused, never overwritten.
@@ -44,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from agents.distributed import Ranks, WorldSizeMismatch
+from agents.fsdp import full_tensors, shard_like
 from rlhf_env.files import MANIFEST, atomic_directory, fault_point, refuse_foreign, verified_snapshot, write_manifest
 from rlhf_env.lora import AdaptersOff, adapter_settings, adapter_state_dict, is_peft_model, load_adapter_state_dict
 from rlhf_env.models import load_causal_lm, quiet_loading
@@ -165,21 +170,30 @@ def save_checkpoint(agent, directory: str | Path, algorithm: str, tensors: dict[
     ranks = agent.ranks
     streams = ranks.gather({"numpy_rng": agent.rng.bit_generator.state, "torch_generator": agent.generator.get_state(),
                             "num_envs": agent.envs.num_envs})  # every rank's own random streams and rows
+    policy = optimizer = None
+    if agent.sharded is not None:  # FSDP: every rank joins each tensor's gather; rank 0 keeps them whole
+        keep = ranks.is_main
+        policy = full_tensors(agent.lm.state_dict(keep_vars=True), keep)  # tied weights stay one tensor
+        tensors = full_tensors(tensors, keep)
+        optimizer = agent.optimizer.state_dict()
+        optimizer["state"] = {index: full_tensors(slots, keep) for index, slots in optimizer["state"].items()}
     if ranks.is_main:
-        _write_checkpoint(agent, Path(directory), algorithm, tensors, state, streams)
+        _write_checkpoint(agent, Path(directory), algorithm, tensors, state, streams, policy, optimizer)
     else:
         ranks.agreed(lambda: None)  # rank 0's outcome: its error, if it had one, is raised here too
 
 
 def _write_checkpoint(agent, directory: Path, algorithm: str, tensors: dict[str, torch.Tensor], state: dict | None,
-                      streams: list[dict]) -> None:
-    """Rank 0's part of `save_checkpoint` (all of it in one process), `streams` holding each rank's own."""
+                      streams: list[dict], policy: dict[str, torch.Tensor] | None = None,
+                      optimizer: dict | None = None) -> None:
+    """Rank 0's part of `save_checkpoint` (all of it in one process), `streams` holding each rank's own; under
+    FSDP `policy` and `optimizer` are the gathered state dicts of the policy and the optimizer (else read here)."""
     from dataclasses import asdict
 
     def write() -> None:
         refuse_foreign(directory, _checkpoint_files(directory) if directory.is_dir() else None,
                        "an agent checkpoint")
-        optim = agent.optimizer.state_dict()
+        optim = agent.optimizer.state_dict() if optimizer is None else optimizer
         meta = {"algorithm": algorithm, "config": asdict(agent.config), **{c: getattr(agent, c) for c in COUNTERS},
                 "kl_controller": agent.world.kl_controller.state_dict(), **(state or {}),
                 "env": env_settings(agent.world) | {"num_envs": agent.envs.num_envs},
@@ -194,17 +208,19 @@ def _write_checkpoint(agent, directory: Path, algorithm: str, tensors: dict[str,
         for index, slots in optim["state"].items():
             for name, value in slots.items():
                 state_tensors[f"optimizer/{index}/{name}"] = torch.as_tensor(value)
-        _write_files(agent, directory, algorithm, tensors, state_tensors, meta)
+        _write_files(agent, directory, algorithm, tensors, state_tensors, meta, policy)
 
     agent.ranks.agreed(write)
 
 
 def _write_files(agent, directory: Path, algorithm: str, tensors: dict[str, torch.Tensor],
-                 state_tensors: dict[str, torch.Tensor], meta: dict) -> None:
+                 state_tensors: dict[str, torch.Tensor], meta: dict,
+                 policy: dict[str, torch.Tensor] | None = None) -> None:
     text = json.dumps(meta, indent=2)  # serialised first: an unserialisable state writes nothing
     with atomic_directory(directory) as tmp:
         with quiet_loading():  # transformers' per-shard progress bar, at every checkpoint
-            agent.lm.save_pretrained(tmp / "policy", safe_serialization=True)  # a PeftModel: its adapter only
+            # A PeftModel saves its adapter only; `policy` (FSDP: gathered) replaces the model's own state dict.
+            agent.lm.save_pretrained(tmp / "policy", safe_serialization=True, state_dict=policy)
         fault_point("policy saved")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / AGENT_FILE)
         fault_point("agent tensors saved")
@@ -322,11 +338,20 @@ def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -
 
     Every check runs here (`ValueError` naming what does not fit); the returned function refuses nothing, so a
     caller that makes its own checks in between still changes nothing until it calls it. The caller then loads
-    ``checkpoint.tensors`` into its own modules (already checked against `own`)."""
+    ``checkpoint.tensors`` into its own modules (already checked against `own`; under FSDP, this rank's shards of
+    them, cut here)."""
     directory = checkpoint.directory
     _compare("policy", checkpoint.policy, policy_state(agent.lm), directory)
     _compare("agent's own tensors", checkpoint.tensors, own, directory)
     optimizer_state = _optimizer_state(checkpoint, agent.optimizer)
+    policy = checkpoint.policy
+    if agent.sharded is not None:  # FSDP: the full tensors cut as this rank's shards are (no communication)
+        policy = shard_like(policy, policy_state(agent.lm))
+        checkpoint.tensors = shard_like(checkpoint.tensors, own)
+        params = [p for group in agent.optimizer.param_groups for p in group["params"]]
+        optimizer_state["state"] = {index: shard_like(slots, {name: params[index] if value.ndim > 0 else value
+                                                              for name, value in slots.items()})
+                                    for index, slots in optimizer_state["state"].items()}
     ranks = agent.ranks
     shared_state = checkpoint.meta["numpy_rng"]  # one process: its only numpy stream
     if ranks.single:
@@ -349,9 +374,9 @@ def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -
     @torch.no_grad()
     def write() -> None:
         if is_peft_model(agent.lm):
-            load_adapter_state_dict(agent.lm, checkpoint.policy)
+            load_adapter_state_dict(agent.lm, policy)
         else:
-            agent.lm.load_state_dict(checkpoint.policy)
+            agent.lm.load_state_dict(policy)
         agent.optimizer.load_state_dict(optimizer_state)
         agent.generator.set_state(generator_state)
         agent.rng.bit_generator.state = numpy_state
@@ -363,19 +388,19 @@ def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -
     return write
 
 
-def load_agent(cls, config_cls, algorithm: str, directory: str | Path, env, out_dir, progress: bool,
+def load_agent(cls, config_cls, algorithm: str, directory: str | Path, env, out_dir, progress: bool, fsdp: bool,
                own: Callable, write_own: Callable):
     """Every agent's ``load``: read and verify the checkpoint (`read_checkpoint`), build the agent with the saved
-    config (``config_cls(**saved)``: the config class, or a function that also reads older checkpoints' fields),
-    check everything against it (`restore_agent`, and ``own(agent, checkpoint)`` -> the agent's own tensor layout,
-    raising for anything else it refuses), take `out_dir` (its log cut back to the checkpoint's update), and only
-    then write: the shared state, then ``write_own(agent, checkpoint)``."""
+    config (``config_cls(**saved)``: the config class, or a function that also reads older checkpoints' fields;
+    sharded with `fsdp`), check everything against it (`restore_agent`, and ``own(agent, checkpoint)`` -> the agent's
+    own tensor layout, raising for anything else it refuses), take `out_dir` (its log cut back to the checkpoint's
+    update), and only then write: the shared state, then ``write_own(agent, checkpoint)``."""
     from agents.metrics import MetricsLogger
     from agents.rollout import unwrap_vector_env
 
     ranks = Ranks.current()  # every step that may refuse is agreed: a refusal on one rank is raised on all
     checkpoint = ranks.agreed(lambda: read_checkpoint(directory, algorithm, unwrap_vector_env(env), ranks.world_size))
-    agent = cls(env, config_cls(**checkpoint.config), progress=progress)
+    agent = cls(env, config_cls(**checkpoint.config), progress=progress, fsdp=fsdp)
     write = ranks.agreed(lambda: restore_agent(agent, checkpoint, own(agent, checkpoint)))
     resume_at = (checkpoint.meta["num_updates"], checkpoint.meta["num_timesteps"])
     agent.logger = ranks.agreed(lambda: MetricsLogger(out_dir if ranks.is_main else None, resume_at=resume_at))

@@ -3,9 +3,10 @@ episodes, the optimizer step, acting, checkpoints and the command line. Plain fu
 module calls them by name and keeps its own state, listed in its ``__init__``.
 
 An agent, for these functions, has ``config`` (a frozen dataclass), ``envs`` and ``world``, ``lm`` (the env's
-acting policy, trained in place), ``optimizer``, ``ranks`` (`agents.distributed.Ranks`), ``rng`` (numpy) and
-``generator`` (torch), this rank's streams, ``shared_rng`` (numpy, the same on every rank), ``logger``, the
-counters ``num_timesteps`` / ``num_updates`` / ``num_episodes`` (over all ranks) and ``update() -> dict``.
+acting policy, trained in place), ``optimizer``, ``ranks`` (`agents.distributed.Ranks`), ``sharded`` (its FSDP
+units, `agents.fsdp.Sharded`, or None), ``rng`` (numpy) and ``generator`` (torch), this rank's streams,
+``shared_rng`` (numpy, the same on every rank), ``logger``, the counters ``num_timesteps`` / ``num_updates`` /
+``num_episodes`` (over all ranks) and ``update() -> dict``.
 
 Legend: ``B`` episodes, ``P`` query tokens (left-padded), ``T`` response tokens (right-padded).
 """
@@ -29,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.distributed import SINGLE, Ranks, init_from_environment, rank_generators, rank_share
+from agents.fsdp import Sharded
 from agents.metrics import diagnose, read_history
 from agents.rollout import Episodes, collect_episodes, unwrap_vector_env
 from rlhf_env.decoding.sampling import gumbel_max
@@ -111,10 +113,21 @@ def seeded_generators(seed: int, ranks: Ranks = SINGLE) -> tuple[np.random.Gener
     return rng, (rng if ranks.single else np.random.default_rng(seed)), generator
 
 
-def check_ranks_agree(agent) -> None:
+def train_module(agent, module: torch.nn.Module,
+                 fsdp: bool = False) -> tuple[list[torch.nn.Parameter], Sharded | None, torch.optim.Adam]:
+    """What an agent trains `module` (the policy, or the policy with its critic) with: ``(params, sharded,
+    optimizer)``. Every rank's `module` is made rank 0's first (`check_ranks_agree`); with `fsdp` it is then cut
+    over the ranks (`agents.fsdp.Sharded`), and ``params`` (what Adam steps) are this rank's shards."""
+    check_ranks_agree(agent, module)
+    sharded = Sharded(module, agent.world.device, agent.ranks.world_size) if fsdp else None
+    params = [p for p in module.parameters() if p.requires_grad]
+    return params, sharded, adam(params, agent.config)
+
+
+def check_ranks_agree(agent, module: torch.nn.Module) -> None:
     """Every rank of a data-parallel agent has the same config and the same training problem
-    (`agents.distributed.RanksDisagree` otherwise, on every rank); then the trained parameters are rank 0's on every
-    rank (broadcast, as DDP does)."""
+    (`agents.distributed.RanksDisagree` otherwise, on every rank); then `module`'s parameters, what the agent
+    trains, are rank 0's on every rank (broadcast, as DDP does)."""
     ranks, world = agent.ranks, agent.world
     if ranks.single:
         return
@@ -124,20 +137,24 @@ def check_ranks_agree(agent) -> None:
         "temperature": world.temperature, "max_new_tokens": world.max_new_tokens,
         "missing_eos_penalty": world.missing_eos_penalty, "nonfinite_reward": world.nonfinite_reward,
         "kl_controller": world.kl_controller.state_dict(), "reward_names": world.reward_names,
-        "device_type": world.device.type, "trained_parameters": [tuple(p.shape) for p in agent.params]})
-    ranks.broadcast_module(getattr(agent, "model", None) or agent.lm)
+        "device_type": world.device.type,
+        "trained_parameters": [tuple(p.shape) for p in module.parameters() if p.requires_grad]})
+    ranks.broadcast_module(module)
 
 
 def clipped_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_grad_norm: float,
-                 finite: bool = True, ranks: Ranks = SINGLE) -> float | None:
+                 finite: bool = True, ranks: Ranks = SINGLE, sharded: bool = False) -> float | None:
     """Sum the accumulated gradients over the ranks (`agents.distributed.Ranks.sum_gradients`; nothing in one
-    process), clip them to global norm `max_grad_norm` and take the optimizer step; returns the norm before
-    clipping, the same on every rank. A loss that was not finite on some rank (``finite=False`` there) or a
-    non-finite norm skips the step on every rank instead: the gradients are dropped, the parameters stay as they
-    are, and None is returned."""
+    process, nor for `sharded` FSDP gradients, which its reduce-scatter summed), clip them to global norm
+    `max_grad_norm` and take the optimizer step; returns the norm before clipping, the same on every rank. A loss
+    that was not finite on some rank (``finite=False`` there) or a non-finite norm skips the step on every rank
+    instead: the gradients are dropped, the parameters stay as they are, and None is returned."""
     if ranks.all(finite):
-        ranks.sum_gradients(params)
+        if not sharded:
+            ranks.sum_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if sharded:  # a DTensor: the norm over every rank's slices, whole on each rank
+            grad_norm = grad_norm.full_tensor()
         if torch.isfinite(grad_norm):
             optimizer.step()
             return grad_norm.item()
@@ -174,16 +191,24 @@ def rollout(agent, prompts: list[str] | None = None) -> Episodes:
 
     β is the same for every episode of the rollout and moves once after it, from the whole batch's KL (every
     rank's episodes, so β stays the same on every rank; the discarded autoreset episodes of idle rows never move
-    it): one KL-controller step per batch, as in Ziegler et al. (2019, §2.2)."""
+    it): one KL-controller step per batch, as in Ziegler et al. (2019, §2.2). Under FSDP the policy is gathered
+    whole for the rollout (`full_parameters`)."""
     envs, episodes = agent.envs, Episodes()
     n = envs.num_envs
-    with agent.world.beta_frozen():
+    with agent.world.beta_frozen(), full_parameters(agent):
         for start in range(0, agent.config.episodes_per_update // agent.ranks.world_size, n):
             rows = None if prompts is None else prompts[start: start + n]
             episodes.extend(collect_episodes(envs, int(agent.rng.integers(2**31 - 1)), agent.generator,
                                              prompts=rows))
     agent.world.update_beta([kl for kls in agent.ranks.gather(episodes.kls) for kl in kls])
     return episodes
+
+
+def full_parameters(agent):
+    """A context in which the agent's trained modules are whole on every rank: under FSDP its units gathered once
+    (`agents.fsdp.Sharded.full_parameters`, a collective every rank enters), so that the env can decode with them;
+    nothing to do otherwise."""
+    return agent.sharded.full_parameters() if agent.sharded is not None else contextlib.nullcontext()
 
 
 def whole_batch(episodes: Episodes, ranks: Ranks) -> Episodes:
@@ -341,6 +366,8 @@ def command_line(description: str, config_cls, presets: dict[str, dict] | None =
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="a published recipe's settings as the defaults (docs/agents.md, 'Loss options and "
                                  "presets'); explicit flags override them")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard the trained model over the torchrun processes with FSDP2 (agents.fsdp)")
     docs, hints = field_docs(config_cls), typing.get_type_hints(config_cls)
     for f in fields(config_cls):
         help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help strings with %
@@ -377,7 +404,8 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
     Under ``torchrun --nproc_per_node W`` (``WORLD_SIZE`` > 1) every process trains its share of each batch
     (`agents.distributed`): the process group is initialised here (gloo on the CPU, NCCL with one CUDA device per
     local rank) and closed at the end; rank 0 alone evaluates, prints and writes files. Every rank returns the
-    summary."""
+    summary. ``--fsdp`` also shards the trained model over the processes (`agents.fsdp`); every rank then gathers
+    it whole around rank 0's evaluations."""
     import gymnasium as gym
 
     import rlhf_env
@@ -405,26 +433,31 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
         if args.reward == "gold":
             kwargs["reward_fn"] = task.gold_reward
         envs = gym.make_vec(rlhf_env.env_id(args.task), num_envs=num_envs, **kwargs)
-        agent = agent_cls(envs, config, out_dir=args.out, progress=not args.no_progress)
+        agent = agent_cls(envs, config, out_dir=args.out, progress=not args.no_progress, fsdp=args.fsdp)
         main = ranks.is_main  # rank 0 evaluates (the same held-out episodes as one process would) and writes
 
         def evaluate_all():
-            return {**evaluate(envs, args.eval_episodes, seed=10_000, beta=None if loss_beta is None else kl_weight),
-                    **(extra_eval(agent) if extra_eval else {})}
+            with full_parameters(agent):  # FSDP: every rank gathers, rank 0 evaluates
+                if not main:
+                    return None
+                return {**evaluate(envs, args.eval_episodes, seed=10_000,
+                                   beta=None if loss_beta is None else kl_weight),
+                        **(extra_eval(agent) if extra_eval else {})}
 
         optimum = (kl_regularised_optimum(envs, task.gold_reward, kl_weight)
                    if args.estimate_optimum and main else None)
-        before = evaluate_all() if main else None
+        before = evaluate_all()
         start = time.perf_counter()
         agent.learn(args.total_timesteps)
         seconds = time.perf_counter() - start
-        after = evaluate_all() if main else None
+        after = evaluate_all()
         summary = None
         if main:
             summary = {"algorithm": agent_cls.__name__, "task": args.task, "reward": args.reward, "beta": beta,
                        **({"preset": preset} if preset else {}),
                        **({"kl_coef": loss_beta} if loss_beta is not None else {}),
-                       "seed": config.seed, "processes": ranks.world_size, "timesteps": agent.num_timesteps,
+                       "seed": config.seed, "processes": ranks.world_size, "fsdp": args.fsdp,
+                       "timesteps": agent.num_timesteps,
                        "updates": agent.num_updates, "train_seconds": round(seconds, 1), "eval_before": before,
                        "eval_after": after,
                        # Share of the gap between π_SFT's held-out gold and the best reachable gold that training

@@ -31,11 +31,9 @@ import torch
 from agents.checkpoint import load_agent, save_checkpoint
 from agents.common import (
     acting_world,
-    adam,
     at_least_one,
     autocast,
     check_field,
-    check_ranks_agree,
     clipped_step,
     exact_div,
     learn_loop,
@@ -45,9 +43,11 @@ from agents.common import (
     predict,
     run_command,
     seeded_generators,
+    train_module,
 )
 from agents.core import DPO_LOSSES, DPOLoss, dpo_loss, logprobs_from_logits
 from agents.distributed import Ranks, rank_share
+from agents.fsdp import check_shardable
 from agents.metrics import MetricsLogger
 from agents.policy import response_logits
 from rlhf_env.assets import asset_dir, load_preference_pairs
@@ -128,10 +128,11 @@ class DPO:
     Data-parallel when a `torch.distributed` process group is initialised (`agents.distributed`): every rank draws
     the same batch of ``batch_size`` pairs (the order of the pairs comes from the stream the ranks share), trains
     on its ``batch_size / W`` of them, and the update is the single-process update of the whole batch. Each rank
-    computes the reference log-probs of all the pairs once, at the start."""
+    computes the reference log-probs of all the pairs once, at the start. With ``fsdp=True`` the policy is also
+    sharded over the ranks (`agents.fsdp`)."""
 
     def __init__(self, env, config: DPOConfig = DPOConfig(), out_dir: str | Path | None = None,
-                 progress: bool = True):
+                 progress: bool = True, fsdp: bool = False):
         self.config = config
         self.ranks = Ranks.current()
         share = rank_share(config.batch_size, self.ranks, "DPOConfig.batch_size")
@@ -139,11 +140,15 @@ class DPO:
             exact_div(share, config.micro_batch_size, f"each rank's share of the batch (batch_size / "
                                                       f"{self.ranks.world_size} ranks) / micro_batch_size")
         self.envs, self.world = acting_world(env, "DPO", None, self.ranks)
+        if fsdp:
+            check_shardable(self.world)
         self.device, self.lm = self.world.device, self.world.policy
         self.beta = float(self.world.beta)
         if not self.beta > 0:
             raise ValueError(f"DPO needs the env's beta > 0 (its loss is a function of β·log-ratio), got {self.beta}")
-        self.backend = self.world.backends["policy"]  # the training forward the env decided for its policy
+        # The training forward: the env's choice for its policy, or under FSDP the model's own forward (its hooks
+        # gather and reduce the shards; the lean GPT-2 path would bypass them).
+        self.backend = "hf" if fsdp else self.world.backends["policy"]
         tokenizer, reference = self.world.tokenizer, self.world.reference
         reference_backend = self.world.backends["reference"]
         self.train_pairs = Preferences(self._pairs(config.pairs, "train"), tokenizer, reference, reference_backend,
@@ -151,11 +156,9 @@ class DPO:
         eval_pairs = self._pairs(config.eval_pairs, "eval", required=False)
         self.eval_pairs = (None if eval_pairs is None
                            else Preferences(eval_pairs, tokenizer, reference, reference_backend, self.device))
-        self.params = [p for p in self.lm.parameters() if p.requires_grad]
-        self.optimizer = adam(self.params, config)
         self.rng, self.shared_rng, self.generator = seeded_generators(config.seed, self.ranks)
         self.num_timesteps = self.num_updates = self.num_episodes = 0
-        check_ranks_agree(self)
+        self.params, self.sharded, self.optimizer = train_module(self, self.lm, fsdp)
         self.ranks.check_same("training pairs", len(self.train_pairs))
         self.progress, self.logger = progress, MetricsLogger(out_dir if self.ranks.is_main else None)
         self.order = self.shared_rng.permutation(len(self.train_pairs))  # this epoch's order of the pairs
@@ -211,12 +214,15 @@ class DPO:
             loss = losses.sum() / len(batch)  # the whole batch's mean: the ranks' gradients add up to it
             if not torch.isfinite(loss):
                 finite = False
-                break
+                if self.sharded is None:
+                    break
+                # FSDP: every rank runs every backward (each one a collective); the step is skipped below
             loss.backward()
             for key, value in [("losses", losses), ("chosen", chosen_rewards), ("rejected", rejected_rewards),
                                ("chosen_logps", chosen), ("rejected_logps", rejected)]:
                 parts[key].append(value.detach())
-        grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite, self.ranks)
+        grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite, self.ranks,
+                                 self.sharded is not None)
         skipped = grad_norm is None  # parameters stay as they are
         self.num_updates += 1
         self.num_timesteps += len(batch)
@@ -278,11 +284,13 @@ class DPO:
                         {"position": self.position, "epoch": self.epoch, "beta": self.beta})
 
     @classmethod
-    def load(cls, directory: str | Path, env, out_dir: str | Path | None = None, progress: bool = True) -> DPO:
+    def load(cls, directory: str | Path, env, out_dir: str | Path | None = None, progress: bool = True,
+             fsdp: bool = False) -> DPO:
         """Resume from `save` in `env`, built like the original (same task, reference and β) with the same pairs.
 
         Check-then-change: a damaged checkpoint, another env, β or number of pairs raises `ValueError` and leaves
-        the env as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update."""
+        the env as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update. `fsdp`
+        shards the resumed agent (`agents.fsdp`), whether or not the saved run was sharded."""
         def own(agent, checkpoint):
             if checkpoint.meta.get("beta") != agent.beta:
                 raise ValueError(f"{checkpoint.directory} was trained with β = {checkpoint.meta.get('beta')}, the "
@@ -296,7 +304,7 @@ class DPO:
             agent.order = checkpoint.tensors["order"].cpu().numpy()
             agent.position, agent.epoch = checkpoint.meta["position"], checkpoint.meta["epoch"]
 
-        return load_agent(cls, DPOConfig, "dpo", directory, env, out_dir, progress, own, write_own)
+        return load_agent(cls, DPOConfig, "dpo", directory, env, out_dir, progress, fsdp, own, write_own)
 
 
 def main(argv: list[str] | None = None) -> dict | list[str]:

@@ -26,14 +26,13 @@ from agents.checkpoint import load_agent, save_checkpoint
 from agents.common import (
     Batch,
     acting_world,
-    adam,
     at_least_one,
     autocast,
     batch_tensors,
     check_field,
-    check_ranks_agree,
     clipped_step,
     exact_div,
+    full_parameters,
     given_episodes,
     learn_loop,
     non_negative,
@@ -43,6 +42,7 @@ from agents.common import (
     rollout,
     run_command,
     seeded_generators,
+    train_module,
     unit_interval,
     whole_batch,
 )
@@ -58,6 +58,7 @@ from agents.core import (
     value_loss,
 )
 from agents.distributed import Ranks
+from agents.fsdp import check_shardable
 from agents.metrics import MetricsLogger
 from agents.policy import ActorCritic, ValueInit
 from agents.rollout import Episodes, episode_stats
@@ -163,14 +164,17 @@ class PPO:
 
     Data-parallel when a `torch.distributed` process group is initialised (`agents.distributed`): each of the W
     ranks samples ``episodes_per_update / W`` episodes, the minibatches are drawn over the whole batch, and each
-    update is the single-process update of the whole batch.
+    update is the single-process update of the whole batch. With ``fsdp=True`` the policy and its critic are
+    also sharded over the ranks (`agents.fsdp`).
     """
 
     def __init__(self, env, config: PPOConfig = PPOConfig(), out_dir: str | Path | None = None,
-                 progress: bool = True):
+                 progress: bool = True, fsdp: bool = False):
         self.config = config
         self.ranks = Ranks.current()
         self.envs, self.world = acting_world(env, "PPO", config.episodes_per_update, self.ranks)
+        if fsdp:
+            check_shardable(self.world)
         if config.ptx_coef > 0:  # PPO-ptx needs the task's demonstrations: a task without them raises here
             self.world.task.demonstrations(0, np.random.default_rng(0))
         self.device, self.lm = self.world.device, self.world.policy
@@ -181,15 +185,16 @@ class PPO:
         if config.value_init == "reward_model" and self.world.reward_tokenizer is not None:
             raise ValueError("value_init='reward_model' starts the critic as the env's reward model, but that model "
                              "reads its own tokenizer's ids, not the policy's: use value_init='zero' or 'small'")
+        # The training forward: the env's choice for its policy, or under FSDP the model's own forward (its hooks
+        # gather and reduce the shards; the lean GPT-2 path would bypass them).
+        backend = "hf" if fsdp else self.world.backends["policy"]
         with torch.random.fork_rng(devices=[]):  # the value head's init, seeded; the global RNG is left as it was
             torch.manual_seed(config.seed)
-            self.model = ActorCritic(self.lm, self.world.backends["policy"], config.value_init,
-                                     config.separate_critic, self.world.reward_model)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = adam(self.params, config)
+            self.model = ActorCritic(self.lm, backend, config.value_init, config.separate_critic,
+                                     self.world.reward_model)
         self.rng, self.shared_rng, self.generator = seeded_generators(config.seed, self.ranks)
         self.num_timesteps = self.num_updates = self.num_episodes = 0
-        check_ranks_agree(self)
+        self.params, self.sharded, self.optimizer = train_module(self, self.model, fsdp)
         self.progress, self.logger = progress, MetricsLogger(out_dir if self.ranks.is_main else None)
 
     # ---------------------------------------------------------------- training
@@ -235,7 +240,7 @@ class PPO:
         #    this computation exactly, so its ratio is exactly 1 (the env's incremental KV-cache log-probs agree
         #    with these only to ~1e-6, so they are used for the reward, not for the ratio).
         old_logprobs, old_values = torch.zeros_like(mask), torch.zeros_like(mask)
-        with torch.no_grad():
+        with torch.no_grad(), full_parameters(self):  # FSDP: gathered once, as the ranks' forwards differ in number
             for micro in self._micro_batches(mine(orders[0])):
                 logits, values = self._forward(b, micro)
                 old_logprobs[micro] = logprobs_from_logits(logits, b.responses[micro])
@@ -267,7 +272,7 @@ class PPO:
                 sums = self._minibatch_gradients(b, mine(minibatch), mask, num_tokens, num_episodes, old_logprobs,
                                                  old_values, advantages, returns)
                 grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=sums is not None,
-                                         ranks=self.ranks)
+                                         ranks=self.ranks, sharded=self.sharded is not None)
                 if grad_norm is None:  # a loss or the gradient was not finite: parameters stay as they are
                     skipped += 1
                     continue
@@ -302,20 +307,31 @@ class PPO:
         """Accumulate this rank's share of one minibatch's gradient over its micro-batches (zeroed first): `rows`,
         its episodes of the minibatch (possibly none), and its share of the ptx demonstrations. Returns its shares
         of the minibatch's loss terms and stats (zeros for a rank with nothing to do), or None if a loss was not
-        finite (the step is then skipped)."""
-        cfg = self.config
+        finite (the step is then skipped).
+
+        Under FSDP every rank runs as many micro-batches as the busiest one, each with the same forwards (their
+        all-gathers and reduce-scatters are collectives): a rank out of episodes or demonstrations runs a
+        forward on its first episode or the first demonstration, weighted 0."""
+        cfg, sharded = self.config, self.sharded is not None
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches = self._micro_batches(rows)
-        ptx_parts = self._ptx_parts(max(1, len(micro_batches))) if cfg.ptx_coef > 0 else []
+        steps = max(1, len(micro_batches)) if cfg.ptx_coef > 0 else len(micro_batches)
+        if sharded:
+            steps = int(self.ranks.max(max(1, len(micro_batches))))
+        ptx_parts = self._ptx_parts(steps) if cfg.ptx_coef > 0 else []
         zero = torch.zeros((), device=self.device)
         sums = dict.fromkeys(("loss/policy", "loss/value", "loss/ptx", "policy/entropy", "policy/clipfrac",
                               "policy/approx_kl", "policy/ratio", "val/clipfrac"), 0.0)
-        for i in range(max(len(micro_batches), len(ptx_parts))):
+        finite = True
+        for i in range(steps):
             micro = micro_batches[i] if i < len(micro_batches) else None
-            ptx = ptx_parts[i] if i < len(ptx_parts) else None
+            ptx = ptx_parts[i] if ptx_parts else None
             if micro is None:  # this rank has no episode of the minibatch left, only ptx demonstrations
                 pg_loss = vf_loss = entropy = zero
                 pg_stats, vf_stats = {"clipfrac": 0.0, "approx_kl": 0.0, "ratio": 0.0}, {"clipfrac": 0.0}
+                if sharded:  # the forward every rank runs, weighted 0
+                    logits, values = self._forward(b, np.arange(1))
+                    pg_loss = 0.0 * (logits.sum() + values.sum())
             else:
                 m = mask[micro]
                 logits, values = self._forward(b, micro)
@@ -326,22 +342,27 @@ class PPO:
                                                 num_episodes=num_episodes, max_tokens=self.world.max_new_tokens)
                 vf_loss, vf_stats = value_loss(values, old_values[micro], returns[micro], m, cfg.clip_range_value,
                                                num_tokens)
-            ptx_loss = sft_loss(self.model.lm, *ptx) if ptx is not None else zero
+            ptx_loss = ptx[2] * sft_loss(self.model.lm, ptx[0], ptx[1]) if ptx is not None else zero
             loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy + cfg.ptx_coef * ptx_loss
             if not torch.isfinite(loss):
-                return None
+                finite = False
+                if not sharded:
+                    return None
+                # FSDP: every rank runs every backward (each one a collective); the step is skipped after
             loss.backward()
             for key, value in (("loss/policy", pg_loss.item()), ("loss/value", vf_loss.item()),
                                ("loss/ptx", ptx_loss.item()), ("policy/entropy", entropy.item()),
                                ("policy/clipfrac", pg_stats["clipfrac"]), ("policy/approx_kl", pg_stats["approx_kl"]),
                                ("policy/ratio", pg_stats["ratio"]), ("val/clipfrac", vf_stats["clipfrac"])):
                 sums[key] += value  # micro-batch shares add up to the minibatch's means
-        return sums
+        return sums if finite else None
 
     def _ptx_parts(self, n: int) -> list[tuple | None]:
         """PPO-ptx: one batch of ``ptx_batch_size`` demonstrations for the minibatch (drawn from the stream every
         rank shares), this rank's share of it (rank r of W: the r-th of W near-equal slices) split into `n` parts,
-        each ``(rows, num_tokens)`` for `sft_loss` with the whole batch's token count (None: an empty part)."""
+        each ``(rows, num_tokens, weight)`` for ``weight · sft_loss(rows, num_tokens)`` with the whole batch's token
+        count and weight 1. An empty part is None, or under FSDP (every rank runs the same forwards) the batch's
+        first demonstration with weight 0."""
         task, tokenizer = self.world.task, self.world.tokenizer
         demos = task.demonstrations(self.config.ptx_batch_size, self.shared_rng)
         pairs = encode_pairs(tokenizer, [p for p, _ in demos], [r for _, r in demos],
@@ -349,8 +370,9 @@ class PPO:
         num_tokens = pairs.response_mask.sum()
         share = np.array_split(np.arange(len(pairs)), self.ranks.world_size)[self.ranks.rank]
         parts = np.array_split(share, n)
-        return [(pairs.rows(torch.as_tensor(rows, device=self.device)), num_tokens) if len(rows) else None
-                for rows in parts]
+        filler = (pairs.rows(torch.zeros(1, dtype=torch.long, device=self.device)), num_tokens, 0.0)
+        return [(pairs.rows(torch.as_tensor(rows, device=self.device)), num_tokens, 1.0) if len(rows)
+                else filler if self.sharded is not None else None for rows in parts]
 
     def _micro_batches(self, rows: np.ndarray) -> list[np.ndarray]:
         """`rows` in consecutive chunks of ``micro_batch_size`` (the last one shorter when a rank's share of a
@@ -374,12 +396,14 @@ class PPO:
         save_checkpoint(self, directory, "ppo", self.model.critic_state_dict())
 
     @classmethod
-    def load(cls, directory: str | Path, env, out_dir: str | Path | None = None, progress: bool = True) -> PPO:
+    def load(cls, directory: str | Path, env, out_dir: str | Path | None = None, progress: bool = True,
+             fsdp: bool = False) -> PPO:
         """Resume from `save` in `env`, built like the original (same task, reference, reward and KL settings).
 
         Check-then-change: a damaged checkpoint, another env or another shape raises `ValueError` and leaves the env
-        as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update."""
-        return load_agent(cls, PPOConfig, "ppo", directory, env, out_dir, progress,
+        as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update. `fsdp` shards the
+        resumed agent (`agents.fsdp`), whether or not the saved run was sharded."""
+        return load_agent(cls, PPOConfig, "ppo", directory, env, out_dir, progress, fsdp,
                           own=lambda agent, _: agent.model.critic_state_dict(),
                           write_own=lambda agent, c: agent.model.load_state_dict(c.tensors, strict=False))
 

@@ -55,12 +55,10 @@ from agents.checkpoint import load_agent, save_checkpoint
 from agents.common import (
     Batch,
     acting_world,
-    adam,
     at_least_one,
     autocast,
     batch_tensors,
     check_field,
-    check_ranks_agree,
     clipped_step,
     exact_div,
     given_episodes,
@@ -72,6 +70,7 @@ from agents.common import (
     rollout,
     run_command,
     seeded_generators,
+    train_module,
     whole_batch,
 )
 from agents.core import (
@@ -96,6 +95,7 @@ from agents.core import (
     uniform_groups,
 )
 from agents.distributed import Ranks
+from agents.fsdp import FSDPIncompatible, check_shardable
 from agents.metrics import MetricsLogger
 from agents.policy import ActorCritic, response_logits
 from agents.presets import PRESETS
@@ -247,13 +247,20 @@ class Reinforce:
 
     Data-parallel when a `torch.distributed` process group is initialised (`agents.distributed`): each of the W
     ranks samples ``episodes_per_update / W`` episodes (whole groups of K samples of a prompt, so the RLOO and
-    group statistics stay on one rank) and the update is the single-process update of the whole batch."""
+    group statistics stay on one rank) and the update is the single-process update of the whole batch. With
+    ``fsdp=True`` the policy (and value head) is also sharded over the ranks (`agents.fsdp`)."""
 
     def __init__(self, env, config: ReinforceConfig = ReinforceConfig(), out_dir: str | Path | None = None,
-                 progress: bool = True):
+                 progress: bool = True, fsdp: bool = False):
         self.config = config
         self.ranks = Ranks.current()
         self.envs, self.world = acting_world(env, "Reinforce", config.episodes_per_update, self.ranks)
+        if fsdp:
+            if config.steps_per_batch > 1:  # each rank's share of a drawn minibatch differs: forwards out of step
+                raise FSDPIncompatible(f"fsdp=True runs one gradient step per batch in Reinforce; update_epochs × "
+                                       f"num_minibatches = {config.steps_per_batch} (clipped multi-step recipes "
+                                       "such as DAPO) is not sharded yet: use plain data parallelism (fsdp=False)")
+            check_shardable(self.world)
         if not self.ranks.single:  # every prompt's K samples on one rank
             exact_div(config.episodes_per_update // self.ranks.world_size, config.samples_per_prompt,
                       f"each rank's share of the batch (episodes_per_update / {self.ranks.world_size} ranks) / "
@@ -265,15 +272,16 @@ class Reinforce:
         if config.kl_in_loss and (self.world.beta != 0 or self.world.kl_controller.state_dict()["kind"] != "fixed"):
             raise KLPaidTwice(f"ReinforceConfig.kl_in_loss pays kl_coef·KL in the loss, but the env's reward already "
                               f"pays β·KL (β = {self.world.beta}): make the env with beta=0 (and no kl_target)")
-        self.device, self.lm, self.backend = self.world.device, self.world.policy, self.world.backends["policy"]
+        self.device, self.lm = self.world.device, self.world.policy
+        # The training forward: the env's choice for its policy, or under FSDP the model's own forward (its hooks
+        # gather and reduce the shards; the lean GPT-2 path would bypass them).
+        self.backend = "hf" if fsdp else self.world.backends["policy"]
         with torch.random.fork_rng(devices=[]):  # the value head's init, seeded; the global RNG is left as it was
             torch.manual_seed(config.seed)
             self.model = ActorCritic(self.lm, self.backend, config.value_init) if config.baseline == "value" else None
-        self.params = [p for p in (self.model or self.lm).parameters() if p.requires_grad]
-        self.optimizer = adam(self.params, config)
         self.rng, self.shared_rng, self.generator = seeded_generators(config.seed, self.ranks)
         self.num_timesteps = self.num_updates = self.num_episodes = 0
-        check_ranks_agree(self)
+        self.params, self.sharded, self.optimizer = train_module(self, self.model or self.lm, fsdp)
         self.progress, self.logger = progress, MetricsLogger(out_dir if self.ranks.is_main else None)
         self.moving_average = 0.0  # the "moving_average" baseline: EMA of past batches' mean return
 
@@ -363,7 +371,7 @@ class Reinforce:
                 sums = self._minibatch_gradients(b, mine(minibatch), mask, advantages, returns, scale, old_logprobs,
                                                  values_seen, totals[0], totals[1])
                 grad_norm = clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=sums is not None,
-                                         ranks=self.ranks)
+                                         ranks=self.ranks, sharded=self.sharded is not None)
                 if grad_norm is None:  # a loss or the gradient was not finite: parameters stay as they are
                     skipped += 1
                     continue
@@ -371,7 +379,8 @@ class Reinforce:
                 for key, value in (sums | {"train/grad_norm": grad_norm}).items():
                     log.setdefault(key, []).append(value)
         if no_signal:  # the step is not taken: gradients dropped, on every rank
-            clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=False, ranks=self.ranks)
+            clipped_step(self.optimizer, self.params, cfg.max_grad_norm, finite=False, ranks=self.ranks,
+                         sharded=self.sharded is not None)
         # 5. stats
         self.num_updates += 1
         self.num_episodes += len(everything)
@@ -437,6 +446,7 @@ class Reinforce:
         self.optimizer.zero_grad(set_to_none=True)
         counts = dict(num_episodes=num_episodes, num_tokens=num_tokens, max_tokens=self.world.max_new_tokens)
         sums = dict.fromkeys(self._loss_keys(), 0.0)  # the same keys on every rank, rows or none
+        finite = True
         for micro in self._micro_batches(rows):
             m = mask[micro]
             logits, values = self._forward(b, micro)
@@ -465,13 +475,15 @@ class Reinforce:
                 loss = loss + cfg.kl_coef * kl_loss
                 terms["loss/kl"] = kl_loss.item()
             if not torch.isfinite(loss):
-                return None
+                if self.sharded is None:
+                    return None
+                finite = False  # FSDP: every rank runs every backward (each one a collective); the step is skipped
             loss.backward()
             terms |= {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
                       "policy/entropy": masked_mean(entropy_from_logits(logits.detach()), m, num_tokens).item()}
             for key, value in terms.items():
                 sums[key] += value  # micro-batch shares add up to the minibatch's values
-        return sums
+        return sums if finite else None
 
     def _loss_keys(self) -> list[str]:
         """The loss terms and stats each step logs: those of the clipped surrogate and the KL term when used."""
@@ -518,12 +530,13 @@ class Reinforce:
         save_checkpoint(self, directory, "reinforce", tensors, {"moving_average": self.moving_average})
 
     @classmethod
-    def load(cls, directory: str | Path, env, out_dir: str | Path | None = None,
-             progress: bool = True) -> Reinforce:
+    def load(cls, directory: str | Path, env, out_dir: str | Path | None = None, progress: bool = True,
+             fsdp: bool = False) -> Reinforce:
         """Resume from `save` in `env`, built like the original (same task, reference, reward and KL settings).
 
         Check-then-change: a damaged checkpoint, another env or another shape raises `ValueError` and leaves the env
-        as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update."""
+        as it was. With `out_dir`, its ``metrics.jsonl`` continues from the checkpoint's update. `fsdp` shards the
+        resumed agent (`agents.fsdp`), whether or not the saved run was sharded."""
         def own(agent, checkpoint):
             average = checkpoint.meta.get("moving_average")
             if average is not None and not math.isfinite(average):
@@ -535,7 +548,7 @@ class Reinforce:
                 agent.model.load_state_dict(checkpoint.tensors, strict=False)
             agent.moving_average = checkpoint.meta.get("moving_average")
 
-        return load_agent(cls, ReinforceConfig.from_saved, "reinforce", directory, env, out_dir, progress, own,
+        return load_agent(cls, ReinforceConfig.from_saved, "reinforce", directory, env, out_dir, progress, fsdp, own,
                           write_own)
 
 

@@ -54,9 +54,13 @@ class BatchedDecoder:
         return [GPT2Stack([model]) if b == "gpt2" else model for model, b in zip(self.models, backends)]
 
     def release(self) -> None:
-        """Drop the caches (a later feed starts afresh)."""
+        """Drop the caches (a later feed starts afresh) and have the lean runners read the models' parameters again
+        (`GPT2Stack.refresh`: FSDP swaps gathered parameters in for the shards around each rollout)."""
         self.caches, self.logprobs = None, None
         self.mask = self.mask[:, :0]
+        for runner in self.runners:
+            if isinstance(runner, GPT2Stack):
+                runner.refresh()
 
     @torch.no_grad()
     def feed(self, inputs: list[list[int] | None], restart: list[bool]) -> torch.Tensor:

@@ -162,9 +162,11 @@ class GPT2Stack:
     """M GPT-2 models of one shape run side by side: every matrix product is one batched product over the models.
 
     A single model's parameters are used as views (no copy). Several models' parameters are stacked into one copy,
-    rebuilt whenever any parameter is modified in place or replaced (an optimizer step on the live policy is seen
-    at the next forward). Keys and values of model m live in heads ``m·H … (m+1)·H − 1`` of the cache, so the cache
-    has the layout of a single model with M·H heads and row-wise bookkeeping works unchanged.
+    rebuilt whenever any parameter is modified in place (an optimizer step on the live policy is seen at the next
+    forward). A wrapper that swaps the parameter objects themselves (FSDP registers its gathered parameters in
+    place of the shards) is seen after `refresh`, which the decoder calls whenever every row starts afresh. Keys
+    and values of model m live in heads ``m·H … (m+1)·H − 1`` of the cache, so the cache has the layout of a single
+    model with M·H heads and row-wise bookkeeping works unchanged.
     """
 
     def __init__(self, models: list[nn.Module], trainable: bool = False):
@@ -177,6 +179,11 @@ class GPT2Stack:
             "scale_attn_by_inverse_layer_idx")})
         # A GPT2LMHeadModel keeps its trunk under "transformer."; a bare GPT2Model (a reward model's trunk) is one.
         self._trunk = "transformer." if hasattr(self.models[0], "transformer") else ""
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the models' parameter objects again and restack at the next forward (between in-place changes the
+        stamp in `weights` notices, a wrapper may replace them; the old ones are no longer held either)."""
         self._parameters = [p for m in self.models for p in m.parameters()]
         self._stamp, self._weights = None, None
 

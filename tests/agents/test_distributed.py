@@ -13,17 +13,16 @@ parameters identical on both ranks, β following the whole batch's KL, while the
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import distributed_worker as worker
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from distributed_worker import ROOT, launch
 
 from agents.common import seeded_generators
 from agents.distributed import SINGLE, Ranks, RanksDisagree, WorldSizeMismatch, rank_generators
@@ -31,42 +30,9 @@ from agents.reinforce import Reinforce, ReinforceConfig
 from agents.rollout import collect_episodes
 from rlhf_env.kl import AdaptiveKLController
 
-ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5  # relative L2: float rounding only
 ENV = dict(num_envs=4, max_new_tokens=16, beta=0.05)
 LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)  # adapters on the shipped GPT-2
-
-
-def launch(folder: Path, case: str, job: dict, world_size: int = 2, timeout: float = 300) -> list[dict]:
-    """Run `case` of the worker on `world_size` processes; their JSON results, in rank order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "job.json").write_text(json.dumps(job))
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    logs = [folder / f"{case}-rank{rank}.log" for rank in range(world_size)]
-    processes = []
-    try:
-        for rank in range(world_size):
-            with logs[rank].open("w") as log:  # the child keeps its own copy of the handle
-                processes.append(subprocess.Popen(
-                    [sys.executable, str(Path(worker.__file__)), case, str(folder)],
-                    env=env | {"RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=folder, stdout=log,
-                    stderr=subprocess.STDOUT))
-        for process in processes:
-            process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for process in processes:  # a rank still running after the timeout hangs: end it (and its peer)
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    failed = [rank for rank, process in enumerate(processes) if process.returncode != 0]
-    assert not failed, "\n".join(f"rank {rank}:\n{logs[rank].read_text()[-3000:]}" for rank in failed)
-    return [json.loads((folder / f"{case}-rank{rank}.json").read_text()) for rank in range(world_size)]
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -208,6 +208,23 @@ def test_stacked_weights_follow_in_place_updates_of_the_live_policy(perturbed_po
     assert torch.allclose(after[:, 0], expected, atol=1e-5) and torch.equal(after[:, 1], before[:, 1])
 
 
+def test_a_decoder_reads_replaced_parameter_objects_when_every_row_starts_afresh(perturbed_policy):
+    """FSDP swaps its gathered parameters in for the shards (new objects, not an in-place change): the decoder
+    must read the modules again at the next full restart, not decode with the objects it found when built."""
+    from rlhf_env.decoding.batched import BatchedDecoder
+
+    live, frozen, other = perturbed_policy(scale=0.0), perturbed_policy(scale=0.0), perturbed_policy(scale=0.05)
+    decoder = BatchedDecoder([live, frozen], ["gpt2", "gpt2"], batch=2)
+    query = [[5, 6, 7], [8, 9]]
+    before = decoder.feed(query, [True, True]).clone()
+    live.load_state_dict(other.state_dict(), assign=True)  # new parameter objects in the modules
+    after = decoder.feed(query, [True, True])
+    with torch.no_grad():
+        expected = BatchedDecoder([other], ["gpt2"], batch=2).feed(query, [True, True])
+    assert torch.equal(before[:, 0], before[:, 1]) and not torch.allclose(after[:, 0], before[:, 0])
+    assert torch.allclose(after[:, 0], expected[:, 0], atol=1e-5) and torch.equal(after[:, 1], before[:, 1])
+
+
 def test_stacking_is_only_chosen_for_small_models_of_one_shape(monkeypatch, perturbed_policy):
     policy, other, different = perturbed_policy(seed=0), perturbed_policy(seed=1), perturbed_policy(seed=2)
     different.config.layer_norm_epsilon = 1e-3  # same weight shapes, different arithmetic
