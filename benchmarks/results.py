@@ -123,7 +123,16 @@ def mean_std(x: np.ndarray, digits: int = 3, scale: float = 1.0, suffix: str = "
 
 
 COLUMNS = ("algorithm", "budget", "gold", "RM score", "KL (nats)", "E[r] − β·KL", "% of optimum",
-           "win rate vs π_SFT", "well-formed", "length", "perplexity", "train time (s)", "peak memory (MiB)", "seeds")
+           "win rate vs π_SFT", "well-formed", "length", "perplexity", "train time (s)", "env steps/s",
+           "peak memory (MiB)", "seeds")
+
+
+def steps_per_second(row: dict) -> str:
+    """Env steps per second of training time (the rollouts and updates of an RL agent's budget), or "" for the
+    rows that take no env steps."""
+    rates = [run["timing"]["timesteps"] / run["timing"]["train_seconds"] for run in row["runs"]
+             if run["timing"].get("timesteps") and run["timing"].get("train_seconds")]
+    return mean_std(np.array(rates), 0) if len(rates) == len(row["runs"]) else ""
 
 
 def table_rows(group: dict) -> list[list[str]]:
@@ -140,7 +149,8 @@ def table_rows(group: dict) -> list[list[str]]:
                       mean_std(objective), share, mean_std(values(row, "objective/win_rate"), 2),
                       mean_std(values(row, "episode/well_formed"), 1, 100, "%"),
                       mean_std(values(row, "episode/length"), 1), mean_std(values(row, "perplexity"), 1),
-                      mean_std(values(row, "train_seconds"), 0), mean_std(values(row, "peak_rss_mib"), 0),
+                      mean_std(values(row, "train_seconds"), 0), steps_per_second(row),
+                      mean_std(values(row, "peak_rss_mib"), 0),
                       ", ".join(map(str, row["seeds"]))])
     return lines
 
@@ -161,7 +171,8 @@ def markdown(groups: list[dict], cells: list[dict], commands: list[str], plots: 
              "log n − (n−1)/n); **E[r] − β·KL** and its share of the KL-regularised optimum β·log E_π_ref[exp(r/β)]; "
              "**win rate**: gold beats one π_SFT sample of the same prompt (ties half); **well-formed**: the task's "
              "grammar check; **perplexity**: of held-out demonstrations under the policy (π_SFT ≈ the data's floor); "
-             "**train time**: the updates alone (best-of-n: its sampling and scoring); **peak memory**: the cell "
+             "**train time**: the updates alone (best-of-n: its sampling and scoring); **env steps/s**: the env steps "
+             "of training (rollouts and updates) per second of train time; **peak memory**: the cell "
              "process's peak resident set.", ""]
     for group in groups:
         lines.append(f"## {group['task']}, reward = {group['reward']}, β = {group['beta']:g}")

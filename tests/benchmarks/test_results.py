@@ -127,3 +127,6 @@ def test_runs_on_other_feedback_or_processes_are_rows_of_their_own(tmp_path, cel
             if line.startswith("| REINFORCE")]
     assert rows == ["| REINFORCE + RLOO (K=4)", "| REINFORCE + RLOO (K=4), 2 processes",
                     "| REINFORCE + RLOO (K=4), iterated RM"]
+    table = (out / "results.md").read_text()
+    assert "| env steps/s |" in table
+    assert "| 1 | 100 | 300 |" in table  # train time, env steps/s, peak memory of the made-up RLOO record
