@@ -80,13 +80,19 @@ def load_preference_pairs(directory: str | Path, split: str = "train") -> list[d
 
     The package does not ship the sentiment task's 7 MB ``pairs_train.jsonl``: the labels are a pure function of
     the shipped ``groups_train.jsonl`` and the manifest's labelling seed, so they are re-derived here, checked
-    against the manifest's sha256, and written next to the groups when the directory is writable.
+    against the manifest's sha256, and written next to the groups when the directory is writable. A pairs file
+    already there is read when the manifest lists its hash; one that differs from it (written by an older release,
+    whose pairs had no ``labeler`` field) is re-derived and replaced the same way.
     """
     directory = Path(directory)
     path = directory / "preferences" / f"pairs_{split}.jsonl"
+    manifest_file = directory / MANIFEST
     if path.is_file():
-        return load_pairs(path)
-    manifest = json.loads((directory / MANIFEST).read_text())
+        listed = json.loads(manifest_file.read_text())["sha256"] if manifest_file.is_file() else {}
+        expected = listed.get(f"preferences/pairs_{split}.jsonl")
+        if expected is None or hashlib.sha256(path.read_bytes()).hexdigest() == expected:
+            return load_pairs(path)
+    manifest = json.loads(manifest_file.read_text())
     labelling = manifest["labelling"]
     groups = load_groups(directory / "preferences" / f"groups_{split}.jsonl")
     pairs = label_groups(groups, AnnotatorConfig(**labelling["annotator"]), labelling["mode"],

@@ -12,7 +12,9 @@ tasks whose annotators like long answers; see `AnnotatorConfig`):
 
 Files (one JSON object per line; users can bring their own in the same format):
 
-* ``pairs``: ``{"prompt", "chosen", "rejected"}`` required; ``chosen_gold``, ``rejected_gold``, ``group`` optional.
+* ``pairs``: ``{"prompt", "chosen", "rejected"}`` required; ``chosen_gold``, ``rejected_gold``, ``group`` optional,
+  and ``labeler``: who labelled the pair (``"simulated"`` here; an AI judge's name and its ``p_chosen`` for pairs
+  from `rlhf_env.pipeline.labelers`, which labels with any labeler).
 * ``groups``: ``{"prompt", "responses", "gold", "ranking"}``: the raw samples; ``ranking`` lists response
   indices best first (``null`` in pairwise mode).
 """
@@ -35,6 +37,8 @@ from rlhf_env.text import decode_responses, encode_prompts, model_max_length
 
 PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str}
 GROUP_FIELDS = {"prompt": str, "responses": list, "gold": list}
+SIMULATED = "simulated"
+"""The ``labeler`` of the simulated annotators' pairs (`rlhf_env.pipeline.labelers.SimulatedAnnotator`'s name)."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,8 @@ def label_groups(groups: list[dict], annotator: AnnotatorConfig, mode: str, seed
             if responses[winner] == responses[loser]:
                 continue
             pairs.append({"prompt": group["prompt"], "chosen": responses[winner], "rejected": responses[loser],
-                          "chosen_gold": group["gold"][winner], "rejected_gold": group["gold"][loser], "group": g})
+                          "chosen_gold": group["gold"][winner], "rejected_gold": group["gold"][loser], "group": g,
+                          "labeler": SIMULATED})
     return pairs
 
 

@@ -22,7 +22,7 @@ from rlhf_env.lm import response_logprobs
 from rlhf_env.models import choose_backend
 from rlhf_env.pipeline.optimization import adamw_with_schedule, gradient_step
 from rlhf_env.tasks.base import Task
-from rlhf_env.text import decode_responses, encode_pairs, encode_prompts, model_max_length
+from rlhf_env.text import PairedText, decode_responses, encode_pairs, encode_prompts, model_max_length
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,26 @@ def train_sft(model, tokenizer, task: Task, config: SFTConfig = SFTConfig(), pro
     max_length = model_max_length(model)
     data = encode_pairs(tokenizer, [p for p, _ in demos], [r for _, r in demos], max_length)
     device = next(model.parameters()).device
-    data = data.to(device)
+    losses = fit_responses(model, data.to(device), config, desc="SFT", progress=progress)
+    train_seconds = time.perf_counter() - start
+    report = evaluate_policy(model, tokenizer, task, n=config.n_eval, seed=config.seed + 1,
+                             backend=config.sampling_backend)
+    report.update(train_seconds=round(train_seconds, 1), final_train_loss=float(np.mean(losses[-100:])),
+                  config=asdict(config))
+    return report
+
+
+def fit_responses(model, data: PairedText, config: SFTConfig, desc: str = "SFT", progress: bool = True) -> list[float]:
+    """The SFT loop: `config.steps` AdamW steps (`rlhf_env.pipeline.optimization`) of `sft_loss` on batches of
+    `config.batch_size` rows of `data` drawn with replacement (seeded by `config.seed`); returns each step's loss
+    and leaves `model` in eval mode. Only the response tokens of `data` carry loss, so a row whose response is
+    one answer token trains that token alone (the LM judge, `rlhf_env.pipeline.judge_training`)."""
+    device = next(model.parameters()).device
     optimizer, schedule = adamw_with_schedule(model, config.lr, config.weight_decay, config.warmup_steps, config.steps)
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     losses = []
-    bar = tqdm(range(config.steps), desc="SFT", disable=not progress, mininterval=2.0)
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress, mininterval=2.0)
     for step in bar:
         index = torch.randint(len(data), (config.batch_size,), generator=generator)
         loss = sft_loss(model, data.rows(index.to(device)))
@@ -82,12 +96,7 @@ def train_sft(model, tokenizer, task: Task, config: SFTConfig = SFTConfig(), pro
         if step % 100 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.3f}")
     model.eval()
-    train_seconds = time.perf_counter() - start
-    report = evaluate_policy(model, tokenizer, task, n=config.n_eval, seed=config.seed + 1,
-                             backend=config.sampling_backend)
-    report.update(train_seconds=round(train_seconds, 1), final_train_loss=float(np.mean(losses[-100:])),
-                  config=asdict(config))
-    return report
+    return losses
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import rlhf_env.files as files
 import rlhf_env.pipeline.assets as building
 from rlhf_env.assets import MANIFEST, file_hashes, load_assets, load_preference_pairs
 from rlhf_env.assets.__main__ import main as assets_main
+from rlhf_env.jsonl import write_jsonl
 from rlhf_env.lm import response_logprobs
 from rlhf_env.pipeline.assets import BuildConfig, build_assets, check_replaceable
 from rlhf_env.text import encode_pairs, encode_prompts
@@ -90,6 +91,12 @@ def test_unshipped_pairs_are_rederived_bit_for_bit(tmp_path):
     pairs_file.unlink()
     assert load_preference_pairs(tmp_path / "a") == original
     assert load_pairs(pairs_file) == original  # written back next to the groups
+    assert {p["labeler"] for p in original} == {"simulated"}
+
+    stale = [{k: v for k, v in p.items() if k != "labeler"} for p in original]  # an older release's cached file
+    write_jsonl(pairs_file, stale)
+    assert load_preference_pairs(tmp_path / "a") == original
+    assert load_pairs(pairs_file) == original  # replaced by the re-derived file
 
     pairs_file.unlink()
     groups_file = tmp_path / "a/preferences/groups_train.jsonl"
