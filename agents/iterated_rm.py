@@ -10,7 +10,8 @@ and Llama 2's pipelines (Ouyang et al. 2022; Touvron et al. 2023, §3.2.2, "iter
 1. sample ``prompts_per_round`` training prompts and ``k`` responses to each from the current policy (π_θ, at the
    env's temperature),
 2. label them with the chosen labeler (default: the task's simulated annotators, the same that labelled the
-   original pairs; any ``labeler(groups, seed) -> pairs`` works, e.g. an AI judge),
+   original pairs; any `rlhf_env.pipeline.labelers.Labeler`, e.g. an LM judge or a rule judge, labels every pair
+   of each group through `label_groups_by`; or a function ``labeler(groups, seed) -> pairs``),
 3. continue training the current reward model on every new pair so far plus ``replay`` original pairs drawn
    afresh each round (so it does not forget what it knew of π_SFT's samples), with a fresh AdamW schedule of
    ``steps`` steps, uniform over those pairs; then put it back on the original reward model's scale: on
@@ -34,6 +35,7 @@ records the env's reward model, matches, and the resumed run is the uninterrupte
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import time
@@ -48,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from agents.common import at_least_one, check_field, positive
 from rlhf_env.files import atomic_directory, refuse_foreign, verify_manifest, write_manifest
 from rlhf_env.jsonl import dumps_jsonl
+from rlhf_env.pipeline.labelers import Labeler, label_groups_by
 from rlhf_env.pipeline.preferences import PreferenceConfig, label_groups, load_groups, load_pairs, sample_groups
 from rlhf_env.pipeline.reward_training import (
     RewardConfig,
@@ -58,7 +61,7 @@ from rlhf_env.pipeline.reward_training import (
 )
 from rlhf_env.vector_env import RLHFVectorEnv
 
-Labeler = Callable[[list[dict], int], list[dict]]
+LabelFunction = Callable[[list[dict], int], list[dict]]
 """``labeler(groups, seed) -> pairs``: preference pairs ``{"prompt", "chosen", "rejected", ...}`` for sampled
 groups ``{"prompt", "responses", "gold"}`` (`rlhf_env.pipeline.preferences`), labelled reproducibly from `seed`."""
 
@@ -115,8 +118,9 @@ class IteratedRewardModel:
     are labelled (default: the task's simulated annotators, pairwise). `ValueError` for an env without a reward
     model, or no pairs."""
 
-    def __init__(self, envs, config: IteratedRMConfig = IteratedRMConfig(), labeler: Labeler | None = None,
-                 pairs: list[dict] | None = None, groups: list[dict] | None = None):
+    def __init__(self, envs, config: IteratedRMConfig = IteratedRMConfig(),
+                 labeler: Labeler | LabelFunction | None = None, pairs: list[dict] | None = None,
+                 groups: list[dict] | None = None):
         world = envs.unwrapped.world if not isinstance(envs, RLHFVectorEnv) else envs.world
         if world.named_rewards or world.reward_model is None:
             raise ValueError("IteratedRewardModel retrains the env's reward model: build the env with a single "
@@ -133,7 +137,11 @@ class IteratedRewardModel:
             raise ValueError("IteratedRewardModel needs π_SFT sample groups to re-centre the reward model on "
                              "(groups=)")
         self.world, self.config = world, config
-        self.labeler = labeler or (lambda g, seed: label_groups(g, world.task.annotator, "pairwise", seed))
+        if labeler is None:  # the task's simulated annotators, pairwise, as they labelled the original pairs
+            labeler = functools.partial(_label_simulated, world.task.annotator)
+        elif hasattr(labeler, "prefer"):  # a Labeler (rlhf_env.pipeline.labelers): every pair of each group
+            labeler = functools.partial(_label_with, labeler)
+        self.labeler: LabelFunction = labeler
         self.base_pairs, self.groups = list(pairs), list(groups)[:config.center_groups]
         self.scale = self._score_std(world.reward_model)  # the original reward model's scale on π_SFT samples
         self.new_pairs: list[dict] = []
@@ -229,8 +237,8 @@ class IteratedRewardModel:
             write_manifest(tmp, {"format": "rlhf-gym iterated reward model 1"})
 
     @classmethod
-    def load(cls, directory: str | Path, envs, labeler: Labeler | None = None, pairs: list[dict] | None = None,
-             groups: list[dict] | None = None) -> IteratedRewardModel:
+    def load(cls, directory: str | Path, envs, labeler: Labeler | LabelFunction | None = None,
+             pairs: list[dict] | None = None, groups: list[dict] | None = None) -> IteratedRewardModel:
         """Resume from `save` in `envs` (built as the original run's, its reward model the original one), before the
         agent is loaded: the saved reward model goes into the env. `ValueError`, with the env unchanged, for a
         damaged folder, other original pairs, or a reward model of another shape."""
@@ -255,3 +263,12 @@ class IteratedRewardModel:
         out.world.set_reward_model(model)
         return out
 
+
+def _label_with(labeler, groups: list[dict], seed: int) -> list[dict]:
+    """A `Labeler`'s pairs for sampled groups: every pair of each group, ties dropped (`label_groups_by`)."""
+    return label_groups_by(labeler, groups, seed=seed)
+
+
+def _label_simulated(annotator, groups: list[dict], seed: int) -> list[dict]:
+    """The simulated annotators' pairwise labels of sampled groups (`label_groups`, as the assets were labelled)."""
+    return label_groups(groups, annotator, "pairwise", seed)

@@ -127,3 +127,14 @@ def test_the_retrained_reward_model_keeps_the_original_scale_and_zero():
     assert float(new.std()) == pytest.approx(float(original.std()), rel=1e-3)
     assert abs(float(new.mean())) < 1e-3 and not torch.allclose(new, original, atol=1e-2)  # retrained all the same
 
+
+
+def test_any_labeler_labels_the_rounds_and_its_name_is_on_every_new_pair():
+    from rlhf_env.pipeline.labelers import Principle, RuleJudge
+
+    shorter = RuleJudge([Principle("brevity", score=lambda prompts, responses: [-len(r.split()) for r in responses])])
+    envs = make_envs()
+    iterated = IteratedRewardModel(envs, SMALL, labeler=shorter, pairs=PAIRS, groups=GROUPS)
+    iterated.round()
+    assert iterated.new_pairs and all(p["labeler"] == shorter.name for p in iterated.new_pairs)
+    assert all(len(p["chosen"].split()) < len(p["rejected"].split()) for p in iterated.new_pairs)
