@@ -9,12 +9,12 @@ import torch
 import rlhf_env  # noqa: F401  (registers the envs)
 from agents.iterated_rm import IteratedRewardModel, IteratedRMConfig
 from agents.reinforce import Reinforce, ReinforceConfig
-from rlhf_env.assets import asset_dir
-from rlhf_env.pipeline.preferences import load_groups, load_pairs
+from rlhf_env.assets import asset_dir, load_preference_pairs
+from rlhf_env.pipeline.preferences import load_groups
 from rlhf_env.pipeline.reward_training import score_texts
 
 PREFERENCES = asset_dir("sentiment") / "preferences"
-PAIRS = load_pairs(PREFERENCES / "pairs_train.jsonl")[:200]
+PAIRS = load_preference_pairs(asset_dir("sentiment"))[:200]  # re-derived on demand in a fresh clone
 GROUPS = load_groups(PREFERENCES / "groups_train.jsonl")[:50]
 SMALL = IteratedRMConfig(every=1, prompts_per_round=8, steps=3, batch_size=8, warmup_steps=1, replay=64,
                          center_groups=20)
