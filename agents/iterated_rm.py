@@ -161,16 +161,28 @@ class IteratedRewardModel:
         self.round(agent.num_updates)
 
     def round(self, updates: int = 0) -> dict:
-        """One round: sample, label, retrain, swap (module docstring). Returns its log line."""
+        """One round: sample, label, retrain, swap (module docstring). Returns its log line. A round that raises
+        (a labeler's error, say) changes nothing: the env keeps its reward model and the random state is put back,
+        so a retry is the round that would have run."""
+        rng_state = self.rng.bit_generator.state
+        try:
+            return self._round(updates)
+        except BaseException:
+            self.rng.bit_generator.state = rng_state
+            raise
+
+    def _round(self, updates: int) -> dict:
         cfg, world, start = self.config, self.world, time.perf_counter()
         seed = int(self.rng.integers(2**31 - 1))
         was_training = world.policy.training
         world.policy.eval()
-        groups = sample_groups(world.policy, world.tokenizer, world.task,
-                               PreferenceConfig(n_prompts=cfg.prompts_per_round, k=cfg.k, seed=seed,
-                                                temperature=world.temperature, sampling_backend="auto"),
-                               progress=False)
-        world.policy.train(was_training)
+        try:
+            groups = sample_groups(world.policy, world.tokenizer, world.task,
+                                   PreferenceConfig(n_prompts=cfg.prompts_per_round, k=cfg.k, seed=seed,
+                                                    temperature=world.temperature, sampling_backend="auto"),
+                                   progress=False)
+        finally:
+            world.policy.train(was_training)
         new = self.labeler(groups, seed)
         line = {"round": self.rounds + 1, "updates": updates, "new_pairs": len(new),
                 "labels": self.labels + len(new), **self._accuracy(world.reward_model, new)}

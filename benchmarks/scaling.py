@@ -27,9 +27,10 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+
+from rlhf_env.files import atomic_write_json
 
 SETTINGS = [(1, 1), (2, 1), (1, 2)]  # (processes, threads per process)
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(table(rows))
     print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)  # the old file or the whole new one
     return report
 
 

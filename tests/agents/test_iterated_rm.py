@@ -138,3 +138,23 @@ def test_any_labeler_labels_the_rounds_and_its_name_is_on_every_new_pair():
     iterated.round()
     assert iterated.new_pairs and all(p["labeler"] == shorter.name for p in iterated.new_pairs)
     assert all(len(p["chosen"].split()) < len(p["rejected"].split()) for p in iterated.new_pairs)
+
+
+def test_a_round_that_raises_changes_nothing_and_a_retry_is_the_same_round(digest):
+    calls = []
+
+    def flaky(groups, seed):
+        calls.append(seed)
+        if len(calls) == 1:
+            raise RuntimeError("the labelling service is down")
+        from rlhf_env.pipeline.preferences import label_groups
+        return label_groups(groups, make_envs().unwrapped.task.annotator, "pairwise", seed)
+
+    envs = make_envs()
+    before = digest(envs.unwrapped.reward_model)
+    iterated = IteratedRewardModel(envs, SMALL, labeler=flaky, pairs=PAIRS, groups=GROUPS)
+    with pytest.raises(RuntimeError, match="service is down"):
+        iterated.round()
+    assert digest(envs.unwrapped.reward_model) == before and iterated.rounds == 0 and not iterated.new_pairs
+    iterated.round()
+    assert calls[0] == calls[1] and iterated.rounds == 1
