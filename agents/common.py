@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from agents.distributed import SINGLE, Ranks, init_from_environment, rank_generators, rank_share
+from agents.distributed import SINGLE, Ranks, init_from_environment, rank_generators, rank_share, shut_down
 from agents.fsdp import Sharded
 from agents.metrics import diagnose, read_history
 from agents.rollout import Episodes, collect_episodes, unwrap_vector_env
@@ -427,6 +427,7 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
     started = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ranks, device = init_from_environment(args.device)
     started = started and not ranks.single  # this call initialised the process group: it closes it too
+    finished = False
     try:
         num_envs = args.num_envs if args.num_envs is not None else max(1, 64 // ranks.world_size)
         kwargs = dict(beta=beta, kl_target=args.kl_target, device=device)
@@ -475,7 +476,8 @@ def run_command(agent_cls, config_cls, description: str, argv: list[str] | None 
         summary = ranks.broadcast(summary)
         if main:
             print(json.dumps(summary, indent=2))
+        finished = True
         return summary
     finally:
         if started:
-            torch.distributed.destroy_process_group()
+            shut_down(finished)

@@ -259,3 +259,17 @@ def init_from_environment(device: str = "auto", timeout_s: float = 1800) -> tupl
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=torch.device(device) if cuda else None)
     return Ranks.current(), device
+
+
+def shut_down(finished: bool) -> None:
+    """End this process's part in the default process group (a no-op without one).
+
+    `finished`: whether this rank's work ended normally. Then every rank first meets at a barrier, so no rank tears
+    down its connections while a peer is still completing the last collective (gloo may otherwise abort the peer at
+    exit: "terminate called without an active exception"). After an error there is no barrier (the peers may be
+    gone); the group is destroyed at once."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -354,16 +354,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise SystemExit("usage: python -m benchmarks.cell CONFIG.json OUT.json")
     config = CellConfig(**json.loads(Path(argv[0]).read_text()))
     if config.processes > 1:
-        import torch.distributed as dist
-
+        from agents.distributed import shut_down
         from benchmarks.processes import die_with_parent
 
         die_with_parent()  # a torchrun worker: dies with its launcher, which dies with the grid
+        result, finished = None, False
         try:
             result = run_cell(config)
+            finished = True
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            shut_down(finished)
     else:
         result = run_cell(config)
     if result is not None:  # rank 0

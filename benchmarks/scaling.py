@@ -42,7 +42,7 @@ def measure(algorithm: str, episodes: int, max_new_tokens: int, updates: int, wa
     import torch
 
     import rlhf_env  # noqa: F401  (registers RLHF-v0)
-    from agents.distributed import init_from_environment
+    from agents.distributed import init_from_environment, shut_down
     from agents.ppo import PPO, PPOConfig
     from agents.reinforce import Reinforce, ReinforceConfig
 
@@ -62,8 +62,7 @@ def measure(algorithm: str, episodes: int, max_new_tokens: int, updates: int, wa
         agent.update()
         seconds.append(ranks.max(time.perf_counter() - start))  # the slowest rank's: the update's wall time
         tokens.append(agent.num_timesteps - before)  # every rank's env steps
-    if ranks.world_size > 1:
-        torch.distributed.destroy_process_group()
+    shut_down(finished=True)
     if not ranks.is_main:
         return None
     return {"processes": ranks.world_size, "threads": torch.get_num_threads(),

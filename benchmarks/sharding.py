@@ -58,7 +58,7 @@ def measure(rows: int, max_new_tokens: int, repeats: int) -> dict | None:
     import torch
 
     import rlhf_env  # noqa: F401  (registers RLHF-v0)
-    from agents.distributed import init_from_environment
+    from agents.distributed import init_from_environment, shut_down
     from agents.reinforce import Reinforce, ReinforceConfig
     from agents.rollout import collect_episodes
 
@@ -85,7 +85,7 @@ def measure(rows: int, max_new_tokens: int, repeats: int) -> dict | None:
             if repeat:
                 times.append(ranks.max(time.perf_counter() - start))
         seconds[mode] = float(np.median(times))
-    torch.distributed.destroy_process_group()
+    shut_down(finished=True)
     if not ranks.is_main:
         return None
     return {"processes": ranks.world_size, "rows": rows, "max_new_tokens": max_new_tokens, "repeats": repeats,

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import rlhf_env  # noqa: F401  (registers RLHF-v0)
+from agents.distributed import shut_down
 from agents.dpo import DPO, DPOConfig
 from agents.ppo import PPO, PPOConfig
 from agents.reinforce import Reinforce, ReinforceConfig
@@ -215,10 +216,12 @@ def main() -> None:
     case, folder = sys.argv[1], Path(sys.argv[2])
     job = json.loads((folder / "job.json").read_text())
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    finished = False
     try:
         CASES[case](folder, job, dist.get_rank(), dist.get_world_size())
+        finished = True
     finally:
-        dist.destroy_process_group()
+        shut_down(finished)
 
 
 if __name__ == "__main__":
