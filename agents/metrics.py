@@ -112,7 +112,9 @@ def read_history(path: str | Path) -> list[dict]:
 
 
 def _series(history: list[dict], key: str) -> np.ndarray:
-    return np.array([h[key] for h in history if key in h and h[key] is not None], dtype=float)
+    """The finite values of metric `key` over the history, in order (updates without it, or NaN, left out)."""
+    values = np.array([h[key] for h in history if key in h and h[key] is not None], dtype=float)
+    return values[np.isfinite(values)]
 
 
 def diagnose(history: list[dict]) -> list[str]:
@@ -121,6 +123,9 @@ def diagnose(history: list[dict]) -> list[str]:
     * KL climbing: the last quarter's mean sequence KL is above 5 nats and still rising;
     * entropy collapse: per-token entropy fell below 30% of where it started;
     * reward hacking: the proxy score rose while the gold score fell;
+    * reward drifting from gold: the reward's pairwise agreement with gold on the policy's own samples
+      (``objective/gold_agreement``) fell by more than 0.1 (the reward model or judge is being read where it was
+      not trained: over-optimisation under way even while gold still rises);
     * grammar falling: the well-formed share fell by more than 5 points (a prototype at β = 0.02 lost 10 points
       by appending clauses while its gold score kept rising);
     * value loss oscillating: the value loss's update-to-update swings are larger than its mean;
@@ -146,6 +151,10 @@ def diagnose(history: list[dict]) -> list[str]:
     g0, g1 = first_last("objective/gold_score")
     if s1 is not None and g1 is not None and s1 > s0 + 0.05 and g1 < g0 - 0.02:
         flags.append(f"reward hacking: proxy score {s0:.3f} → {s1:.3f} while gold {g0:.3f} → {g1:.3f}")
+    a0, a1 = first_last("objective/gold_agreement")
+    if a1 is not None and a1 < a0 - 0.1:
+        flags.append(f"reward drifting from gold: its agreement with gold on the policy's samples {a0:.2f} → {a1:.2f}"
+                     " (lower the KL budget, or refresh the reward model: agents.iterated_rm)")
     w0, w1 = first_last("episode/well_formed")
     if w1 is not None and w1 < w0 - 0.05:
         flags.append(f"grammar falling: well-formed {w0:.1%} → {w1:.1%}")

@@ -111,12 +111,35 @@ def collect_episodes(envs: RLHFVectorEnv, seed: int, generator: torch.Generator,
     return batch
 
 
+def gold_agreement(scores: np.ndarray, gold_scores: np.ndarray) -> float:
+    """How often the reward orders two episodes as gold does: over all pairs (i < j) of the batch whose gold scores
+    differ, the share where score_i − score_j has the sign of gold_i − gold_j (equal scores count half). NaN when
+    no pair's gold differs, or when a score or gold score is not finite (a task without gold).
+
+    This is the reward model's (or judge's) pairwise accuracy against gold, measured on the current policy's own
+    samples rather than on a fixed preference set, so it shows a reward drifting from the truth as the policy moves
+    away from the data the reward was trained on (over-optimisation, Gao et al. 2022). Shapes: both ``(B,)``; pairs
+    B·(B − 1)/2 (16,256 for 128 episodes)."""
+    scores, gold_scores = np.asarray(scores, dtype=float), np.asarray(gold_scores, dtype=float)
+    if not (np.isfinite(scores).all() and np.isfinite(gold_scores).all()):
+        return float("nan")
+    i, j = np.triu_indices(len(scores), k=1)
+    gold_sign = np.sign(gold_scores[i] - gold_scores[j])
+    differ = gold_sign != 0
+    if not differ.any():
+        return float("nan")
+    score_sign = np.sign(scores[i] - scores[j])[differ]
+    return float(np.mean(np.where(score_sign == 0, 0.5, score_sign == gold_sign[differ])))
+
+
 def episode_stats(episodes: Episodes, beta: float, task) -> dict:
     """The objective metrics of a batch (names: docs/design.md).
 
     A masked score (``nonfinite_reward="mask"``) is not data: ``objective/score`` and ``objective/rlhf_reward``
     average the other episodes only (NaN if none is left) and ``episode/score_masked`` counts the masked ones. The
     masked episodes' gold score, KL and length are real measurements of the policy and stay in those means.
+    ``objective/gold_agreement`` is the reward's pairwise agreement with gold on the valid episodes
+    (`gold_agreement`; NaN without gold).
     With several rewards, ``objective/score/<name>`` is each reward's mean raw score over the valid episodes. A task
     with several gold objectives (`rlhf_env.tasks.Task.objectives`) adds ``objective/gold/<name>``, each one's mean
     over all episodes (the first is ``objective/gold_score`` again, under its name).
@@ -137,6 +160,7 @@ def episode_stats(episodes: Episodes, beta: float, task) -> dict:
     return components | {
         "objective/score": float(scores[valid].mean()) if valid.any() else float("nan"),
         "objective/gold_score": float(np.mean(episodes.gold_scores)),
+        "objective/gold_agreement": gold_agreement(scores[valid], np.array(episodes.gold_scores)[valid]),
         "objective/kl": float(kls.mean()),
         "objective/rlhf_reward": float((scores - beta * kls)[valid].mean()) if valid.any() else float("nan"),
         "objective/beta": float(beta),

@@ -11,7 +11,8 @@ def history(n=16, **series):
     """A healthy run (score and gold rising together, KL moderate), with some series replaced."""
     t = np.linspace(0, 1, n)
     base = {"objective/score": 0.5 * t, "objective/gold_score": 0.4 * t, "objective/kl": 2 * t,
-            "policy/entropy": 2.5 - 0.5 * t, "episode/well_formed": 0.97 + 0 * t, "loss/value": 0.1 - 0.05 * t}
+            "policy/entropy": 2.5 - 0.5 * t, "episode/well_formed": 0.97 + 0 * t, "loss/value": 0.1 - 0.05 * t,
+            "objective/gold_agreement": 0.85 - 0.05 * t}
     base.update(series)
     return [{key: float(values[i]) for key, values in base.items()} for i in range(n)]
 
@@ -20,6 +21,7 @@ def history(n=16, **series):
     ({"objective/kl": np.linspace(0, 12, 16)}, "KL climbing"),
     ({"policy/entropy": np.linspace(2.5, 0.2, 16)}, "entropy collapse"),
     ({"objective/gold_score": np.linspace(0.3, 0.1, 16)}, "reward hacking"),
+    ({"objective/gold_agreement": np.linspace(0.85, 0.6, 16)}, "reward drifting from gold"),
     ({"episode/well_formed": np.linspace(0.97, 0.85, 16)}, "grammar falling"),
     ({"loss/value": np.array([0.05, 0.5] * 8)}, "value loss oscillating"),
     ({"objective/score": np.zeros(16), "objective/gold_score": np.zeros(16), "objective/kl": np.zeros(16)},
@@ -32,6 +34,24 @@ def test_each_failure_mode_is_flagged(series, flag):
 
 def test_a_healthy_run_raises_no_flag():
     assert diagnose(history()) == []
+
+
+def test_updates_without_gold_agreement_are_left_out_of_the_diagnosis():
+    """NaN (a batch whose gold all ties) is no measurement: a run with a few of them is not flagged for them."""
+    agreement = np.full(16, 0.8)
+    agreement[12:14] = np.nan
+    assert diagnose(history(**{"objective/gold_agreement": agreement})) == []
+
+
+def test_gold_agreement_counts_pairs_ordered_as_gold_and_ties_as_half():
+    """Hand-computed: gold 0, 1, 1, 2 gives the 5 pairs that differ on gold (the pair (1, 2) ties and is left out);
+    scores 0, 2, 1, 1 order (0,1) (0,2) (0,3) right, (1,3) wrong, and tie on (2,3): (3 + ½) / 5."""
+    from agents.rollout import gold_agreement
+
+    assert gold_agreement(np.array([0.0, 2.0, 1.0, 1.0]), np.array([0.0, 1.0, 1.0, 2.0])) == pytest.approx(3.5 / 5)
+    assert gold_agreement(np.array([3.0, 2.0, 1.0]), np.array([0.0, 1.0, 2.0])) == 0.0  # reversed
+    assert np.isnan(gold_agreement(np.array([1.0, 2.0]), np.array([0.5, 0.5])))  # no pair differs on gold
+    assert np.isnan(gold_agreement(np.array([1.0, 2.0]), np.array([0.0, np.nan])))
 
 
 def test_logger_writes_jsonl_that_reads_back(tmp_path):
