@@ -47,11 +47,18 @@ ALGORITHMS = {
 }
 # Training curves keep these metrics (when the algorithm logs them), averaged over windows of updates.
 UNTRAINED = ("sft", "best_of_n", "optimum")  # the algorithms that train no agent
+DIRECT_RLAIF_REFERENCES = 2
 # Where the cell's reward comes from (reward "rm"): which labels trained its reward model, and how.
 FEEDBACK = {
     "human": "the task's reward model, trained once on the simulated human annotators' labels of π_SFT samples",
     "iterated": "the same reward model, retrained during RL on fresh human labels of the current policy's samples "
                 "every 100 updates (agents.iterated_rm, default IteratedRMConfig)",
+    "rule_judge": "a reward model trained as the task's on the same π_SFT samples, labelled by the task's "
+                  "constitution instead (rlhf_env.pipeline.feedback, RLAIF with a rule judge)",
+    "lm_judge": "a reward model trained as the task's on the same π_SFT samples, labelled by the built-in LM judge "
+                "(π_SFT fine-tuned on 1,000 human labels; rlhf_env.pipeline.feedback)",
+    "direct_rlaif": "no reward model: the task's constitution asked online, the reward the judged win rate against "
+                    f"{DIRECT_RLAIF_REFERENCES} π_SFT samples of the same prompt (rlhf_env.judge_reward.JudgeReward)",
 }
 CURVE_KEYS = ("objective/score", "objective/gold_score", "objective/kl", "episode/well_formed", "episode/length",
               "loss/dpo", "rewards/accuracies", "rewards/margins")
@@ -117,6 +124,9 @@ class CellConfig:
         if self.feedback != "human" and (self.reward != "rm" or self.algorithm in (*UNTRAINED, "dpo")):
             raise ValueError(f"feedback={self.feedback!r} shapes the reward model an RL agent trains on: it needs "
                              f"reward='rm' and an RL algorithm, got reward={self.reward!r}, {self.algorithm!r}")
+        if self.feedback != "human" and self.weight is not None:
+            raise ValueError(f"feedback={self.feedback!r} with a weight: the two-objective cells use the task's own "
+                             "reward model")
         if self.feedback == "iterated" and self.processes > 1:
             raise ValueError("feedback='iterated' runs on one process (its rounds sample and retrain on rank 0)")
         if not (isinstance(self.processes, int) and self.processes >= 1):
@@ -153,6 +163,18 @@ class CellConfig:
         return name
 
 
+def direct_rlaif_reward(task, seed: int):
+    """The "direct_rlaif" cells' reward: the task's constitution asked online against `DIRECT_RLAIF_REFERENCES`
+    π_SFT samples per episode (`rlhf_env.judge_reward.JudgeReward`, seeded by the cell's seed)."""
+    from rlhf_env.assets import asset_dir, load_assets
+    from rlhf_env.judge_reward import JudgeReward
+    from rlhf_env.pipeline.feedback import constitution
+
+    tokenizer, policy, _ = load_assets(asset_dir(task))
+    return JudgeReward(constitution(task), policy, tokenizer, task.max_new_tokens,
+                       references=DIRECT_RLAIF_REFERENCES, seed=seed)
+
+
 def env_kwargs(config: CellConfig, task) -> dict:
     """The env's keyword arguments for `config` (besides the task and the number of rows): β (0 for a cell whose
     agent pays the KL in its loss), the KL controller and
@@ -166,6 +188,12 @@ def env_kwargs(config: CellConfig, task) -> dict:
     if config.weight is None:
         if config.reward == "gold":
             kwargs["reward_fn"] = task.gold_reward
+        elif config.feedback in ("rule_judge", "lm_judge"):
+            from rlhf_env.pipeline.feedback import feedback_reward_model
+
+            kwargs["reward_model"] = feedback_reward_model(config.feedback, task, progress=False)
+        elif config.feedback == "direct_rlaif":
+            kwargs["reward_fn"] = direct_rlaif_reward(task, config.seed)
         return kwargs
     objectives = task.objectives()
     if len(objectives) < 2:
@@ -320,6 +348,15 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict | None:
             curve = training_curve(agent.logger.history)
             if config.feedback == "iterated":
                 feedback = {"labels": iterated.labels, "rounds": iterated.history}
+    if config.feedback in ("rule_judge", "lm_judge"):
+        from rlhf_env.pipeline.feedback import feedback_report
+
+        feedback = feedback_report(config.feedback, task)
+    elif config.feedback == "direct_rlaif":
+        judged = world.reward_fn
+        feedback = {"judge": judged.judge.name, "references": judged.references, "calls": judged.calls,
+                    "comparisons": judged.comparisons, "seconds": round(judged.seconds, 1),
+                    "seconds_per_episode": judged.seconds_per_episode}
     if not ranks.is_main:
         return None
     # Training alone (the updates, checkpoint evaluations excluded); for best-of-n, its sampling and scoring.

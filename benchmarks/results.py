@@ -27,7 +27,9 @@ LABELS = {"sft": "π_SFT (floor)", "best_of_n": "best-of-{n}", "ppo": "PPO", "rl
 
 
 # How the report names each feedback source (`benchmarks.cell.FEEDBACK`), in the table's order.
-FEEDBACK_LABELS = {"human": "human labels", "iterated": "iterated RM"}
+FEEDBACK_LABELS = {"human": "human labels", "rule_judge": "RM on rule-judge labels",
+                   "lm_judge": "RM on LM-judge labels", "direct_rlaif": "direct RLAIF (rule judge)",
+                   "iterated": "iterated RM"}
 
 
 def label(algorithm: str, budget: int) -> str:

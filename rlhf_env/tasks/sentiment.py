@@ -249,6 +249,24 @@ def brevity(prompts: list[str], responses: list[str]) -> list[float]:
     return [1.0 - len(response.split()) / BREVITY_WORDS for response in responses]
 
 
+def keyword_sentiment(prompts: list[str], responses: list[str]) -> list[float]:
+    """What a word-list rule reads as the response's sentiment, a batched score: with ``p`` / ``n`` the positive /
+    negative adjectives the response contains, (p − n) / (p + n + 1). The gold formula without its two hard parts:
+    it does not read negation ("not bad" counts as negative, and so does every adjective after a prompt that ends
+    in "not") and it does not check the grammar. The built-in constitution's principle "positive words"
+    (`rlhf_env.pipeline.feedback.constitution`): a plausible written rule whose errors are known.
+
+    >>> keyword_sentiment(["the plot was", "the plot was not"], ["good and very moving", "bad"])
+    [0.6666666666666666, -0.5]
+    """
+    scores = []
+    for response in responses:
+        polarities = [POLARITY.get(word, 0) for word in response.split()]
+        pos, neg = polarities.count(1), polarities.count(-1)
+        scores.append((pos - neg) / (pos + neg + 1))
+    return scores
+
+
 def sample_continuation(prompt: str, rng: np.random.Generator) -> str:
     """Draw a continuation of `prompt` from the generator whose probabilities `_Parser` charges."""
     words = prompt.split()

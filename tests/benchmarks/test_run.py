@@ -74,6 +74,36 @@ def test_an_iterated_cell_records_its_rounds_and_labels(monkeypatch):
     assert record["timing"]["train_seconds"] >= sum(line["seconds"] for line in rounds)
 
 
+def test_ai_feedback_cells_train_on_the_judges_reward_model(monkeypatch, tmp_path):
+    """rule_judge / lm_judge cells take the cached reward model of their source (here a stand-in: the shipped one,
+    whose report says so) and record its report; a weight with other feedback is refused."""
+    import rlhf_env.pipeline.feedback as feedback
+    from rlhf_env.assets import asset_dir
+
+    with pytest.raises(ValueError, match="two-objective cells"):
+        CellConfig("rloo", budget=10, feedback="rule_judge", weight=0.5)
+    asked = []
+    monkeypatch.setattr(feedback, "feedback_reward_model", lambda source, task, progress: (
+        asked.append(source), asset_dir(task) / "reward_model")[1])
+    monkeypatch.setattr(feedback, "feedback_report", lambda source, task: {"source": source, "stand_in": True})
+    config = CellConfig("rloo", budget=1000, feedback="lm_judge", eval_episodes=16)
+    task = rlhf_env.tasks.get_task("sentiment")
+    assert cell.env_kwargs(config, task)["reward_model"] == asset_dir(task) / "reward_model"
+    record = cell.run_cell(config, progress=False)
+    assert record["feedback"] == {"source": "lm_judge", "stand_in": True} and asked == ["lm_judge", "lm_judge"]
+
+
+def test_a_direct_rlaif_cell_is_paid_the_constitutions_win_rate_and_records_its_cost():
+    record = cell.run_cell(CellConfig("rloo", budget=1000, feedback="direct_rlaif", eval_episodes=16),
+                           progress=False)
+    judged = record["feedback"]
+    assert judged["judge"] == "constitution" and judged["references"] == cell.DIRECT_RLAIF_REFERENCES
+    assert judged["comparisons"] >= judged["references"] * record["timing"]["timesteps"] // 32  # every episode
+    assert judged["seconds_per_episode"] > 0
+    assert 0 <= record["metrics"]["objective/score"] <= 1  # a win rate
+    assert record["curve"] and all(0 <= point["objective/score"] <= 1 for point in record["curve"])
+
+
 def test_a_cell_of_several_processes_runs_under_torchrun_and_is_its_own_row():
     one, two = CellConfig("rloo", budget=10), CellConfig("rloo", budget=10, processes=2)
     assert two.name == one.name + "-p2"
