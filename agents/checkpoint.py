@@ -6,7 +6,9 @@ A checkpoint directory holds::
     policy/                      the acting policy (`save_pretrained`, safetensors); for a LoRA policy only its
                                  adapter, in PEFT's format (adapter_model.safetensors, adapter_config.json)
     agent.safetensors            the agent's own tensors (critic, value head, DPO's order of the pairs)
-    training_state.safetensors   optimizer moments, the torch RNG state (of each rank: rng/torch_generator/<r>)
+    training_state.safetensors   optimizer moments, the torch RNG state (of each rank: rng/torch_generator/<r>),
+                                 and that of each reward function with one (``random_state()``, e.g. a direct
+                                 RLAIF reward's reference sampler: rng/reward/<name>[/<r>])
     training_state.json          algorithm, config, counters, KL controller, numpy RNG, the env it was trained in,
                                  the number of processes (world_size) and each rank's numpy RNG and rows
     manifest.json                written last: the sha256 and size of every other file
@@ -161,6 +163,14 @@ def _checkpoint_files(directory: Path) -> set[str] | None:
     return {MANIFEST, *files} if manifest.get("format") == FORMAT and isinstance(files, dict) else None
 
 
+def random_rewards(world) -> dict[str, object]:
+    """The world's reward functions that carry a random state (``random_state()`` and ``set_random_state(tensor)``,
+    as `rlhf_env.judge_reward.JudgeReward` does), by reward name: checkpoints save and restore them."""
+    return {source.name: source.fn for source in world.reward_sources
+            if callable(getattr(source.fn, "random_state", None))
+            and callable(getattr(source.fn, "set_random_state", None))}
+
+
 def save_checkpoint(agent, directory: str | Path, algorithm: str, tensors: dict[str, torch.Tensor],
                     state: dict | None = None) -> None:
     """Write `agent`'s policy, its own `tensors`, optimizer, RNG states, KL controller, counters, config, the env's
@@ -169,7 +179,8 @@ def save_checkpoint(agent, directory: str | Path, algorithm: str, tensors: dict[
     In a data-parallel run every rank calls it (a collective); rank 0 writes, with every rank's random streams."""
     ranks = agent.ranks
     streams = ranks.gather({"numpy_rng": agent.rng.bit_generator.state, "torch_generator": agent.generator.get_state(),
-                            "num_envs": agent.envs.num_envs})  # every rank's own random streams and rows
+                            "num_envs": agent.envs.num_envs,  # every rank's own random streams and rows
+                            "rewards": {name: fn.random_state() for name, fn in random_rewards(agent.world).items()}})
     policy = optimizer = None
     if agent.sharded is not None:  # FSDP: every rank joins each tensor's gather; rank 0 keeps them whole
         keep = ranks.is_main
@@ -200,9 +211,12 @@ def _write_checkpoint(agent, directory: Path, algorithm: str, tensors: dict[str,
                 "optimizer_param_groups": optim["param_groups"], "world_size": len(streams)}
         if len(streams) == 1:  # one process: one numpy stream, shared and own
             state_tensors = {"rng/torch_generator": streams[0]["torch_generator"]}
+            state_tensors |= {f"rng/reward/{name}": value for name, value in streams[0]["rewards"].items()}
             meta["numpy_rng"] = streams[0]["numpy_rng"]
         else:
             state_tensors = {f"rng/torch_generator/{r}": s["torch_generator"] for r, s in enumerate(streams)}
+            state_tensors |= {f"rng/reward/{name}/{r}": value for r, s in enumerate(streams)
+                              for name, value in s["rewards"].items()}
             meta["numpy_rng"] = agent.shared_rng.bit_generator.state
             meta["ranks"] = [{"numpy_rng": s["numpy_rng"], "num_envs": s["num_envs"]} for s in streams]
         for index, slots in optim["state"].items():
@@ -365,6 +379,14 @@ def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -
     generator_state = checkpoint.state_tensors.get(generator_key)
     if generator_state is None or generator_state.shape != agent.generator.get_state().shape:
         raise ValueError(f"{directory / TENSORS_FILE} holds no valid torch RNG state ({generator_key})")
+    reward_states = {}
+    for name in random_rewards(agent.world):
+        key = f"rng/reward/{name}" + ("" if ranks.single else f"/{ranks.rank}")
+        if key in checkpoint.state_tensors:
+            reward_states[name] = checkpoint.state_tensors[key]
+        else:  # a checkpoint written before reward functions' states were saved
+            log.warning("%s holds no random state for reward %r (%s): it continues from its current state, so the "
+                        "resumed run is not exact", directory / TENSORS_FILE, name, key)
     for state in (numpy_state, shared_state):
         if not isinstance(state, dict) or state.get("bit_generator") != agent.rng.bit_generator.state["bit_generator"]:
             found = state.get("bit_generator") if isinstance(state, dict) else state
@@ -382,6 +404,9 @@ def restore_agent(agent, checkpoint: Checkpoint, own: dict[str, torch.Tensor]) -
         agent.rng.bit_generator.state = numpy_state
         agent.shared_rng.bit_generator.state = shared_state  # the same generator as agent.rng in one process
         agent.world.kl_controller.load_state_dict(checkpoint.meta["kl_controller"])
+        rewards = random_rewards(agent.world)
+        for name, state in reward_states.items():
+            rewards[name].set_random_state(state)
         for counter in COUNTERS:
             setattr(agent, counter, int(checkpoint.meta[counter]))
 

@@ -12,8 +12,9 @@ estimated from `references` comparisons. Cost per episode: `references` sampled 
 decode of π_ref over the finished episodes' queries) and `references` judge comparisons (an `LMJudge` runs both
 orders: 2·`references` forwards of the judge's prompt); `JudgeReward.seconds` and `.calls` count it.
 
-The reference samples come from the function's own seeded generator, so a run is reproducible from its seed; the
-generator's state is not part of agent checkpoints (a resumed run draws other reference samples).
+The reference samples come from the function's own seeded generator, so a run is reproducible from its seed. Its
+state is part of agent checkpoints (`random_state` / `set_random_state`, the hooks `agents.checkpoint` saves for
+any reward function that has them), so a resumed run draws the same reference samples as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ class JudgeReward:
         self.calls += 1
         self.comparisons += n * k
         return np.asarray(p, dtype=np.float64).reshape(n, k).mean(1).tolist()
+
+    def random_state(self) -> torch.Tensor:
+        """The state of the generator the reference samples are drawn from (a uint8 tensor, `torch.Generator`'s)."""
+        return self.generator.get_state()
+
+    def set_random_state(self, state: torch.Tensor) -> None:
+        """Continue from a `random_state` (a resumed run draws the reference samples an uninterrupted one would)."""
+        self.generator.set_state(state)
 
     @property
     def seconds_per_episode(self) -> float:

@@ -75,3 +75,29 @@ def test_resume_in_a_fresh_process_equals_the_straight_run(tmp_path, name, diges
     assert _comparable(resumed["metrics"]) == _comparable(straight_metrics[2:])
     assert resumed["beta"] == straight_envs.unwrapped.beta
     assert resumed["reference"] == digest(load_causal_lm(asset_dir("sentiment") / "policy"))
+
+
+def test_a_direct_rlaif_reward_resumes_drawing_the_same_reference_samples(tmp_path, digest):
+    """The judge reward samples π_SFT references from its own generator; a checkpoint holds that generator's state,
+    so a resumed run is paid what the uninterrupted run is (without it the resumed rewards differ)."""
+    from rlhf_env.assets import load_assets
+    from rlhf_env.judge_reward import JudgeReward
+    from rlhf_env.pipeline.feedback import constitution
+
+    tokenizer, reference, _ = load_assets(asset_dir("sentiment"))
+
+    def judged_envs():  # a fresh reward each time, its generator at the seed's start
+        reward = JudgeReward(constitution("sentiment"), reference, tokenizer, max_new_tokens=8, references=2, seed=3)
+        return gym.make_vec("RLHF-v0", num_envs=8, max_new_tokens=8, reward_fn=reward)
+
+    config = ReinforceConfig(episodes_per_update=8)
+    straight = Reinforce(judged_envs(), config, progress=False)
+    straight_metrics = [straight.update() for _ in range(4)]
+    first = Reinforce(judged_envs(), config, progress=False)
+    for _ in range(2):
+        first.update()
+    first.save(tmp_path / "ckpt")
+    resumed = Reinforce.load(tmp_path / "ckpt", judged_envs(), progress=False)
+    resumed_metrics = [resumed.update() for _ in range(2)]
+    assert _comparable(resumed_metrics) == _comparable(straight_metrics[2:])
+    assert digest(resumed.lm) == digest(straight.lm)
