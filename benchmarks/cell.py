@@ -383,12 +383,14 @@ def run_cell(config: CellConfig, progress: bool = True) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    """``python -m benchmarks.cell CONFIG.json OUT.json``: run the cell CONFIG describes, write its record to OUT
-    (atomically: a cell whose OUT exists is finished). A cell of N > 1 processes runs as
+    """``python -m benchmarks.cell CONFIG.json OUT.json [--no-progress]``: run the cell CONFIG describes, write its
+    record to OUT (atomically: a cell whose OUT exists is finished). A cell of N > 1 processes runs as
     ``torchrun --standalone --nproc_per_node N -m benchmarks.cell CONFIG.json OUT.json``; rank 0 writes OUT."""
     argv = sys.argv[1:] if argv is None else argv
+    progress = "--no-progress" not in argv
+    argv = [a for a in argv if a != "--no-progress"]
     if len(argv) != 2:
-        raise SystemExit("usage: python -m benchmarks.cell CONFIG.json OUT.json")
+        raise SystemExit("usage: python -m benchmarks.cell CONFIG.json OUT.json [--no-progress]")
     config = CellConfig(**json.loads(Path(argv[0]).read_text()))
     if config.processes > 1:
         from agents.distributed import shut_down
@@ -397,12 +399,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         die_with_parent()  # a torchrun worker: dies with its launcher, which dies with the grid
         result, finished = None, False
         try:
-            result = run_cell(config)
+            result = run_cell(config, progress)
             finished = True
         finally:
             shut_down(finished)
     else:
-        result = run_cell(config)
+        result = run_cell(config, progress)
     if result is not None:  # rank 0
         atomic_write_json(argv[1], result)
     return result

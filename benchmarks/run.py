@@ -148,14 +148,16 @@ CELL_COMMAND = [sys.executable, "-m", "benchmarks.cell"]
 stand-in here."""
 
 
-def cell_command(config: CellConfig, config_path: Path, result_path: Path) -> list[str]:
+def cell_command(config: CellConfig, config_path: Path, result_path: Path, progress: bool = True) -> list[str]:
     """The command that runs a cell from its config file: `CELL_COMMAND` ``CONFIG OUT``, or for a cell of N > 1
     processes ``python -m torch.distributed.run --standalone --nproc_per_node N -m benchmarks.cell CONFIG OUT``
-    (``torchrun``: one worker per rank, each with one thread unless the cell sets ``threads``)."""
+    (``torchrun``: one worker per rank, each with one thread unless the cell sets ``threads``); with
+    ``--no-progress`` after them when `progress` is off (no progress bars in the cell's output)."""
+    quiet = [] if progress else ["--no-progress"]
     if config.processes == 1:
-        return [*CELL_COMMAND, str(config_path), str(result_path)]
+        return [*CELL_COMMAND, str(config_path), str(result_path), *quiet]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            str(config.processes), "-m", "benchmarks.cell", str(config_path), str(result_path)]
+            str(config.processes), "-m", "benchmarks.cell", str(config_path), str(result_path), *quiet]
 
 STOP_SECONDS = 10
 """How long a stopped cell gets to exit after SIGTERM before it is killed."""
@@ -240,7 +242,7 @@ def run_grid(cells: list[CellConfig], out: Path, progress: bool = True) -> list[
             config_path, result_path = directory / f"{config.name}.config.json", directory / f"{config.name}.json"
             atomic_write_json(config_path, asdict(config))
             try:
-                returncode = _run_cell_process(cell_command(config, config_path, result_path))
+                returncode = _run_cell_process(cell_command(config, config_path, result_path, progress))
             except BaseException:
                 bar.close()
                 print(f"grid interrupted: cell {config.name} was stopped; rerunning the grid redoes it",

@@ -108,6 +108,7 @@ def test_a_cell_of_several_processes_runs_under_torchrun_and_is_its_own_row():
     one, two = CellConfig("rloo", budget=10), CellConfig("rloo", budget=10, processes=2)
     assert two.name == one.name + "-p2"
     assert run.cell_command(one, Path("c.json"), Path("o.json")) == [*run.CELL_COMMAND, "c.json", "o.json"]
+    assert run.cell_command(one, Path("c.json"), Path("o.json"), progress=False)[-1] == "--no-progress"
     assert run.cell_command(two, Path("c.json"), Path("o.json")) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "benchmarks.cell", "c.json", "o.json"]
