@@ -253,6 +253,9 @@ class GPT2Stack:
         head_dim = embed // heads
         act = _ACTIVATIONS[config.activation_function]
         past = 0 if cache is None else cache.layers[0].keys.shape[2]
+        # Whole sequences of one model (the training forward, a reward model's scores): no stacked twin whose
+        # heads must round alike, so attention runs in torch's fused kernel (no (B, H, W, W) score tensor).
+        fused = cache is None and models == 1 and width > 1
         # (B, 1, W, L + W): key j is hidden from query i when it is dead or in i's future; a query always sees
         # itself (a padding column too, so that no row of scores is all −inf).
         keys_dead = attention_mask[:, None, None, :] == 0
@@ -284,10 +287,14 @@ class GPT2Stack:
                 x = x.view(models, batch, width, embed)[:, rows, columns]  # (M, B, E)
                 width = 1
             layer_scale = scale / (index + 1) if config.scale_attn_by_inverse_layer_idx else scale
-            # Written out rather than F.scaled_dot_product_attention: its CPU kernel can round a head differently
-            # depending on the thread it lands on, and identical models must give identical log-probs (KL = 0).
-            scores = torch.matmul(q, k.transpose(2, 3)).mul_(layer_scale).masked_fill_(hidden, float("-inf"))
-            y = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)  # (B, M·H, W, D)
+            if fused:  # one model, whole sequences: the fused kernel (3x faster forward and backward at 273 columns)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=~hidden, scale=layer_scale)
+            else:
+                # Written out rather than F.scaled_dot_product_attention: its CPU kernel can round a head
+                # differently depending on the thread it lands on, and identical stacked models must give identical
+                # log-probs (KL = 0); a decoding step's one query column gains nothing from it either.
+                scores = torch.matmul(q, k.transpose(2, 3)).mul_(layer_scale).masked_fill_(hidden, float("-inf"))
+                y = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)  # (B, M·H, W, D)
             y = y.view(batch, models, heads, width, head_dim).permute(1, 0, 3, 2, 4).reshape(x.shape)
             x = x + torch.baddbmm(layer["c_proj"][1], y, layer["c_proj"][0])
             h = _layer_norm(x, *layer["ln_2"], config.layer_norm_epsilon)
