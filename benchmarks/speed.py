@@ -134,24 +134,72 @@ def ours_ppo(world: dict, prompts: int, k: int, length: int, updates: int, warmu
     return _time_our_agent(world, make, prompts * k, length, updates, warmup)
 
 
+class Phases:
+    """Where an update's time goes: seconds spent inside wrapped calls, by phase, per update.
+
+    `wrap` replaces ``owner.name`` with a timed version (an attribute of that object or module only); `end_update`
+    closes an update, and `summary` gives each phase's median seconds per update over the timed ones, with
+    "rest" = the update's time minus the phases (for ours: the training forward, backward and step). A phase that
+    runs inside another (the reward model inside our rollout) is subtracted from it by `nested`."""
+
+    def __init__(self):
+        self.current: dict[str, float] = {}
+        self.updates: list[dict[str, float]] = []
+
+    def wrap(self, owner, name: str, phase: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.current[phase] = self.current.get(phase, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def end_update(self, seconds: float, nested: dict[str, str] | None = None) -> None:
+        phases = dict(self.current)
+        for inner, outer in (nested or {}).items():  # an inner phase's time is not its outer phase's too
+            if inner in phases and outer in phases:
+                phases[outer] -= phases[inner]
+        phases["rest"] = seconds - sum(phases.values())
+        self.updates.append(phases)
+        self.current = {}
+
+    def summary(self, skip: int) -> dict[str, float]:
+        timed = self.updates[skip:]
+        names = sorted({name for update in timed for name in update})
+        return {name: round(float(np.median([update.get(name, 0.0) for update in timed])), 4) for name in names}
+
+
 def _time_our_agent(world: dict, make_agent, episodes: int, length: int, updates: int, warmup: int) -> dict:
-    """Seconds per ``agent.update()`` on the world's models, `episodes` rows of ≤ `length` new tokens."""
+    """Seconds per ``agent.update()`` on the world's models, `episodes` rows of ≤ `length` new tokens, and where
+    they go (``phases``: the rollout's decoding of π and π_ref with the per-token KL, the reward model, and the rest:
+    advantages, the training forward, backward and optimizer step)."""
     import gymnasium as gym
 
+    import agents.ppo
+    import agents.reinforce
     import rlhf_env  # noqa: F401  (registers the env ids)
 
     envs = gym.make_vec("RLHF-v0", num_envs=episodes, task=_task(world), policy=world["policy"],
                         reference=world["policy"], reward_model=world["reward_model"], tokenizer=world["tokenizer"],
                         max_new_tokens=length, beta=0.05)
     agent = make_agent(envs)
+    phases = Phases()
+    for module in (agents.reinforce, agents.ppo):
+        phases.wrap(module, "rollout", "rollout: decoding π and π_ref, KL, env")
+    phases.wrap(envs.unwrapped.world, "score_components", "reward model")
     seconds, lengths = [], []
     for i in range(warmup + updates):
         start = time.perf_counter()
         metrics = agent.update()
+        phases.end_update(time.perf_counter() - start, {"reward model": "rollout: decoding π and π_ref, KL, env"})
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
             lengths.append(metrics["episode/length"])
-    return _summary(seconds, lengths, episodes)
+    return _summary(seconds, lengths, episodes) | {"phases": phases.summary(warmup)}
 
 
 def trl_rloo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int) -> dict:
@@ -179,12 +227,14 @@ def _trl_online(trainer_cls, config_cls, world: dict, prompts: int, k: int, leng
     tokenizer = load_tokenizer(world["tokenizer"])
     reward_model = RewardModel.from_pretrained(world["reward_model"])
 
+    phases = Phases()
+
     @torch.no_grad()
     def reward(prompts, completions, **kwargs):  # the same reward model, on the texts TRL hands over
         # Decoded random bytes can re-tokenize longer than they were sampled: cut at the model's context.
         encoded = tokenizer([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True,
                             truncation=True, max_length=reward_model.config.n_positions)
-        return reward_model(encoded["input_ids"], encoded["attention_mask"]).tolist()
+        return _reward_model_call(reward_model, encoded).tolist()
 
     pool = _task(world).train_prompts()
     dataset = Dataset.from_dict({"prompt": pool[: prompts * (warmup + updates + 2)]})
@@ -194,13 +244,15 @@ def _trl_online(trainer_cls, config_cls, world: dict, prompts: int, k: int, leng
                             max_steps=warmup + updates, logging_steps=1, save_strategy="no", report_to="none",
                             use_cpu=True, bf16=False, activation_checkpointing=False, disable_dropout=True,
                             dataloader_num_workers=0, seed=0)
-        timer = _timer()
+        timer = _timer(phases)
+        phases.wrap(sys.modules[__name__], "_reward_model_call", "reward model")
         trainer = trainer_cls(model=str(world["policy"]), reward_funcs=reward, args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[timer])
+        phases.wrap(trainer.model, "generate", "generate")  # the unwrapped policy TRL samples with
         trainer.train()
     lengths = [log["completions/mean_length"] for log in trainer.state.log_history
                if "completions/mean_length" in log]
-    return _summary(timer.seconds[warmup:], lengths[warmup:], prompts * k)
+    return _summary(timer.seconds[warmup:], lengths[warmup:], prompts * k) | {"phases": phases.summary(warmup)}
 
 
 def trl_ppo(world: dict, prompts: int, k: int, length: int, updates: int, warmup: int, epochs: int = 4,
@@ -249,8 +301,14 @@ def trl_ppo(world: dict, prompts: int, k: int, length: int, updates: int, warmup
     return _summary(seconds[warmup:], [float(length)], episodes)
 
 
-def _timer():
-    """A TRL callback that times each optimizer step (what a Trainer counts as a step)."""
+def _reward_model_call(reward_model, encoded) -> torch.Tensor:
+    """TRL's side scores with the reward model here (a module-level function, so `Phases` can time it)."""
+    return reward_model(encoded["input_ids"], encoded["attention_mask"])
+
+
+def _timer(phases: Phases | None = None):
+    """A TRL callback that times each optimizer step (what a Trainer counts as a step), closing an update of
+    `phases` at each step's end."""
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
@@ -267,6 +325,8 @@ def _timer():
             self.ends.append(time.perf_counter())
             if hasattr(self, "start"):
                 self.seconds.append(self.ends[-1] - self.start)
+                if phases is not None:
+                    phases.end_update(self.seconds[-1])
 
     return Timer()
 
@@ -349,6 +409,10 @@ def pooled(runs: list[dict]) -> dict:
         summary = _summary(seconds, [x for run in runs for x in run["lengths"]], runs[0]["episodes"])
         summary["run_medians"] = [run["seconds_per_update"] for run in runs]
     summary["peak_rss_mib"] = max(run["peak_rss_mib"] for run in runs)
+    if all("phases" in run for run in runs):  # each phase's median over the runs
+        names = sorted({name for run in runs for name in run["phases"]})
+        summary["phases"] = {name: round(float(np.median([run["phases"].get(name, 0.0) for run in runs])), 4)
+                             for name in names}
     return summary
 
 
@@ -407,24 +471,26 @@ def _versus(ours: dict, theirs: dict | None, work: str) -> dict:
     return row
 
 
-def scaling(directory: Path, updates: int, warmup: int, with_trl: bool = True) -> dict:
+def scaling(directory: Path, updates: int, warmup: int, with_trl: bool = True, rounds: int = 1) -> dict:
     """Our RLOO update (and TRL's, `with_trl`) on the RLOO row's 8 × 4 samples as the response length grows
-    (`SCALING_LENGTHS`, the 0.48M model) and as the model grows (`MODEL_SIZES`, 32 new tokens)."""
+    (`SCALING_LENGTHS`, the 0.48M model) and as the model grows (`MODEL_SIZES`, 32 new tokens); each point's two
+    sides run `rounds` times in turn (`alternate`), with where each side's time goes (``phases``)."""
+    def point(world: dict, work: dict, described: str) -> dict:
+        if not with_trl:
+            return _versus(pooled([side("ours_rloo", world, **work) for _ in range(rounds)]), None, described)
+        return _versus(*alternate(["ours_rloo", "trl_rloo"], world, rounds, **work), described)
+
     out = {"response_length": [], "model_size": []}
     world = build_tiny_world(directory / "lengths", n_positions=16 + max(SCALING_LENGTHS) + 16)
     world.pop("parameters")
     for length in SCALING_LENGTHS:
         work = dict(prompts=8, k=4, length=length, updates=updates, warmup=warmup)
-        row = _versus(side("ours_rloo", world, **work), side("trl_rloo", world, **work) if with_trl else None,
-                      f"{length} tokens")
-        out["response_length"].append({"max_new_tokens": length, **row})
+        out["response_length"].append({"max_new_tokens": length, **point(world, work, f"{length} tokens")})
     for name, shape in MODEL_SIZES.items():
         world = build_tiny_world(directory / name, shape=shape)
         parameters = world.pop("parameters")
         work = dict(prompts=8, k=4, length=32, updates=updates, warmup=warmup)
-        row = _versus(side("ours_rloo", world, **work), side("trl_rloo", world, **work) if with_trl else None,
-                      f"{name} model")
-        out["model_size"].append({"model": name, "parameters": parameters, **row})
+        out["model_size"].append({"model": name, "parameters": parameters, **point(world, work, f"{name} model")})
     return out
 
 
@@ -438,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--scaling-updates", type=int, default=3, help="timed updates per scaling point")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="runs of each side of the rloo, grpo and dpo rows, alternating (pooled per side)")
+                        help="runs of each side of the rloo, grpo, dpo and scaling rows, alternating (pooled per side)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -483,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                      "16 pairs, 16-token prompts, ~32-token responses, reference log-probs "
                                      "precomputed")
         if "scaling" in rows:
-            results["scaling"] = scaling(Path(directory), args.scaling_updates, 1)
+            results["scaling"] = scaling(Path(directory), args.scaling_updates, 1, rounds=args.rounds)
     return report(results, args.out)
 
 

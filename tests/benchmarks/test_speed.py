@@ -24,6 +24,9 @@ def test_ours_rloo_times_updates_of_the_stated_work(tmp_path):
     result = ours_rloo(world, prompts=2, k=4, length=8, updates=2, warmup=1)
     assert result["updates_timed"] == 2 and result["seconds_per_update"] > 0
     assert 1 <= result["mean_response_tokens"] <= 8
+    phases = result["phases"]  # where the time goes: each phase measured, none negative
+    assert set(phases) == {"rollout: decoding π and π_ref, KL, env", "reward model", "rest"}
+    assert all(seconds > 0 for seconds in phases.values())
     dpo = ours_dpo(world, pairs=4, updates=2, warmup=1)
     assert dpo["steps_timed"] == 2 and dpo["pairs_per_s"] > 0
     ppo = ours_ppo(world, prompts=2, k=4, length=8, updates=2, warmup=1, epochs=1, minibatch=8)
@@ -54,6 +57,8 @@ def test_trl_rloo_runs_on_the_same_world(tmp_path):
     world.pop("parameters")
     result = trl_rloo(world, prompts=2, k=4, length=8, updates=1, warmup=1)
     assert result["updates_timed"] == 1 and 1 <= result["mean_response_tokens"] <= 8
+    assert set(result["phases"]) == {"generate", "reward model", "rest"}
+    assert all(seconds > 0 for seconds in result["phases"].values())
     grpo = trl_grpo(world, prompts=2, k=4, length=8, updates=1, warmup=1)
     assert grpo["updates_timed"] == 1 and 1 <= grpo["mean_response_tokens"] <= 8
     dpo = trl_dpo(world, pairs=4, updates=1, warmup=1)
@@ -80,3 +85,48 @@ def test_alternating_rounds_pool_every_timed_update_per_side(monkeypatch):
     row = speed._versus(ours, theirs, "work")
     assert row["speedup"] == round(theirs["seconds_per_update"] / 3.05, 2)
     assert row["speedup_per_round"] == [round(4.1 / 1.05, 2), round(8.1 / 3.05, 2), round(12.1 / 5.05, 2)]
+
+
+def test_phases_time_wrapped_calls_per_update_and_take_nested_ones_out():
+    import types
+
+    from benchmarks.speed import Phases
+
+    clock = {"now": 0.0}
+
+    def advance(seconds):
+        clock["now"] += seconds
+
+    phases = Phases()
+    owner = types.SimpleNamespace(outer=lambda: (advance(1.0), owner.inner()), inner=lambda: advance(0.25))
+    import benchmarks.speed as speed
+
+    real = speed.time.perf_counter
+    speed.time.perf_counter = lambda: clock["now"]
+    try:
+        phases.wrap(owner, "inner", "inner")
+        phases.wrap(owner, "outer", "outer")
+        for _ in range(3):
+            owner.outer()
+            phases.end_update(2.0, {"inner": "outer"})
+    finally:
+        speed.time.perf_counter = real
+    assert phases.summary(skip=1) == {"outer": 1.0, "inner": 0.25, "rest": 0.75}
+
+
+def test_scaling_points_alternate_the_sides_for_every_round(monkeypatch, tmp_path):
+    import benchmarks.speed as speed
+
+    order = []
+
+    def fake_side(name, world, **work):
+        order.append((name, work["length"]))
+        return dict(speed._summary([1.0], [8.0], 32), peak_rss_mib=1.0, phases={"rest": 1.0})
+
+    monkeypatch.setattr(speed, "side", fake_side)
+    monkeypatch.setattr(speed, "build_tiny_world", lambda directory, **kwargs: {"parameters": 1})
+    out = speed.scaling(tmp_path, updates=1, warmup=1, rounds=2)
+    assert order[:4] == [("ours_rloo", 16), ("trl_rloo", 16)] * 2
+    assert len(order) == 2 * 2 * (len(speed.SCALING_LENGTHS) + len(speed.MODEL_SIZES))
+    assert out["response_length"][0]["ours"]["run_medians"] == [1.0, 1.0]
+    assert out["response_length"][0]["ours"]["phases"] == {"rest": 1.0}
