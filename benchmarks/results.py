@@ -124,7 +124,7 @@ def mean_std(x: np.ndarray, digits: int = 3, scale: float = 1.0, suffix: str = "
     return number(x.mean()) + (f" ± {number(x.std(ddof=1))}" if len(x) > 1 else "") + suffix
 
 
-COLUMNS = ("algorithm", "budget", "gold", "RM score", "KL (nats)", "E[r] − β·KL", "% of optimum",
+COLUMNS = ("algorithm", "budget", "gold", "RM score", "reward vs gold", "KL (nats)", "E[r] − β·KL", "% of optimum",
            "win rate vs π_SFT", "well-formed", "length", "perplexity", "train time (s)", "env steps/s",
            "peak memory (MiB)", "seeds")
 
@@ -143,11 +143,13 @@ def table_rows(group: dict) -> list[list[str]]:
     lines = []
     for row in group["rows"]:
         objective = values(row, "objective/rlhf_reward")  # E[r] − β·KL with r the cell's reward
-        share = mean_std(100 * objective / optimum, 0, suffix="%") if optimum else "–"
+        # The optimum is that of the task's own reward: a row on other feedback optimises another reward.
+        share = mean_std(100 * objective / optimum, 0, suffix="%") if optimum and row["feedback"] == "human" else "–"
         budget = {"sft": "", "best_of_n": f"n = {row['budget']}", "dpo": f"{row['budget']:,} pairs"}.get(
             row["algorithm"], f"{row['budget']:,} steps")
         lines.append([row["label"], budget, mean_std(values(row, "objective/gold_score")),
-                      mean_std(values(row, "objective/score"), 2), mean_std(values(row, "objective/kl"), 2),
+                      mean_std(values(row, "objective/score"), 2),
+                      mean_std(values(row, "objective/gold_agreement"), 2), mean_std(values(row, "objective/kl"), 2),
                       mean_std(objective), share, mean_std(values(row, "objective/win_rate"), 2),
                       mean_std(values(row, "episode/well_formed"), 1, 100, "%"),
                       mean_std(values(row, "episode/length"), 1), mean_std(values(row, "perplexity"), 1),
@@ -169,8 +171,11 @@ def markdown(groups: list[dict], cells: list[dict], commands: list[str], plots: 
              f"commit {', '.join(commits)}; {'; '.join(machines)}.", "",
              "Held-out prompts; mean ± std over seeds (sample std). **gold**: the task's true reward; **RM score**: "
              "the reward the agent optimised (the learned reward model, or the gold itself for reward = gold); "
+             "**reward vs gold**: how often that reward orders two of the policy's held-out responses as gold "
+             "does (`objective/gold_agreement`); "
              "**KL**: log π(y|x) − log π_ref(y|x) per response, summed over tokens (best-of-n: the analytic bound "
-             "log n − (n−1)/n); **E[r] − β·KL** and its share of the KL-regularised optimum β·log E_π_ref[exp(r/β)]; "
+             "log n − (n−1)/n); **E[r] − β·KL** and its share of the KL-regularised optimum β·log E_π_ref[exp(r/β)] "
+             "(of the task's own reward: none for rows on other feedback); "
              "**win rate**: gold beats one π_SFT sample of the same prompt (ties half); **well-formed**: the task's "
              "grammar check; **perplexity**: of held-out demonstrations under the policy (π_SFT ≈ the data's floor); "
              "**train time**: the updates alone (best-of-n: its sampling and scoring); **env steps/s**: the env steps "

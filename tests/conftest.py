@@ -167,7 +167,8 @@ def cell_record():
     from dataclasses import asdict
 
     metrics = {"objective/gold_score": 0.1, "objective/score": 0.2, "objective/kl": 0.5, "objective/rlhf_reward": 0.1,
-               "objective/win_rate": 0.5, "episode/well_formed": 1.0, "episode/length": 5.0, "perplexity": 10.0}
+               "objective/win_rate": 0.5, "episode/well_formed": 1.0, "episode/length": 5.0, "perplexity": 10.0,
+               "objective/gold_agreement": 0.75}
 
     def make(config, gold: float = 0.1) -> dict:
         points = [{"timesteps": t, "updates": t, "seconds": t, **metrics, "objective/gold_score": gold * t / 100}

@@ -120,13 +120,18 @@ def test_runs_on_other_feedback_or_processes_are_rows_of_their_own(tmp_path, cel
     out = tmp_path / "bench"
     _write_cells(out, cell_record)
     for config in (CellConfig("rloo", budget=100, eval_episodes=16, feedback="iterated"),
+                   CellConfig("rloo", budget=100, eval_episodes=16, feedback="lm_judge"),
                    CellConfig("rloo", budget=100, eval_episodes=16, processes=2)):
         (out / "cells" / f"{config.name}.json").write_text(json.dumps(cell_record(config, 0.3)))
     write_report(out)
-    rows = [line.split(" | ")[0] for line in (out / "results.md").read_text().splitlines()
-            if line.startswith("| REINFORCE")]
-    assert rows == ["| REINFORCE + RLOO (K=4)", "| REINFORCE + RLOO (K=4), 2 processes",
-                    "| REINFORCE + RLOO (K=4), iterated RM"]
+    lines = [line.split(" | ") for line in (out / "results.md").read_text().splitlines()
+             if line.startswith("| REINFORCE")]
+    assert [line[0] for line in lines] == ["| REINFORCE + RLOO (K=4)", "| REINFORCE + RLOO (K=4), 2 processes",
+                                           "| REINFORCE + RLOO (K=4), RM on LM-judge labels",
+                                           "| REINFORCE + RLOO (K=4), iterated RM"]
+    assert {line[4] for line in lines} == {"0.75"}  # the reward's agreement with gold on the policy's samples
+    # the optimum is the task's own reward's: no share of it for rows that optimise another reward
+    assert [line[7] for line in lines] == ["33%", "33%", "–", "–"]
     table = (out / "results.md").read_text()
     assert "| env steps/s |" in table
     assert "| 1 | 100 | 300 |" in table  # train time, env steps/s, peak memory of the made-up RLOO record
