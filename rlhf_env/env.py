@@ -85,19 +85,18 @@ class RLHFEnv(WorldParts, gym.Env):
     the reward model's folder, if any. One that does not tokenize like ``tokenizer`` gets the text: finished
     episodes are decoded with ``tokenizer`` and re-encoded with it in one batched call, its special tokens
     included, the prompt cut from the left to fit the reward model's context; otherwise the ids pass through),
-    ``beta``, ``kl_target`` (adaptive β when set: Ziegler et al.'s controller, moved
-    once per ``kl_batch_episodes`` finished episodes, default 64, by the error of their mean KL, see `rlhf_env.kl`;
-    our agents freeze it and move it once per rollout instead), ``kl_horizon`` (episodes),
-    ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy", "agent" or
-    "reference", see above), ``max_new_tokens``, ``temperature``, ``device`` ("auto" picks CUDA), ``dtype``,
-    ``missing_eos_penalty``, ``nonfinite_reward`` ("raise" or "mask"), ``backend`` ("auto", "gpt2" or "hf": how
-    the models run, decided once, `rlhf_env.models.choose_backend`), ``trust_remote_code`` (default False: applies
-    to loading the policy, reference, reward model and tokenizer from local folders; only True lets code shipped in
-    a folder, e.g. a tokenizer's ``auto_map``, run), ``lora`` (a ``peft.LoraConfig``, with the optional extra
-    ``rlhf-gym[lora]``: the policy is wrapped with LoRA adapters and, without ``reference``, π_ref is the same base
-    with the adapters off, its weights shared; a ``peft.PeftModel`` passed as ``policy`` gets the same reference;
-    `rlhf_env.lora`), ``end_of_turn`` (a token or token id that ends episodes besides EOS; default None: for a task
-    with conversation prompts the token the chat template closes an assistant turn with, such as ``<|im_end|>`` or
+    ``beta``, ``kl_target`` (adaptive β when set: Ziegler et al.'s controller, moved once per ``kl_batch_episodes``
+    finished episodes, default 64, by the error of their mean KL, see `rlhf_env.kl`; our agents freeze it and move it
+    once per rollout instead), ``kl_horizon`` (episodes), ``kl_estimator`` ("k1" or "k3"), ``kl_mode`` ("policy",
+    "agent" or "reference", see above), ``max_new_tokens``, ``temperature``, ``device`` ("auto" picks CUDA), ``dtype``,
+    ``missing_eos_penalty``, ``nonfinite_reward`` ("raise" or "mask"), ``backend`` ("auto", "gpt2", "llama" or "hf": how
+    the models run, decided once, `rlhf_env.models.choose_backend`), ``trust_remote_code`` (default False: applies to
+    loading the policy, reference, reward model and tokenizer from local folders; only True lets code shipped in a
+    folder, e.g. a tokenizer's ``auto_map``, run), ``lora`` (a ``peft.LoraConfig``, with the optional extra
+    ``rlhf-gym[lora]``: the policy is wrapped with LoRA adapters and, without ``reference``, π_ref is the same base with
+    the adapters off, its weights shared; a ``peft.PeftModel`` passed as ``policy`` gets the same reference;
+    `rlhf_env.lora`), ``end_of_turn`` (a token or token id that ends episodes besides EOS; default None: for a task with
+    conversation prompts the token the chat template closes an assistant turn with, such as ``<|im_end|>`` or
     ``<|eot_id|>``, `rlhf_env.chat.detect_end_of_turn`, else none; the stop tokens are
     ``env.unwrapped.world.stop_token_ids``), ``render_mode`` ("ansi").
 

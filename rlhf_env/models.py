@@ -13,9 +13,11 @@ refused rather than completed with random weights (`check_loading_info`). Tokeni
 (`load_tokenizer`): a local folder only, no network, and no code from the folder (``auto_map``) unless asked.
 
 Backends (`choose_backend`): ``"gpt2"`` runs a plain GPT-2 through `rlhf_env.decoding.gpt2` (transformers'
-arithmetic with a fraction of its Python), ``"hf"`` through the model's own ``forward``; ``"auto"`` picks
-``"gpt2"`` when it can. The choice is made once, when a model is attached to an env or a sampler, and recorded
-(``env.unwrapped.world.backends``); a model decoded through ``"hf"`` is checked then (`check_decodable`).
+arithmetic with a fraction of its Python), ``"llama"`` decodes a plain Llama, Qwen2 or Mistral LM through
+`rlhf_env.decoding.llama` (the same for that family; its training forward and reward-model scores stay on the
+model's own forward), ``"hf"`` runs everything through the model's own ``forward``; ``"auto"`` picks a lean one
+when it can. The choice is made once, when a model is attached to an env or a sampler, and recorded
+(``env.unwrapped.world.backends``); a model not on ``"gpt2"`` is checked then (`check_decodable`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rlhf_env.decoding.gpt2 import is_plain_gpt2
+from rlhf_env.decoding.llama import is_plain_llama
 
 PRESETS = {
     "tiny": dict(n_embd=128, n_layer=2, n_head=4),
@@ -169,7 +172,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
-BACKENDS = ("auto", "gpt2", "hf")
+BACKENDS = ("auto", "gpt2", "llama", "hf")
 
 
 class UnsupportedModel(ValueError):
@@ -178,16 +181,19 @@ class UnsupportedModel(ValueError):
 
 
 def choose_backend(model: torch.nn.Module, requested: str = "auto") -> str:
-    """``"gpt2"`` or ``"hf"``: how `model` runs (module docstring). ``"auto"`` takes ``"gpt2"`` for a plain GPT-2
-    without dropout (`rlhf_env.decoding.gpt2.is_plain_gpt2`); asking for ``"gpt2"`` for any other model raises
-    `ValueError`. Decided from the model's modules and config, not from its mode or the call."""
+    """``"gpt2"``, ``"llama"`` or ``"hf"``: how `model` runs (module docstring). ``"auto"`` takes ``"gpt2"`` for a
+    plain GPT-2 without dropout (`rlhf_env.decoding.gpt2.is_plain_gpt2`), ``"llama"`` for a plain Llama-family LM
+    (`rlhf_env.decoding.llama.is_plain_llama`), else ``"hf"``; asking for a lean backend a model is not plain for
+    raises `ValueError`. Decided from the model's modules and config, not from its mode or the call."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    plain = is_plain_gpt2(model)
-    if requested == "gpt2" and not plain:
-        raise ValueError(f"backend='gpt2' runs plain GPT-2 models without dropout; {type(model).__name__} is not one "
+    lean = "gpt2" if is_plain_gpt2(model) else "llama" if is_plain_llama(model) else None
+    if requested in ("gpt2", "llama") and lean != requested:
+        runs = {"gpt2": "plain GPT-2 models without dropout",
+                "llama": "plain Llama, Qwen2 and Mistral LMs (full attention, no dropout, no hooks or adapters)"}
+        raise ValueError(f"backend={requested!r} runs {runs[requested]}; {type(model).__name__} is not one "
                          "(use 'hf' or 'auto')")
-    return "gpt2" if plain and requested != "hf" else "hf"
+    return lean if lean and requested != "hf" else "hf"
 
 
 # transformers' names (``config.layer_types``) for the layers the env can decode: full attention, and the

@@ -96,7 +96,7 @@ class RewardModel(nn.Module):
         decided at construction): ``"gpt2"`` runs the trunk on the lean path of `rlhf_env.decoding.gpt2` (same
         arithmetic, a fraction of the Python; the last block on the read column only), ``"hf"`` through
         `forward`."""
-        if (backend or self.backend) == "hf":
+        if (backend or self.backend) != "gpt2":
             return self(input_ids, attention_mask)
         h = GPT2Stack([self.trunk]).hidden_states(input_ids, attention_mask,
                                                   columns=self.read_columns(input_ids, attention_mask))

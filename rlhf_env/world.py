@@ -137,8 +137,8 @@ class RLHFWorld:
     policy π, frozen reference π_ref, reward model or function, the KL coefficient and the reward arithmetic.
 
     Arguments are those of `rlhf_env.env.RLHFEnv` (see its docstring). How each model runs is decided here, once
-    (``backends``: ``"gpt2"`` or ``"hf"`` per model, `rlhf_env.models.choose_backend`); a model run through its own
-    forward is checked to be decodable (`rlhf_env.models.UnsupportedModel` otherwise).
+    (``backends``: ``"gpt2"``, ``"llama"`` or ``"hf"`` per model, `rlhf_env.models.choose_backend`); a model not
+    on ``"gpt2"`` is checked to be decodable (`rlhf_env.models.UnsupportedModel` otherwise).
     """
 
     def __init__(
@@ -268,7 +268,7 @@ class RLHFWorld:
         if reward_weights is not None:
             self._weights = self._checked_weights(reward_weights, "reward_weights")
         for name in ("policy", "reference"):
-            if self.backends.get(name) == "hf":
+            if self.backends.get(name) in ("hf", "llama"):
                 check_decodable(getattr(self, name), name)
         self.agent = None  # kl_mode="agent": what reports log π(a|s) (`attach_agent`)
         self.max_new_tokens = self.task.max_new_tokens if max_new_tokens is None else max_new_tokens

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_env.decoding.gpt2 import GPT2Stack, can_stack
+from rlhf_env.decoding.gpt2 import GPT2Stack, ModelStack, can_stack
+from rlhf_env.decoding.llama import LlamaStack, can_stack_llama
 from rlhf_env.lm import pad_left, position_ids
 
 
@@ -24,19 +25,19 @@ class BatchedDecoder:
     """M causal LMs (the policy and the reference) stepped over B rows with a shared mask; returns next-token
     log-probs ``(B, M, V)`` in fp32.
 
-    ``backends[m]`` (``"gpt2"`` or ``"hf"``, decided by `rlhf_env.models.choose_backend` when the models were
-    attached) says how model m runs; the runners are built here, once: GPT-2s of one small shape as one
-    `GPT2Stack` (every model in each batched product), other ``"gpt2"`` models each on the lean path, ``"hf"``
-    models through their own ``forward``. `caches` holds one cache per runner; rows and columns are the same in
-    all of them.
+    ``backends[m]`` (``"gpt2"``, ``"llama"`` or ``"hf"``, decided by `rlhf_env.models.choose_backend` when the
+    models were attached) says how model m runs; the runners are built here, once: GPT-2s of one small shape as one
+    `GPT2Stack` (every model in each batched product), Llama-family LMs of one shape as one `LlamaStack`, other
+    lean models each on their lean path, ``"hf"`` models through their own ``forward``. `caches` holds one cache
+    per runner; rows and columns are the same in all of them.
     """
 
     def __init__(self, models: list[nn.Module], backends: list[str], batch: int, temperature: float = 1.0,
                  pad_token_id: int = 0, compact_at: int = 256):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if len(backends) != len(models) or set(backends) - {"gpt2", "hf"}:
-            raise ValueError(f"one backend ('gpt2' or 'hf') per model, got {backends}")
+        if len(backends) != len(models) or set(backends) - {"gpt2", "llama", "hf"}:
+            raise ValueError(f"one backend ('gpt2', 'llama' or 'hf') per model, got {backends}")
         self.models, self.batch, self.temperature = list(models), batch, temperature
         self.pad_token_id, self.compact_at = pad_token_id, compact_at
         self.device = next(self.models[0].parameters()).device
@@ -48,18 +49,22 @@ class BatchedDecoder:
         self.forward_calls = 0
 
     def _runners(self, backends: list[str]) -> list:
-        """One `GPT2Stack` for all models when they are GPT-2s that stack; else one runner per model."""
+        """One lean stack for all models when they share a lean backend and stack (`GPT2Stack`, `LlamaStack`);
+        else one runner per model."""
         if all(b == "gpt2" for b in backends) and can_stack(self.models):
             return [GPT2Stack(self.models)]
-        return [GPT2Stack([model]) if b == "gpt2" else model for model, b in zip(self.models, backends)]
+        if all(b == "llama" for b in backends) and can_stack_llama(self.models):
+            return [LlamaStack(self.models)]
+        lean = {"gpt2": GPT2Stack, "llama": LlamaStack}
+        return [lean[b]([model]) if b in lean else model for model, b in zip(self.models, backends)]
 
     def release(self) -> None:
         """Drop the caches (a later feed starts afresh) and have the lean runners read the models' parameters again
-        (`GPT2Stack.refresh`: FSDP swaps gathered parameters in for the shards around each rollout)."""
+        (`ModelStack.refresh`: FSDP swaps gathered parameters in for the shards around each rollout)."""
         self.caches, self.logprobs = None, None
         self.mask = self.mask[:, :0]
         for runner in self.runners:
-            if isinstance(runner, GPT2Stack):
+            if isinstance(runner, ModelStack):
                 runner.refresh()
 
     @torch.no_grad()
@@ -95,7 +100,7 @@ class BatchedDecoder:
         self.forward_calls += 1
         new_caches, logits = [], []
         for runner, cache in zip(self.runners, caches or [None] * len(self.runners)):
-            if isinstance(runner, GPT2Stack):
+            if isinstance(runner, ModelStack):
                 cache, runner_logits = runner.forward(ids, attention_mask, positions, cache)  # (B, m, V)
             else:
                 out = runner(input_ids=ids, attention_mask=attention_mask, position_ids=positions,

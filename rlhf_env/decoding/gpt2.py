@@ -85,7 +85,7 @@ def is_plain_gpt2(model: nn.Module) -> bool:
     (`rlhf_env.models.choose_backend`); a hook added later is not seen."""
     config = getattr(model, "config", None)
     lm_or_trunk = hasattr(model, "transformer") and hasattr(model, "lm_head") or hasattr(model, "wte")
-    if getattr(config, "model_type", None) != "gpt2" or not lm_or_trunk or not _plain_modules(model):
+    if getattr(config, "model_type", None) != "gpt2" or not lm_or_trunk or not plain_modules(model):
         return False
     return (
         not (config.resid_pdrop or config.embd_pdrop or config.attn_pdrop)  # the lean path has no dropout
@@ -99,11 +99,12 @@ _PLAIN_MODULES = ("transformers.models.gpt2.", "transformers.pytorch_utils", "tr
                   "torch.nn.modules.")
 
 
-def _plain_modules(model: nn.Module) -> bool:
-    """Every submodule is one of transformers' GPT-2 building blocks or a torch layer, and no hook is registered."""
+def plain_modules(model: nn.Module, modules: tuple[str, ...] = _PLAIN_MODULES) -> bool:
+    """Every submodule comes from one of `modules` (default: transformers' GPT-2 building blocks and torch's layers)
+    and no hook is registered."""
     if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
         return False
-    return all(type(module).__module__.startswith(_PLAIN_MODULES) and not (
+    return all(type(module).__module__.startswith(modules) and not (
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
         for module in model.modules())
 
@@ -158,27 +159,18 @@ def can_stack(models: list[nn.Module]) -> bool:
 STACK_MAX_PARAMETERS = 20_000_000
 
 
-class GPT2Stack:
-    """M GPT-2 models of one shape run side by side: every matrix product is one batched product over the models.
-
-    A single model's parameters are used as views (no copy). Several models' parameters are stacked into one copy,
-    rebuilt whenever any parameter is modified in place (an optimizer step on the live policy is seen at the next
-    forward). A wrapper that swaps the parameter objects themselves (FSDP registers its gathered parameters in
-    place of the shards) is seen after `refresh`, which the decoder calls whenever every row starts afresh. Keys
-    and values of model m live in heads ``m·H … (m+1)·H − 1`` of the cache, so the cache has the layout of a single
-    model with M·H heads and row-wise bookkeeping works unchanged.
-    """
+class ModelStack:
+    """What the lean stacks share: M models of one shape whose parameters are read live and, for several models,
+    stacked into one copy (matrices ``(M, in, out)``, vectors ``(M, 1, n)``) that is rebuilt whenever any parameter
+    is modified in place (an optimizer step on the live policy is seen at the next forward). A wrapper that swaps the
+    parameter objects themselves (FSDP registers its gathered parameters in place of the shards) is seen after
+    `refresh`, which the decoder calls whenever every row starts afresh. Subclasses say which parameters (`_stack`)
+    and how a forward uses them."""
 
     def __init__(self, models: list[nn.Module], trainable: bool = False):
         if trainable and len(models) != 1:
-            raise ValueError("a trainable GPT2Stack runs one model (gradients reach its own parameters)")
+            raise ValueError("a trainable stack runs one model (gradients reach its own parameters)")
         self.models, self.trainable = list(models), trainable
-        # The values the forward reads, as plain attributes (a transformers config's attribute access costs ~1 µs).
-        self.config = SimpleNamespace(**{key: getattr(self.models[0].config, key) for key in (
-            "n_embd", "n_layer", "n_head", "activation_function", "layer_norm_epsilon", "scale_attn_weights",
-            "scale_attn_by_inverse_layer_idx")})
-        # A GPT2LMHeadModel keeps its trunk under "transformer."; a bare GPT2Model (a reward model's trunk) is one.
-        self._trunk = "transformer." if hasattr(self.models[0], "transformer") else ""
         self.refresh()
 
     def refresh(self) -> None:
@@ -188,8 +180,8 @@ class GPT2Stack:
         self._stamp, self._weights = None, None
 
     def weights(self) -> dict:
-        """Stacked parameters: matrices ``(M, in, out)`` (Conv1D layout), vectors ``(M, 1, n)``. A trainable
-        stack's are views of the live parameters, taken afresh at every call (autograd reaches the parameters)."""
+        """The stacked parameters (`_stack`). A trainable stack's are views of the live parameters, taken afresh at
+        every call (autograd reaches the parameters)."""
         if self.trainable:
             return self._stack()
         stamp = tuple((p.data_ptr(), p._version) for p in self._parameters)
@@ -197,12 +189,35 @@ class GPT2Stack:
             self._weights, self._stamp = self._stack(), stamp
         return self._weights
 
+    def _stacked(self, path: str, vector: bool = False) -> torch.Tensor:
+        """Parameter `path` of every model, ``(M, *shape)`` (``(M, 1, n)`` for a `vector`); one model's is a view."""
+        tensors = [m.get_parameter(path) if self.trainable else m.get_parameter(path).detach() for m in self.models]
+        weight = tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
+        return weight[:, None] if vector else weight
+
     def _stack(self) -> dict:
-        def stacked(path: str, vector: bool = False) -> torch.Tensor:
-            tensors = [m.get_parameter(path) if self.trainable else m.get_parameter(path).detach()
-                       for m in self.models]
-            weight = tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
-            return weight[:, None] if vector else weight
+        raise NotImplementedError
+
+
+class GPT2Stack(ModelStack):
+    """M GPT-2 models of one shape run side by side: every matrix product is one batched product over the models.
+
+    A single model's parameters are used as views (no copy); several models' are stacked (`ModelStack`). Keys and
+    values of model m live in heads ``m·H … (m+1)·H − 1`` of the cache, so the cache has the layout of a single
+    model with M·H heads and row-wise bookkeeping works unchanged.
+    """
+
+    def __init__(self, models: list[nn.Module], trainable: bool = False):
+        # The values the forward reads, as plain attributes (a transformers config's attribute access costs ~1 µs).
+        self.config = SimpleNamespace(**{key: getattr(models[0].config, key) for key in (
+            "n_embd", "n_layer", "n_head", "activation_function", "layer_norm_epsilon", "scale_attn_weights",
+            "scale_attn_by_inverse_layer_idx")})
+        # A GPT2LMHeadModel keeps its trunk under "transformer."; a bare GPT2Model (a reward model's trunk) is one.
+        self._trunk = "transformer." if hasattr(models[0], "transformer") else ""
+        super().__init__(models, trainable)
+
+    def _stack(self) -> dict:
+        stacked = self._stacked
 
         def affine(prefix: str, matrix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
             return stacked(f"{prefix}.weight", vector=not matrix), stacked(f"{prefix}.bias", vector=True)
@@ -256,16 +271,7 @@ class GPT2Stack:
         # Whole sequences of one model (the training forward, a reward model's scores): no stacked twin whose
         # heads must round alike, so attention runs in torch's fused kernel (no (B, H, W, W) score tensor).
         fused = cache is None and models == 1 and width > 1
-        # (B, 1, W, L + W): key j is hidden from query i when it is dead or in i's future; a query always sees
-        # itself (a padding column too, so that no row of scores is all −inf).
-        keys_dead = attention_mask[:, None, None, :] == 0
-        if width == 1:  # one decoding step: no future columns
-            hidden = keys_dead.clone()
-            hidden[..., -1] = False
-        else:
-            query_index = torch.arange(width, device=ids.device)[:, None] + past
-            key_index = torch.arange(past + width, device=ids.device)[None, :]
-            hidden = (keys_dead | (key_index > query_index)) & (key_index != query_index)
+        hidden = hidden_keys(attention_mask, width, past)  # (B, 1, W, L + W)
         scale = 1.0 / math.sqrt(head_dim) if config.scale_attn_weights else 1.0
         x = (_embed(w["wte"], ids) + _embed(w["wpe"], positions)).view(models, batch * width, embed)  # (M, B·W, E)
         layers = []
@@ -301,6 +307,20 @@ class GPT2Stack:
             x = x + torch.baddbmm(layer["mlp_proj"][1], act(torch.baddbmm(layer["c_fc"][1], h, layer["c_fc"][0])),
                                   layer["mlp_proj"][0])
         return KVCache(layers), x.view(models, batch, width, embed)
+
+
+def hidden_keys(attention_mask: torch.Tensor, width: int, past: int) -> torch.Tensor:
+    """``(B, 1, W, L + W)`` booleans for `width` new queries after `past` cached columns: key j is hidden from query i
+    when it is dead (``attention_mask (B, L + W)`` is 0) or in i's future; a query always sees itself (a padding
+    column too, so that no row of scores is all −inf)."""
+    keys_dead = attention_mask[:, None, None, :] == 0
+    if width == 1:  # one decoding step: no future columns
+        hidden = keys_dead.clone()
+        hidden[..., -1] = False
+        return hidden
+    query_index = torch.arange(width, device=attention_mask.device)[:, None] + past
+    key_index = torch.arange(past + width, device=attention_mask.device)[None, :]
+    return (keys_dead | (key_index > query_index)) & (key_index != query_index)
 
 
 def _embed(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,10 @@ def sample(
 ) -> Samples:
     """Sample one response per query with a KV cache, recording each token's log-probability.
 
-    `backend` (``"gpt2"`` or ``"hf"``, `rlhf_env.models.choose_backend`) is how `model` runs. A sequence stops at
-    its EOS; later columns hold `pad_token_id` and log-prob 0 (finished rows keep being fed the pad token, so every
-    row sees the same columns). `eos_token_id` may list several stop tokens (an env's ``world.stop_token_ids``: EOS
-    and a chat template's end-of-turn token); a sequence stops at the first of any.
+    `backend` (``"gpt2"``, ``"llama"`` or ``"hf"``, `rlhf_env.models.choose_backend`) is how `model` runs. A sequence
+    stops at its EOS; later columns hold `pad_token_id` and log-prob 0 (finished rows keep being fed the pad token, so
+    every row sees the same columns). `eos_token_id` may list several stop tokens (an env's ``world.stop_token_ids``:
+    EOS and a chat template's end-of-turn token); a sequence stops at the first of any.
     """
     decoder = BatchedDecoder([model], [backend], len(queries), temperature, pad_token_id,
                              compact_at=max(len(q) for q in queries) + max_new_tokens + 1)  # never compacts

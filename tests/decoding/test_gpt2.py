@@ -66,9 +66,11 @@ def test_the_backend_is_chosen_once_from_the_model(policy, tokenizer):
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     assert choose_backend(policy) == "gpt2" and choose_backend(policy, "hf") == "hf"
-    assert choose_backend(llama) == "hf"
+    assert choose_backend(llama) == "llama" and choose_backend(llama, "hf") == "hf"
     with pytest.raises(ValueError, match="plain GPT-2"):
         choose_backend(llama, "gpt2")
+    with pytest.raises(ValueError, match="plain Llama"):
+        choose_backend(policy, "llama")
     with pytest.raises(ValueError, match="backend must be"):
         choose_backend(policy, "fast")
     env = RLHFEnv(backend="hf")
