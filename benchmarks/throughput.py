@@ -11,8 +11,9 @@ Prints JSON. Both sides produce responses of exactly ``length`` tokens (EOS is m
 ``--arch llama|qwen2|gpt_neox|mistral`` measures the same on a random model of that architecture at the built-in
 policy's size (`arch_model`: width 128, 2 layers, 4 heads, MLP 512, the world's tokenizer and context), passed to
 the env as its policy and reference (a copy) while the reward model stays the world's: the env then decodes
-through the model's own transformers forward (`rlhf_env.models.choose_backend`), against the same model's
-`generate`. ``--arch gpt2`` is the built-in GPT-2 policy on the lean path (the default).
+Llama, Qwen2 and Mistral on the ``"llama"`` backend and GPT-NeoX through its own transformers forward
+(`rlhf_env.models.choose_backend`), against the same model's `generate`. ``--arch gpt2`` is the built-in GPT-2
+policy on the lean path (the default).
 
 Run it alone on the machine (two torch processes on 2 cores slow each other 25–45×).
 """
