@@ -70,6 +70,16 @@ class KVLayer:
         self._keys_width = self._values_width = end
 
 
+def extended_layer(cache: KVCache | None, index: int, keys: torch.Tensor, values: torch.Tensor) -> KVLayer:
+    """Layer `index` holding this call's ``keys`` and ``values (B, H, W, D)``: a new `KVLayer` without a cache, else
+    the cache's own layer with them written after its cached columns, in place."""
+    if cache is None:
+        return KVLayer(keys, values)
+    layer = cache.layers[index]
+    layer.append(keys, values)
+    return layer
+
+
 class KVCache:
     """A list of `KVLayer`, duck-typed like transformers' `DynamicCache.layers`."""
 
@@ -281,12 +291,8 @@ class GPT2Stack(ModelStack):
             # (M, B·W, E) -> (B, M·H, W, D): the models' heads side by side.
             q, k, v = (t.view(models, batch, width, heads, head_dim).permute(1, 0, 3, 2, 4)
                        .reshape(batch, models * heads, width, head_dim) for t in qkv.split(embed, 2))
-            if cache is None:
-                layers.append(KVLayer(k, v))
-            else:  # written after the cached columns, in place
-                layers.append(cache.layers[index])
-                layers[-1].append(k, v)
-                k, v = layers[-1].keys, layers[-1].values
+            layers.append(extended_layer(cache, index, k, v))
+            k, v = layers[-1].keys, layers[-1].values
             if columns is not None and index == len(w["layers"]) - 1:  # only `columns` go on from here
                 rows = torch.arange(batch, device=ids.device)
                 q, hidden = q[rows, :, columns][:, :, None], hidden[rows, :, columns][:, :, None]

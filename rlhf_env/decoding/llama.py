@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_env.decoding.gpt2 import STACK_MAX_PARAMETERS, KVCache, KVLayer, ModelStack, hidden_keys, plain_modules
+from rlhf_env.decoding.gpt2 import STACK_MAX_PARAMETERS, KVCache, ModelStack, extended_layer, hidden_keys, plain_modules
 
 LLAMA_FAMILY = {"llama": "transformers.models.llama.", "qwen2": "transformers.models.qwen2.",
                 "mistral": "transformers.models.mistral."}
@@ -139,12 +139,8 @@ class LlamaStack(ModelStack):
                        .reshape(batch, -1, width, head_dim)
                        for t in qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=2))
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)  # q (B, M·H, W, D), k and v (B, M·KVH, W, D)
-            if cache is None:
-                layers.append(KVLayer(k, v))
-            else:  # written after the cached columns, in place
-                layers.append(cache.layers[index])
-                layers[-1].append(k, v)
-                k, v = layers[-1].keys, layers[-1].values
+            layers.append(extended_layer(cache, index, k, v))
+            k, v = layers[-1].keys, layers[-1].values
             q = q.reshape(batch, models * kv_heads, groups * width, head_dim)  # a key/value head's queries together
             # Written out, as in GPT2Stack: identical stacked models must round alike (KL = 0).
             scores = torch.matmul(q, k.transpose(2, 3)).mul_(scale).masked_fill_(hidden, float("-inf"))
