@@ -91,16 +91,24 @@ class LlamaStack(ModelStack):
 
     def _stack(self) -> dict:
         stacked = self._stacked
+        # Projections that read the same input (q, k, v; gate, up) run as one product over a copy of their weights
+        # side by side when the models are stacked anyway or small; a large single model's are used in place (views,
+        # one product each): a copy would double its memory and be remade after every optimizer step.
+        fuse = len(self.models) > 1 or sum(p.numel() for p in self._parameters) <= STACK_MAX_PARAMETERS
 
-        def linear(paths: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """``x @ W.T + b`` of the named linears side by side: ``(M, in, Σ out)`` and ``(M, 1, Σ out)`` or None."""
-            weight = torch.cat([stacked(f"{p}.weight") for p in paths], dim=1).transpose(1, 2).contiguous()
+        def linear(paths: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+            """``x @ W.T + b`` of the named linears as ``(weight (M, in, out), bias (M, 1, out) or None)`` pairs: one
+            pair for all of them side by side (`fuse`, a copy), else one per linear (views)."""
             modules = [self.models[0].get_submodule(p) for p in paths]
+            if not fuse:
+                return [(stacked(f"{p}.weight").transpose(1, 2), stacked(f"{p}.bias", vector=True)
+                         if m.bias is not None else None) for p, m in zip(paths, modules)]
+            weight = torch.cat([stacked(f"{p}.weight") for p in paths], dim=1).transpose(1, 2).contiguous()
             if all(m.bias is None for m in modules):
-                return weight, None
+                return [(weight, None)]
             biases = [stacked(f"{p}.bias", vector=True) if m.bias is not None
                       else weight.new_zeros((len(self.models), 1, m.out_features)) for p, m in zip(paths, modules)]
-            return weight, torch.cat(biases, dim=2)
+            return [(weight, torch.cat(biases, dim=2))]
 
         layers = []
         for i in range(self.config.layers):
@@ -134,7 +142,7 @@ class LlamaStack(ModelStack):
         scale = head_dim ** -0.5
         layers = []
         for index, layer in enumerate(w["layers"]):
-            qkv = _linear(_rms_norm(x, layer["input_norm"], config.eps), *layer["qkv"])  # (M, B·W, (H + 2KVH)·D)
+            qkv = _project(_rms_norm(x, layer["input_norm"], config.eps), layer["qkv"])  # (M, B·W, (H + 2KVH)·D)
             q, k, v = (t.view(models, batch, width, -1, head_dim).permute(1, 0, 3, 2, 4)
                        .reshape(batch, -1, width, head_dim)
                        for t in qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=2))
@@ -146,9 +154,9 @@ class LlamaStack(ModelStack):
             scores = torch.matmul(q, k.transpose(2, 3)).mul_(scale).masked_fill_(hidden, float("-inf"))
             y = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)  # (B, M·KVH, G·W, D)
             y = y.view(batch, models, heads, width, head_dim).permute(1, 0, 3, 2, 4).reshape(models, batch * width, -1)
-            x = x + _linear(y, *layer["o"])
-            gate, up = _linear(_rms_norm(x, layer["post_norm"], config.eps), *layer["gate_up"]).chunk(2, dim=2)
-            x = x + _linear(F.silu(gate) * up, *layer["down"])
+            x = x + _project(y, layer["o"])
+            gate, up = _project(_rms_norm(x, layer["post_norm"], config.eps), layer["gate_up"]).chunk(2, dim=2)
+            x = x + _project(F.silu(gate) * up, layer["down"])
         last = x.view(models, batch, width, -1)[:, :, -1]  # (M, B, E)
         logits = torch.bmm(_rms_norm(last, w["norm"], config.eps), w["lm_head"])  # (M, B, V)
         return KVCache(layers), logits.transpose(0, 1)
@@ -163,6 +171,12 @@ def _embed(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x (M, N, in) @ weight (M, in, out) (+ bias (M, 1, out))``."""
     return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
+
+
+def _project(x: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """The outputs of `linear`'s pairs side by side, ``(M, N, Σ out)``."""
+    outputs = [_linear(x, weight, bias) for weight, bias in pairs]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

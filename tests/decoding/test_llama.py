@@ -126,3 +126,24 @@ def test_a_model_that_does_not_stack_decodes_alone():
         for m, lm in enumerate((shallow, deep)):
             full = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
             torch.testing.assert_close(logprobs[:, m], torch.log_softmax(full, -1), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_mha_tied_biased", "qwen2"])
+def test_a_large_single_model_decodes_on_its_own_parameters(kind, monkeypatch):
+    """Above the stacking size a single model's weights are used in place (no copy of its parameters, which would
+    double its memory and be remade after every optimizer step), and the logits still match its own forward."""
+    import rlhf_env.decoding.llama
+
+    monkeypatch.setattr(rlhf_env.decoding.llama, "STACK_MAX_PARAMETERS", 1000)
+    policy = model(kind)
+    stack = LlamaStack([policy])
+    own = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    used = [t for layer in stack.weights()["layers"] for pairs in (layer["qkv"], layer["o"], layer["gate_up"],
+                                                                   layer["down"]) for pair in pairs for t in pair
+            if t is not None]
+    assert len(used) >= 7 and all(t.untyped_storage().data_ptr() in own for t in used)
+    ids, mask = left_padded()
+    _, logits = stack.forward(ids, mask, position_ids(mask), None)
+    with torch.no_grad():
+        full = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
+    torch.testing.assert_close(logits[:, 0], full, rtol=0, atol=2e-5)
